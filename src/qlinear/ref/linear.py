@@ -20,9 +20,15 @@ __all__ = ["dequantize_rows", "linear_float", "linear_int8act", "quantize_rows_i
 
 RowsFn = Callable[[int, int], np.ndarray]
 
-# Rows dequantized at once by the float path: a tile of 128 rows of a 4096-wide matrix
-# is 2 MiB in float32, a small fraction of the 64 MiB the whole matrix would take.
-TILE_ELEMENTS = 1 << 19
+# Rows dequantized at once by the float path: at most 2**18 elements (2 MiB in float64)
+# and at most 1/8 of the rows, so the float tile stays a small fraction of the float
+# weight the layer never builds.
+TILE_ELEMENTS = 1 << 18
+
+
+def tile_rows(out_features: int, in_features: int) -> int:
+    """Rows per dequantized tile (see TILE_ELEMENTS)."""
+    return max(1, min(TILE_ELEMENTS // max(1, in_features), -(-out_features // 8)))
 
 
 def _group_index(in_features: int, group_size: int) -> np.ndarray:
@@ -46,7 +52,10 @@ def dequantize_rows(
         gi = _group_index(in_features, group_size)
         s = scales[:, gi].astype(dtype)
         z = zp[:, gi].astype(dtype)
-    return (codes.astype(dtype) - z) * s
+    w = codes.astype(dtype)
+    w -= z  # exact: small integers
+    w *= s
+    return w
 
 
 def _rows(codes: np.ndarray | RowsFn, start: int, stop: int) -> np.ndarray:
@@ -70,13 +79,14 @@ def linear_float(
     dtype = x.dtype
     n, in_features = x.shape
     y = np.empty((n, out_features), dtype=dtype)
-    tile = max(1, TILE_ELEMENTS // max(1, in_features))
+    tile = tile_rows(out_features, in_features)
     for start in range(0, out_features, tile):
         stop = min(out_features, start + tile)
         w = dequantize_rows(
             _rows(codes, start, stop), scales[start:stop], zp[start:stop], group_size, dtype
         )
         np.matmul(x, w.T, out=y[:, start:stop])
+        del w  # free this tile before the next one is built
     if bias is not None:
         y += bias.astype(dtype)
     return y
@@ -108,22 +118,24 @@ def linear_int8act(
     """Dynamic W8A8 forward: activations quantized per row to int8, integer products.
 
     ``y[t, o] = sx[t] * sum_g sw[o, g] * sum_{k in g} xq[t, k] * (codes[o, k] - zp[o, g])``
-    + bias, the inner sums exact in int64, the rest in float64, cast to x's dtype.
+    + bias, the inner sums exact integers, the rest in float64, cast to x's dtype.
     """
     n, in_features = x.shape
     xq, sx = quantize_rows_int8(x)
-    xq64 = xq.astype(np.int64)
+    # Integer products summed in float64 are exact: every partial sum is an integer below
+    # 127 * 255 * in_features < 2**53, so BLAS gives the int64 result in any order.
+    xqf = xq.astype(np.float64)
     ng = scales.shape[1]
     y = np.empty((n, out_features), dtype=np.float64)
-    tile = max(1, TILE_ELEMENTS // max(1, in_features))
+    tile = tile_rows(out_features, in_features)
     for start in range(0, out_features, tile):
         stop = min(out_features, start + tile)
-        c = _rows(codes, start, stop).astype(np.int64)
+        c = _rows(codes, start, stop).astype(np.float64)
         acc = np.zeros((n, stop - start), dtype=np.float64)
         for g in range(ng):
             k0, k1 = g * group_size, min(in_features, (g + 1) * group_size)
-            w = c[:, k0:k1] - zp[start:stop, g : g + 1].astype(np.int64)
-            acc += (xq64[:, k0:k1] @ w.T).astype(np.float64) * scales[start:stop, g]
+            w = c[:, k0:k1] - zp[start:stop, g : g + 1]
+            acc += (xqf[:, k0:k1] @ w.T) * scales[start:stop, g]
         y[:, start:stop] = acc * sx[:, None]
     if bias is not None:
         y += bias

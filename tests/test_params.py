@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from qlinear import InvalidParamsError, QuantizationParams, ShapeMismatchError
+
+
+def make(**kw):
+    base = dict(
+        qtype="int8",
+        scheme="symmetric",
+        granularity="per_channel",
+        scale=np.array([0.1, 0.2]),
+        zero_point=np.array([0, 0]),
+        min_val=np.array([-1.0, -2.0]),
+        max_val=np.array([1.0, 2.0]),
+    )
+    base.update(kw)
+    return QuantizationParams(**base)
+
+
+def test_valid_params_are_immutable_copies():
+    scale = np.array([0.1, 0.2])
+    p = make(scale=scale)
+    scale[0] = 5.0
+    assert p.scale[0] == 0.1
+    assert p.scale.dtype == np.float64 and p.zero_point.dtype == np.int32
+    with pytest.raises(ValueError):
+        p.scale[0] = 1.0
+    with pytest.raises(AttributeError):
+        p.scale = np.array([1.0, 1.0])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf])
+def test_scale_must_be_finite_positive(bad):
+    with pytest.raises(InvalidParamsError, match="scale must be finite and > 0"):
+        make(scale=np.array([0.1, bad]))
+
+
+def test_symmetric_needs_zero_zero_point():
+    with pytest.raises(InvalidParamsError, match="zero_point 0"):
+        make(zero_point=np.array([0, 3]))
+
+
+def test_zero_point_must_be_in_range():
+    with pytest.raises(InvalidParamsError, match=r"\[-128, 127\]"):
+        make(scheme="asymmetric", zero_point=np.array([0, 128]))
+    with pytest.raises(InvalidParamsError, match=r"\[0, 15\]"):
+        make(qtype="int4", scheme="asymmetric", zero_point=np.array([0, -1]))
+
+
+def test_zero_point_must_be_integral():
+    with pytest.raises(InvalidParamsError, match="non-integer"):
+        make(scheme="asymmetric", zero_point=np.array([0.5, 1.0]))
+
+
+def test_shapes_must_agree():
+    with pytest.raises(ShapeMismatchError, match="zero_point has shape"):
+        make(zero_point=np.array([0, 0, 0]))
+    with pytest.raises(ShapeMismatchError, match=r"shape \(1,\)"):
+        make(granularity="per_tensor")
+
+
+def test_group_size_rules():
+    with pytest.raises(InvalidParamsError, match="group_size"):
+        make(group_size=4)
+    with pytest.raises(InvalidParamsError, match="positive integer group_size"):
+        make(granularity="per_group", scale=np.ones((2, 3)), zero_point=np.zeros((2, 3)),
+             min_val=np.zeros((2, 3)), max_val=np.ones((2, 3)))
+    p = make(granularity="per_group", group_size=4, scale=np.ones((2, 3)),
+             zero_point=np.zeros((2, 3)), min_val=np.zeros((2, 3)), max_val=np.ones((2, 3)))
+    p.check_weight_shape(2, 9)  # 3 groups of 4, last one partial
+    with pytest.raises(ShapeMismatchError, match=r"needs \(2, 2\)"):
+        p.check_weight_shape(2, 8)
+
+
+def test_non_integer_qtype_rejected():
+    with pytest.raises(InvalidParamsError, match="integer qtype"):
+        make(qtype="fp16")
