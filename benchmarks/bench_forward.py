@@ -29,6 +29,23 @@ def median_ms(fn, *, min_time=0.3, max_reps=200) -> float:
     return statistics.median(times) * 1e3
 
 
+def make_cases(x32, w32, w64, ref_layer, layers):
+    """name -> zero-argument callable, for one batch of inputs."""
+    x64 = x32.astype(np.float64)
+    cases = {
+        "numpy float32 matmul": lambda: x32 @ w32.T,
+        "numpy float64 matmul": lambda: x64 @ w64.T,
+        "dequantize-everything (float64)": lambda: x64 @ ref_layer.dequantize().T,
+    }
+    for name, layer in layers.items():
+        cases[f"qlinear[{name}] float32"] = lambda layer=layer: layer(x32)
+        cases[f"qlinear[{name}] float64"] = lambda layer=layer: layer(x64)
+        cases[f"qlinear[{name}] int8 activations"] = lambda layer=layer: layer(
+            x32, activations="int8"
+        )
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=int, default=4096)
@@ -49,18 +66,7 @@ def main() -> None:
     print(f"{'batch':>5}  {'case':<38} {'ms':>9}  {'vs numpy f32':>12}")
     for batch in (int(b) for b in args.batches.split(",")):
         x32 = rng.standard_normal((batch, args.in_), dtype=np.float32)
-        x64 = x32.astype(np.float64)
-        cases = {
-            "numpy float32 matmul": lambda: x32 @ w32.T,
-            "numpy float64 matmul": lambda: x64 @ w64.T,
-            "dequantize-everything (float64)": lambda: x64 @ ref_layer.dequantize().T,
-        }
-        for name, layer in layers.items():
-            cases[f"qlinear[{name}] float32"] = lambda layer=layer: layer(x32)
-            cases[f"qlinear[{name}] float64"] = lambda layer=layer: layer(x64)
-            cases[f"qlinear[{name}] int8 activations"] = (
-                lambda layer=layer: layer(x32, activations="int8")
-            )
+        cases = make_cases(x32, w32, w64, ref_layer, layers)
         base = None
         for name, fn in cases.items():
             ms = median_ms(fn)

@@ -3,10 +3,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_close
 from qlinear import (
     InvalidInputError,
     InvalidParamsError,
@@ -21,8 +21,9 @@ SCHEMES = ["symmetric", "asymmetric"]
 GRANS = ["per_tensor", "per_channel"]
 
 
-def layer_for(w, qtype="int8", granularity="per_channel", scheme="symmetric", group_size=None,
-              bias=None):
+def layer_for(
+    w, qtype="int8", granularity="per_channel", scheme="symmetric", group_size=None, bias=None
+):
     p = calibrate_linear(w, qtype, granularity, scheme, group_size=group_size)
     return QuantizedLinear.from_fp(w, p, bias=bias)
 
@@ -280,8 +281,9 @@ def test_forward_never_materialises_the_float_weight(rng, dtype):
     dtype=st.sampled_from([np.float32, np.float64]),
     seed=st.integers(0, 2**31),
 )
-def test_property_round_trip_and_forward(out_f, in_f, batch, qtype, scheme, gran, group_size,
-                                         dtype, seed):
+def test_property_round_trip_and_forward(
+    out_f, in_f, batch, qtype, scheme, gran, group_size, dtype, seed
+):
     r = np.random.default_rng(seed)
     w = (r.standard_normal((out_f, in_f)) * 10 ** r.uniform(-3, 3)).astype(dtype)
     gs = group_size if gran == "per_group" else None

@@ -76,9 +76,7 @@ def test_exact_half_boundaries_round_half_to_even_like_torch(exponent):
     expected_even = np.rint(halves)  # independent statement of half-to-even
     np.testing.assert_array_equal(layer.qweight[0], np.clip(expected_even, -127, 127))
     np.testing.assert_array_equal(layer.qweight, torch_per_channel(w, p.scale).clip(-127, 127))
-    pt = QuantizationParams(
-        "int8", "symmetric", "per_tensor", [scale], [0], [-w.max()], [w.max()]
-    )
+    pt = QuantizationParams("int8", "symmetric", "per_tensor", [scale], [0], [-w.max()], [w.max()])
     layer_t = QuantizedLinear.from_fp(w, pt)
     np.testing.assert_array_equal(layer_t.qweight, torch_per_tensor(w, scale).clip(-127, 127))
 
@@ -89,8 +87,11 @@ def test_dequantize_matches_torch_dequantize(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = torch.quantize_per_channel(
-            torch.from_numpy(w), torch.from_numpy(layer.scales),
-            torch.zeros(12, dtype=torch.long), 0, torch.qint8,
+            torch.from_numpy(w),
+            torch.from_numpy(layer.scales),
+            torch.zeros(12, dtype=torch.long),
+            0,
+            torch.qint8,
         )
         ref = q.dequantize().numpy()
     np.testing.assert_allclose(layer.dequantize(np.float32), ref, rtol=1e-6, atol=0)

@@ -64,10 +64,21 @@ def test_group_size_rules():
     with pytest.raises(InvalidParamsError, match="group_size"):
         make(group_size=4)
     with pytest.raises(InvalidParamsError, match="positive integer group_size"):
-        make(granularity="per_group", scale=np.ones((2, 3)), zero_point=np.zeros((2, 3)),
-             min_val=np.zeros((2, 3)), max_val=np.ones((2, 3)))
-    p = make(granularity="per_group", group_size=4, scale=np.ones((2, 3)),
-             zero_point=np.zeros((2, 3)), min_val=np.zeros((2, 3)), max_val=np.ones((2, 3)))
+        make(
+            granularity="per_group",
+            scale=np.ones((2, 3)),
+            zero_point=np.zeros((2, 3)),
+            min_val=np.zeros((2, 3)),
+            max_val=np.ones((2, 3)),
+        )
+    p = make(
+        granularity="per_group",
+        group_size=4,
+        scale=np.ones((2, 3)),
+        zero_point=np.zeros((2, 3)),
+        min_val=np.zeros((2, 3)),
+        max_val=np.ones((2, 3)),
+    )
     p.check_weight_shape(2, 9)  # 3 groups of 4, last one partial
     with pytest.raises(ShapeMismatchError, match=r"needs \(2, 2\)"):
         p.check_weight_shape(2, 8)

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import assert_close, rel_error
 
+from conftest import assert_close, rel_error
 from qlinear import QuantizedLinear, calibrate_linear
 from qlinear.ref import quantize_rows_int8
 
@@ -20,12 +20,12 @@ def test_quantize_rows_int8_codes_and_scales(rng):
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
-@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None),
-                                     ("per_group", 4)])
+@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 4)])
 def test_int8_activations_integer_accumulation_is_exact(rng, scheme, gran, gs):
     w = rng.standard_normal((7, 11))
-    layer = QuantizedLinear.from_fp(w, calibrate_linear(w, "int8", gran, scheme, group_size=gs),
-                                    backend="numpy")
+    layer = QuantizedLinear.from_fp(
+        w, calibrate_linear(w, "int8", gran, scheme, group_size=gs), backend="numpy"
+    )
     x = rng.standard_normal((3, 11))
     y = layer(x, activations="int8")
     # independent statement: exact int64 sums per group, then the two scales

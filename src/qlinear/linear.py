@@ -71,23 +71,24 @@ class QuantizedLinear:
                 "QuantizedLinear.from_codes(codes, params)"
             )
         p = _params
-        out_f, in_f = _packed.out_features, _packed.in_features
+        out_f = _packed.out_features
         # Kernels see every layer as per-group: (out, n_groups) scales and *effective*
         # zero points (zero point + storage offset), group_size == in_features when
         # there is one group per row.
+        offset = storage_offset(p.qtype, p.scheme)
+        zp = p.zero_point if offset == 0 else _readonly(p.zero_point + np.int32(offset))
         if p.granularity is QuantizationGranularity.PER_GROUP:
-            s2 = p.scale
+            s2, zp2 = p.scale, zp
+        elif p.granularity is QuantizationGranularity.PER_CHANNEL:
+            s2, zp2 = p.scale.reshape(-1, 1), zp.reshape(-1, 1)  # views, no copies
         else:
-            s2 = np.ascontiguousarray(np.broadcast_to(p.scale.reshape(-1, 1), (out_f, 1)))
-        zp2 = p.zero_point if p.granularity is QuantizationGranularity.PER_GROUP else (
-            np.broadcast_to(p.zero_point.reshape(-1, 1), (out_f, 1))
-        )
-        zp2 = np.ascontiguousarray(zp2 + np.int32(storage_offset(p.qtype, p.scheme)), np.int32)
+            s2 = _readonly(np.full((out_f, 1), p.scale[0]))
+            zp2 = _readonly(np.full((out_f, 1), zp[0], dtype=np.int32))
         self._packed = _packed
         self._params = p
         self._bias = _bias
-        self._s2 = _readonly(s2) if s2.flags.writeable else s2
-        self._zp2 = _readonly(zp2)
+        self._s2 = s2
+        self._zp2 = zp2
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -288,7 +289,8 @@ class QuantizedLinear:
 
     @property
     def stored_weight(self) -> np.ndarray:
-        """Canonical stored codes: int8 ``(out, in)``, or packed int4 ``uint8 (out, ceil(in/2))``."""
+        """Canonical stored codes: int8 ``(out, in)``, or int4 packed ``uint8 (out, ceil(in/2))``
+        (see :mod:`qlinear.packing`)."""
         return kernels.get_backend(self._packed.backend).unpack(self._packed)
 
     @property
@@ -351,9 +353,7 @@ class QuantizedLinear:
                 f"x must be a floating-point array (float16/32/64); got dtype {a.dtype}"
             )
         if a.ndim == 0 or a.shape[-1] != self.in_features:
-            raise ShapeMismatchError(
-                f"x must have shape (..., {self.in_features}); got {a.shape}"
-            )
+            raise ShapeMismatchError(f"x must have shape (..., {self.in_features}); got {a.shape}")
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float32)
         lead = a.shape[:-1]

@@ -28,7 +28,7 @@ def packed_cols(in_features: int) -> int:
 
 
 def pack_int4(nibbles: np.ndarray) -> np.ndarray:
-    """Pack unsigned nibbles ``(rows, cols)`` with values 0..15 into ``uint8 (rows, ceil(cols/2))``."""
+    """Pack nibbles ``(rows, cols)`` with values 0..15 into ``uint8 (rows, ceil(cols/2))``."""
     a = np.asarray(nibbles)
     if a.ndim != 2:
         raise ShapeMismatchError(f"pack_int4 expects a 2-D array; got shape {a.shape}")

@@ -132,8 +132,7 @@ class QuantizationParams:
             group_size: int | None = int(gs)
             if scale.ndim != 2:
                 raise ShapeMismatchError(
-                    f"per_group scale must be 2-D (out_features, n_groups); got shape "
-                    f"{scale.shape}"
+                    f"per_group scale must be 2-D (out_features, n_groups); got shape {scale.shape}"
                 )
         else:
             if self.group_size is not None:
@@ -143,9 +142,7 @@ class QuantizationParams:
                 )
             group_size = None
             if scale.ndim != 1:
-                raise ShapeMismatchError(
-                    f"{gran.value} scale must be 1-D; got shape {scale.shape}"
-                )
+                raise ShapeMismatchError(f"{gran.value} scale must be 1-D; got shape {scale.shape}")
             if gran is QuantizationGranularity.PER_TENSOR and scale.shape != (1,):
                 raise ShapeMismatchError(
                     f"per_tensor scale must have shape (1,); got {scale.shape}"

@@ -128,9 +128,7 @@ _RANGES = {
 }
 
 
-def code_range(
-    qtype: QuantizationType | str, scheme: QuantizationScheme | str
-) -> tuple[int, int]:
+def code_range(qtype: QuantizationType | str, scheme: QuantizationScheme | str) -> tuple[int, int]:
     """``(qmin, qmax)``: the inclusive range of integer codes for a type and scheme."""
     key = (as_qtype(qtype), as_scheme(scheme))
     try:
