@@ -183,9 +183,34 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """float32 ``(...)`` -> float32 ``(...)``: ``gelu(x) = 0.5 x (1 + erf(x / sqrt(2)))``
-    (the exact, erf form BERT uses, not the tanh approximation)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return (0.5 * x64 * (1.0 + _erf(x64 * (1.0 / math.sqrt(2.0))))).astype(np.float32)
+    (the exact, erf form BERT uses, not the tanh approximation).
+
+    With ``z = |x| / sqrt(2)`` and ``h = 0.5 (1 - erf(z))`` (the upper tail, from the same
+    A&S 7.1.26 formula as :func:`_erf`): ``gelu(x) = x (1 - h)`` for ``x >= 0`` and
+    ``x h`` for ``x < 0``. Computing the tail directly keeps its precision for negative
+    ``x`` where ``1 + erf`` would cancel. float32 arithmetic, in place: absolute error
+    about ``3e-7 |x|``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    f32 = np.float32
+    z = np.abs(x)
+    z *= f32(1.0 / math.sqrt(2.0))
+    t = z * f32(_AS_P)
+    t += f32(1.0)
+    np.reciprocal(t, out=t)
+    a1, a2, a3, a4, a5 = (f32(a) for a in _AS_A)
+    poly = t * a5
+    for a in (a4, a3, a2, a1):
+        poly += a
+        poly *= t
+    np.square(z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    poly *= z
+    poly *= f32(0.5)  # h = 0.5 * erfc(|x| / sqrt(2))
+    # x >= 0: x * (1 - h) = x - x*h;  x < 0: x * h
+    poly *= x
+    return np.where(x >= 0, x - poly, poly)
 
 
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
