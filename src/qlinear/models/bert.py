@@ -413,6 +413,22 @@ class BertModel:
             )
         return out
 
+    def layer_inputs(
+        self, sentences: Sequence[str], *, batch_size: int = 32
+    ) -> dict[str, np.ndarray]:
+        """``{name: float32 (tokens, in_features)}``: every linear layer's input over all
+        real tokens of ``sentences`` (``encode`` with ``capture``, batches concatenated).
+        Rows are in processing order (shortest sentence first), the same for every layer.
+        """
+        capture: dict[str, list[np.ndarray]] = {}
+        self.encode(sentences, batch_size=batch_size, capture=capture)
+        return {
+            name: np.concatenate(capture[name])
+            if name in capture
+            else np.zeros((0, self._tensors[name + ".weight"].shape[1]), dtype=np.float32)
+            for name in self._names
+        }
+
     def _linear(
         self,
         name: str,
