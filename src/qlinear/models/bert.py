@@ -387,7 +387,8 @@ class BertModel:
         ``capture``: when a dict is given, for every linear layer ``name`` the float32
         input ``(tokens, in_features)`` it received in each batch (real tokens only, no
         padding) is appended to ``capture[name]`` (a list, created if absent); stacking a
-        layer's list with ``np.concatenate`` gives all tokens of all sentences.
+        layer's list with ``np.concatenate`` gives all tokens of all sentences. The
+        arrays are not copied (query, key and value share one): treat them as read-only.
         """
         texts = _check_sentences(sentences)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
