@@ -17,7 +17,7 @@ from conftest import assert_close
 from qlinear import QuantizedLinear, calibrate_linear
 from qlinear.errors import FormatError, InvalidInputError, InvalidParamsError, ShapeMismatchError
 from qlinear.models import BertConfig, FloatLinear, gelu, load_bert, sentences
-from qlinear.models.bert import _erf
+from qlinear.models.ops import _erf
 
 # -- pieces that need nothing ---------------------------------------------------------
 
