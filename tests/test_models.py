@@ -410,3 +410,13 @@ def test_minilm_int8_per_channel_cosine(minilm, minilm_base):
     q = minilm.with_linears(layers).encode(sentences("all"))
     cos = np.sum(q * minilm_base, axis=1)
     assert cos.min() >= 0.999, f"min cosine {cos.min():.5f}"
+
+
+def test_minilm_matches_sentence_transformers(minilm, minilm_base, monkeypatch):
+    """The outside oracle (runs only where sentence-transformers is installed)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st = pytest.importorskip("sentence_transformers")
+    ref = st.SentenceTransformer(minilm.model_dir, device="cpu").encode(
+        sentences("all"), batch_size=32, convert_to_numpy=True
+    )
+    assert_close(minilm_base, ref, atol=1e-5, what="NumPy vs sentence-transformers")
