@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +19,8 @@ from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 
 __all__ = ["ACTIVATIONS", "Piece", "apply_piece", "as_piece", "check_x", "piece_dims"]
 
-Piece = Union[np.ndarray, Any]
+# A float ndarray (out, in) or a layer with forward(), e.g. QuantizedLinear.
+Piece = Any
 
 
 def as_piece(name: str, value: Any) -> Piece:

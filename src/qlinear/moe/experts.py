@@ -177,13 +177,11 @@ class GatedExpert:
         gd, ud, dd = piece_dims(g), piece_dims(u), piece_dims(d)
         if gd != ud:
             raise ShapeMismatchError(
-                f"gate and up must have the same shape (d_ff, d_model); got gate {gd} and "
-                f"up {ud}"
+                f"gate and up must have the same shape (d_ff, d_model); got gate {gd} and up {ud}"
             )
         if dd[1] != gd[0]:
             raise ShapeMismatchError(
-                f"down must have shape (d_out, d_ff) with d_ff = {gd[0]} (gate's rows); got "
-                f"{dd}"
+                f"down must have shape (d_out, d_ff) with d_ff = {gd[0]} (gate's rows); got {dd}"
             )
         self._gate, self._up, self._down = g, u, d
         self._act_name, self._act = as_activation(activation)

@@ -188,9 +188,7 @@ class MoELayer:
                 f"w_gate, w_up and w_down must have the same number of experts; got "
                 f"{g.shape[0]}, {u.shape[0]} and {d.shape[0]}"
             )
-        experts = [
-            GatedExpert(g[e], u[e], d[e], activation=activation) for e in range(g.shape[0])
-        ]
+        experts = [GatedExpert(g[e], u[e], d[e], activation=activation) for e in range(g.shape[0])]
         return cls(router_weight, experts, **kwargs)
 
     def with_experts(self, experts: Sequence[Expert]) -> MoELayer:
@@ -270,9 +268,10 @@ class MoELayer:
         return a.reshape(-1, self.input_dim), a.shape[:-1]
 
     def _logits(self, x2: np.ndarray) -> np.ndarray:
-        logits = x2.astype(np.float64, copy=False) @ self._router.T
-        if self._bias is not None:
-            logits += self._bias
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = x2.astype(np.float64, copy=False) @ self._router.T
+            if self._bias is not None:
+                logits += self._bias
         if not np.isfinite(logits).all():
             raise InvalidInputError(
                 "router logits overflowed to Inf/NaN; the input or router weights are too "
@@ -317,7 +316,15 @@ class MoELayer:
         x2, lead = self._prepare(x)
         logits = self._logits(x2)
         r = self._route(logits)
-        y = self._combine(x2, r).reshape(*lead, self.output_dim)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = self._combine(x2, r)
+        if not np.isfinite(y).all():
+            raise InvalidInputError(
+                f"the MoE output overflowed to Inf/NaN in {y.dtype}; the input is too large "
+                "for the experts (largest |x| is "
+                f"{float(np.abs(x2).max()):.3g})"
+            )
+        y = y.reshape(*lead, self.output_dim)
         if return_stats:
             return y, routing_stats(logits, r)
         return y
