@@ -6,6 +6,8 @@ import concurrent.futures
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _moe_ref import ref_dense_weights, ref_moe
 from conftest import assert_close
@@ -116,10 +118,14 @@ def test_switch_weight_is_router_probability(rng):
 
 def test_ties_lowest_expert_wins(rng):
     d = 8
-    router = rng.standard_normal((5, d))
-    router[3] = router[1]  # experts 1 and 3 always tie
+    # Small integers: every dot product is exact, whatever order BLAS sums in, so equal
+    # rows give bit-identical logits.
+    router = rng.integers(-3, 4, (5, d)).astype(float)
+    router[1] = 2.0
+    router[3] = router[1]  # experts 1, 3 and 4 always tie
     router[4] = router[1]
-    x = router[1] * 10.0  # experts 1, 3, 4 share the top logit
+    x = np.ones(d) * 5.0  # logits: 80 for experts 1, 3, 4; at most 40 for 0 and 2
+    router[[0, 2]] = np.minimum(router[[0, 2]], 1.0)
     experts = [LinearExpert.xavier_init(d, 4, seed=i) for i in range(5)]
     for k, want in [(1, [1]), (2, [1, 3]), (3, [1, 3, 4])]:
         idx, w = MoELayer(router, experts, top_k=k).route(x[None])
@@ -130,6 +136,23 @@ def test_ties_lowest_expert_wins(rng):
     # All logits equal: the first top_k experts.
     idx, _ = MoELayer(np.zeros((5, d)), experts, top_k=2).route(rng.standard_normal((3, d)))
     assert idx.tolist() == [[0, 1]] * 3
+
+
+@pytest.mark.parametrize("d", [1, 3, 8, 13, 64])
+def test_identical_router_rows_tie_exactly(rng, d):
+    # Random (inexact) values: the logits of equal rows must still be bit-identical.
+    router = rng.standard_normal((6, d))
+    router[[2, 4, 5]] = router[1]
+    experts = [LinearExpert.xavier_init(d, 2, seed=i) for i in range(6)]
+    x = rng.standard_normal((40, d))
+    for n in (1, 2, 3, 40):
+        idx, _ = MoELayer(router, experts, routing="softmax").route(x[:n])
+        pos = np.argsort(idx, axis=1)  # slot of each expert per token
+        assert np.all(pos[:, 1] < pos[:, 2]) and np.all(pos[:, 2] < pos[:, 4])
+        assert np.all(pos[:, 4] < pos[:, 5])
+        # The slots of experts 1, 2, 4, 5 are adjacent: nothing ranks between equal logits.
+        slots = np.sort(pos[:, [1, 2, 4, 5]], axis=1)
+        assert np.all(np.diff(slots, axis=1) == 1)
 
 
 def test_expert_choice_ties_lowest_token_wins(rng):
@@ -367,3 +390,43 @@ def test_expert_overflow_is_an_error_not_inf(rng):
     x = np.full((2, layer.input_dim), 1e30, dtype=np.float32)
     with pytest.raises(InvalidInputError, match="overflow"):
         layer(x)
+
+
+@pytest.mark.parametrize("wdtype", [np.float32, np.float64])
+@pytest.mark.parametrize("xdtype", [np.float32, np.float64])
+def test_weight_and_input_dtypes_mix(rng, wdtype, xdtype):
+    experts = [GatedExpert.xavier_init(12, 20, seed=i, dtype=wdtype) for i in range(3)]
+    layer = MoELayer(rng.standard_normal((3, 12)), experts)
+    x = rng.standard_normal((7, 12)).astype(xdtype)
+    y = layer(x)
+    assert y.dtype == xdtype
+    expected, _ = ref_moe(layer, x)
+    tol = TOL[np.float32] if np.float32 in (wdtype, xdtype) else TOL[np.float64]
+    assert_close(y, expected, **tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 9),
+    num_e=st.integers(1, 5),
+    k=st.integers(1, 5),
+    routing=st.sampled_from(ROUTINGS),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_vs_reference_random_shapes(n, num_e, k, routing, seed):
+    rng = np.random.default_rng(seed)
+    k = min(k, num_e)
+    d, d_out = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+    experts = [
+        LinearExpert(rng.standard_normal((d_out, d)), rng.standard_normal(d_out))
+        for _ in range(num_e)
+    ]
+    layer = MoELayer(rng.standard_normal((num_e, d)), experts, top_k=k, routing=routing)
+    x = rng.standard_normal((n, d))
+    expected, _ = ref_moe(layer, x)
+    assert_close(layer(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_experts_not_iterable(rng):
+    with pytest.raises(InvalidParamsError, match="experts"):
+        MoELayer(rng.standard_normal((1, 4)), LinearExpert.xavier_init(4, 2, seed=0))

@@ -3,7 +3,8 @@
 Forward, for ``x`` of shape ``(tokens, d_model)``:
 
 1. router logits ``l = x @ router_weight.T + router_bias`` (float64, whatever x's dtype,
-   so routing decisions do not depend on the input precision);
+   so routing decisions do not depend on the input precision; every logit is summed in
+   the same order, so identical router rows give identical logits);
 2. routing (see :mod:`qlinear.moe.routing`) gives each token expert ids and weights;
 3. the (token, expert) pairs are sorted by expert id (stable), each expert runs once on
    the batch of its tokens, and its outputs, scaled by the routing weights, are added back
@@ -95,7 +96,12 @@ class MoELayer:
         r = np.array(r, dtype=np.float64)
         check_finite("router_weight", r)
         num_experts, d_model = r.shape
-        experts = tuple(experts)
+        try:
+            experts = tuple(experts)
+        except TypeError:
+            raise InvalidParamsError(
+                f"experts must be a sequence of Expert objects; got {type(experts).__name__}"
+            ) from None
         if len(experts) != num_experts:
             raise ShapeMismatchError(
                 f"router_weight has {num_experts} rows (experts) but {len(experts)} experts "
@@ -269,7 +275,10 @@ class MoELayer:
 
     def _logits(self, x2: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
-            logits = x2.astype(np.float64, copy=False) @ self._router.T
+            # einsum (not BLAS) sums every logit in the same order, so experts with
+            # identical router rows get bit-identical logits and tie as they should;
+            # BLAS gemv can round such rows differently depending on their position.
+            logits = np.einsum("nd,ed->ne", x2.astype(np.float64, copy=False), self._router)
             if self._bias is not None:
                 logits += self._bias
         if not np.isfinite(logits).all():
