@@ -10,6 +10,7 @@ from .errors import (
 )
 from .kernels import backend_info, get_num_threads, set_num_threads
 from .linear import QuantizedLinear
+from .moe import MoELayer, quantize_moe
 from .params import QuantizationParams
 from .qtypes import QuantizationGranularity, QuantizationScheme, QuantizationType
 
@@ -19,6 +20,7 @@ __all__ = [
     "FormatError",
     "InvalidInputError",
     "InvalidParamsError",
+    "MoELayer",
     "QuantizationError",
     "QuantizationGranularity",
     "QuantizationParams",
@@ -30,5 +32,6 @@ __all__ = [
     "backend_info",
     "calibrate_linear",
     "get_num_threads",
+    "quantize_moe",
     "set_num_threads",
 ]
