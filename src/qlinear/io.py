@@ -92,6 +92,7 @@ def layer_config(layer: QuantizedLinear) -> dict[str, Any]:
         "granularity": layer.granularity.value,
         "group_size": layer.group_size,
         "shape": list(layer.shape),
+        "bias": layer.bias is not None,
     }
 
 
@@ -354,6 +355,16 @@ def _build_layer(
         raise FormatError(f"{where} ({scname!r} / {zname!r}): {exc}") from None
     bias = None
     bname = f"{name}.bias"
+    has_bias = cfg.get("bias")
+    if has_bias is not None and not isinstance(has_bias, bool):
+        raise FormatError(f"{where}: config 'bias' must be true, false or absent; got {has_bias!r}")
+    if has_bias and t.info(bname) is None:
+        raise FormatError(
+            f"tensor {bname!r} is missing but the config of {where} says it has a bias "
+            "(in a sharded checkpoint, load the directory)"
+        )
+    if has_bias is False and t.info(bname) is not None:
+        raise FormatError(f"tensor {bname!r} present but the config of {where} says no bias")
     if t.info(bname) is not None:
         _need(t, bname, FLOAT_DTYPES, (out_f,), "bias")
         bias = t.array(bname)
