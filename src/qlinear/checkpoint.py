@@ -49,6 +49,7 @@ from .errors import FormatError, InvalidParamsError
 from .io import METADATA_KEY, format_config, read_index
 from .linear import QuantizedLinear
 from .packing import packed_cols
+from .params import QuantizationParams
 from .qtypes import (
     QuantizationGranularity,
     QuantizationScheme,
@@ -147,6 +148,22 @@ class QuantConfig:
             "group_size": self.group_size,
             "method": self.method,
         }
+
+    def check_available(self) -> None:
+        """Raise InvalidParamsError if this build's calibrate_linear lacks ``method``."""
+        has_methods = "method" in inspect.signature(calibrate_linear).parameters
+        if self.method != "minmax" and not has_methods:
+            raise InvalidParamsError(
+                f"calibration method {self.method!r} is not available in this build of "
+                "qlinear; use method 'minmax'"
+            )
+
+    def calibrate(self, weight: np.ndarray) -> QuantizationParams:
+        """:func:`qlinear.calibrate_linear` of a float ``(out, in)`` weight with this config."""
+        kwargs: dict[str, Any] = {"group_size": self.group_size}
+        if self.method != "minmax":
+            kwargs["method"] = self.method
+        return calibrate_linear(weight, self.qtype, self.granularity, self.scheme, **kwargs)
 
     def describe(self) -> str:
         d = self.to_dict()
@@ -251,21 +268,6 @@ def should_quantize(
 
 
 # --------------------------------------------------------------------------- quantizing
-def _calibrate(w: np.ndarray, cfg: QuantConfig):
-    kwargs: dict[str, Any] = {"group_size": cfg.group_size}
-    if cfg.method != "minmax":
-        kwargs["method"] = cfg.method
-    return calibrate_linear(w, cfg.qtype, cfg.granularity, cfg.scheme, **kwargs)
-
-
-def _check_method_available(cfg: QuantConfig) -> None:
-    if cfg.method != "minmax" and "method" not in inspect.signature(calibrate_linear).parameters:
-        raise InvalidParamsError(
-            f"calibration method {cfg.method!r} is not available in this build of qlinear; "
-            "use method 'minmax'"
-        )
-
-
 def _out_entries(lname: str, shape: tuple[int, int], cfg: QuantConfig, has_bias: bool):
     out_f, in_f = shape
     if cfg.granularity is QuantizationGranularity.PER_GROUP:
@@ -322,12 +324,12 @@ def _quantize_tensor(
                 np.array([lo]), np.array([hi]), cfg.qtype, cfg.granularity, cfg.scheme
             )
         else:
-            fixed = _calibrate(_finite_block(src, name, 0, out_f), cfg)
+            fixed = cfg.calibrate(_finite_block(src, name, 0, out_f))
             src.release_pages()
     err2 = sig2 = 0.0
     for a, b in _blocks(out_f, in_f):
         w = _finite_block(src, name, a, b)
-        params = fixed if fixed is not None else _calibrate(w, cfg)
+        params = fixed if fixed is not None else cfg.calibrate(w)
         layer = QuantizedLinear.from_fp(w, params, backend="numpy")
         writer.write(f, codes_name, layer.stored_weight, at=a * code_row)
         if fixed is None:
@@ -460,7 +462,7 @@ def quantize_checkpoint(
     """
     t0 = time.perf_counter()
     cfg = QuantConfig.coerce(config)
-    _check_method_available(cfg)
+    cfg.check_available()
     for what, pats in (("include", include), ("exclude", exclude)):
         if pats is not None and (
             isinstance(pats, str) or not all(isinstance(p, str) for p in pats)

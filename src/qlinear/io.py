@@ -53,7 +53,15 @@ from .qtypes import (
     storage_offset,
 )
 
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "FileInfo", "inspect", "load", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "FileInfo",
+    "atomic_write_text",
+    "inspect",
+    "load",
+    "save",
+]
 
 FORMAT_NAME = "qlinear"
 FORMAT_VERSION = 1
@@ -170,6 +178,12 @@ def save(
         for n, a in tensors.items():
             _write_tensor(writer, f, n, a)
         writer.finish()
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def _write_tensor(writer: SafetensorsWriter, f: Any, name: str, arr: np.ndarray) -> None:
