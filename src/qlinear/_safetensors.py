@@ -369,7 +369,7 @@ class SafetensorsWriter:
             arr = np.ascontiguousarray(data)
             if arr.dtype.byteorder == ">":
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
-            buf = memoryview(arr).cast("B")
+            buf = memoryview(arr.reshape(-1).view(np.uint8))
         else:
             buf = data.cast("B") if data.format != "B" else data
         if at < 0 or at + len(buf) > nbytes:
