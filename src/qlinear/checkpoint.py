@@ -10,8 +10,10 @@ Which tensors are quantized: every 2-D floating ``*.weight`` whose tensor name o
 name (the name without ``.weight``) matches ``include`` (default: all) and does not match
 ``exclude``, nor :data:`DEFAULT_EXCLUDE` (embeddings, norms, MoE routers and gates such as
 Mixtral's ``block_sparse_moe.gate.weight``; ``mlp.gate_proj.weight`` *is* quantized). An
-``include`` pattern that names a default-excluded tensor overrides the default. ``lm_head``
-is quantized unless excluded (``exclude=["lm_head"]``). Everything else is copied byte for
+``include`` pattern overrides the defaults for the tensors it matches when the pattern
+itself names an excluded kind (``"*embed_tokens*"`` matches ``"*embed*"`` as text), so
+``include=["*mlp*"]`` still keeps ``mlp.router`` in float. ``lm_head`` is quantized unless
+excluded (``exclude=["lm_head"]``). Everything else is copied byte for
 byte.
 
 Memory: shards are memory-mapped and every weight is processed in row blocks of about
@@ -264,7 +266,12 @@ def should_quantize(
         return False
     if hit(exclude):
         return False
-    return not hit(DEFAULT_EXCLUDE) or (include is not None and hit(include))
+    if not hit(DEFAULT_EXCLUDE):
+        return True
+    # Kept in float unless asked: an include pattern that itself names an excluded kind
+    # ("*embed_tokens*" matches "*embed*" as text) overrides the default; "*mlp*" does not.
+    asking = [p for p in include or () if any(fnmatchcase(p, d) for d in DEFAULT_EXCLUDE)]
+    return hit(asking)
 
 
 # --------------------------------------------------------------------------- quantizing
