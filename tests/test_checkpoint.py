@@ -389,3 +389,11 @@ def test_include_overrides_defaults_only_when_it_names_the_excluded_kind():
     assert not s("model.embed_tokens.weight", (4, 8), "F32", include=["*"])
     assert s("model.layers.0.mlp.router.weight", (4, 8), "F32", include=["*router*"])
     assert s("model.embed_tokens.weight", (4, 8), "F32", include=["*", "*embed_tokens*"])
+
+
+def test_destination_inside_the_source_directory(ckpt):
+    src, _ = ckpt
+    for _ in range(2):  # the second run must not copy the first run's output into itself
+        qlinear.quantize_checkpoint(src, src / "q", {}, progress=False)
+    assert not (src / "q" / "q").exists()
+    assert isinstance(qlinear.load(src / "q")["lm_head"], QuantizedLinear)

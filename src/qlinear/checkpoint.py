@@ -420,9 +420,12 @@ def _resolve(src: Path, dst: Path) -> tuple[Path, list[str], dict | None, Path, 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
     copied = []
+    dst_abs = dst_dir.resolve()
     for p in sorted(src_dir.rglob("*")):
         rel = p.relative_to(src_dir)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.resolve().is_relative_to(dst_abs):  # DST inside SRC: do not copy our output
             continue
         if p.suffix.lower() in WEIGHT_EXTENSIONS or p.name == "model.safetensors.index.json":
             continue
