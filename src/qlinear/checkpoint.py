@@ -25,8 +25,6 @@ block, so peak memory stays far below the largest tensor. Per-tensor calibration
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import math
 import os
@@ -46,20 +44,18 @@ from ._safetensors import (
     SafetensorsWriter,
     atomic_write,
 )
-from .calibrate import _check_group_size, calibrate_linear, params_from_range
+from .calibrate import params_from_range
 from .errors import FormatError, InvalidParamsError
 from .io import METADATA_KEY, format_config, read_index
 from .linear import QuantizedLinear
 from .packing import packed_cols
-from .params import QuantizationParams
 from .qtypes import (
     QuantizationGranularity,
     QuantizationScheme,
     QuantizationType,
-    as_granularity,
-    as_qtype,
-    as_scheme,
 )
+from .quantconfig import QuantConfig
+from .report import CheckpointReport, TensorReport
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -80,7 +76,6 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "gate",
     "*shared_expert_gate",
 )
-METHODS = ("minmax", "percentile", "mse")
 BLOCK_BYTES = 32 * 1024 * 1024
 """Float64 bytes of one row block while quantizing (rows = BLOCK_BYTES // (8 * in))."""
 WEIGHT_EXTENSIONS = (
@@ -95,152 +90,6 @@ WEIGHT_EXTENSIONS = (
     ".gguf",
     ".npz",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize each selected weight.
-
-    qtype ``"int8"``/``"int4"``; granularity ``"per_tensor"``/``"per_channel"``/
-    ``"per_group"`` (with ``group_size``); scheme ``"symmetric"``/``"asymmetric"``;
-    method ``"minmax"``, ``"percentile"`` or ``"mse"`` (passed to
-    :func:`qlinear.calibrate_linear`).
-    """
-
-    qtype: QuantizationType | str = "int8"
-    granularity: QuantizationGranularity | str = "per_channel"
-    scheme: QuantizationScheme | str = "symmetric"
-    group_size: int | None = None
-    method: str = "minmax"
-
-    def __post_init__(self) -> None:
-        qt = as_qtype(self.qtype)
-        if not qt.is_integer:
-            raise InvalidParamsError(f"qtype must be 'int8' or 'int4'; got {qt.value!r}")
-        gran = as_granularity(self.granularity)
-        object.__setattr__(self, "qtype", qt)
-        object.__setattr__(self, "granularity", gran)
-        object.__setattr__(self, "scheme", as_scheme(self.scheme))
-        object.__setattr__(self, "group_size", _check_group_size(self.group_size, gran))
-        if self.method not in METHODS:
-            raise InvalidParamsError(f"method must be one of {METHODS}; got {self.method!r}")
-
-    @classmethod
-    def coerce(cls, value: QuantConfig | Mapping[str, Any]) -> QuantConfig:
-        """A QuantConfig from itself or a dict of its fields."""
-        if isinstance(value, QuantConfig):
-            return value
-        if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise InvalidParamsError(
-                    f"unknown config keys {unknown}; expected some of {sorted(known)}"
-                )
-            return cls(**value)
-        raise InvalidParamsError(
-            f"config must be a QuantConfig or a dict; got {type(value).__name__}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "qtype": self.qtype.value,  # type: ignore[union-attr]
-            "granularity": self.granularity.value,  # type: ignore[union-attr]
-            "scheme": self.scheme.value,  # type: ignore[union-attr]
-            "group_size": self.group_size,
-            "method": self.method,
-        }
-
-    def check_available(self) -> None:
-        """Raise InvalidParamsError if this build's calibrate_linear lacks ``method``."""
-        has_methods = "method" in inspect.signature(calibrate_linear).parameters
-        if self.method != "minmax" and not has_methods:
-            raise InvalidParamsError(
-                f"calibration method {self.method!r} is not available in this build of "
-                "qlinear; use method 'minmax'"
-            )
-
-    def calibrate(self, weight: np.ndarray) -> QuantizationParams:
-        """:func:`qlinear.calibrate_linear` of a float ``(out, in)`` weight with this config."""
-        kwargs: dict[str, Any] = {"group_size": self.group_size}
-        if self.method != "minmax":
-            kwargs["method"] = self.method
-        return calibrate_linear(weight, self.qtype, self.granularity, self.scheme, **kwargs)
-
-    def describe(self) -> str:
-        d = self.to_dict()
-        g = d["granularity"] + (f"({self.group_size})" if self.group_size else "")
-        return f"{d['qtype']} {g} {d['scheme']}"
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorReport:
-    """One source tensor: what became of it. ``rel_error`` is ``||W - W_q|| / ||W||``
-    (Frobenius) and ``snr_db`` is ``10 log10(||W||^2 / ||W - W_q||^2)``; both None for
-    kept tensors, and ``snr_db`` is None when the reconstruction is exact."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    format: str
-    rel_error: float | None
-    snr_db: float | None
-    bytes_before: int
-    bytes_after: int
-
-    @property
-    def quantized(self) -> bool:
-        return self.rel_error is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointReport:
-    """The result of :func:`quantize_checkpoint`: per-tensor entries and totals."""
-
-    src: str
-    dst: str
-    config: dict[str, Any]
-    tensors: tuple[TensorReport, ...]
-    files: tuple[str, ...]
-    seconds: float
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(t.bytes_before for t in self.tensors)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(t.bytes_after for t in self.tensors)
-
-    @property
-    def n_quantized(self) -> int:
-        return sum(t.quantized for t in self.tensors)
-
-    @property
-    def max_rel_error(self) -> float | None:
-        errs = [t.rel_error for t in self.tensors if t.rel_error is not None]
-        return max(errs) if errs else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "src": self.src,
-            "dst": self.dst,
-            "config": self.config,
-            "files": list(self.files),
-            "seconds": self.seconds,
-            "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
-            "totals": {
-                "tensors": len(self.tensors),
-                "quantized": self.n_quantized,
-                "kept": len(self.tensors) - self.n_quantized,
-                "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after,
-                "max_rel_error": self.max_rel_error,
-            },
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
 
 
 # --------------------------------------------------------------------------- selection

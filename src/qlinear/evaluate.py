@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import QuantConfig
 from .io import layer_tensors
 from .linear import QuantizedLinear
+from .quantconfig import QuantConfig
 
 __all__ = ["EvalReport", "evaluate_model", "quantize_linears"]
 
