@@ -397,3 +397,28 @@ def test_destination_inside_the_source_directory(ckpt):
         qlinear.quantize_checkpoint(src, src / "q", {}, progress=False)
     assert not (src / "q" / "q").exists()
     assert isinstance(qlinear.load(src / "q")["lm_head"], QuantizedLinear)
+
+
+def test_progress_bar_goes_to_stderr_when_tqdm_is_installed(ckpt, tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    src, _ = ckpt
+    qlinear.quantize_checkpoint(src, tmp_path / "d", {}, progress=True)
+    out = capsys.readouterr()
+    assert out.out == "" and "quantize" in out.err
+
+
+def test_progress_without_tqdm_is_silent(ckpt, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name == "tqdm" or name.startswith("tqdm."):
+            raise ImportError("no tqdm")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    src, _ = ckpt
+    rep = qlinear.quantize_checkpoint(src, tmp_path / "d", {}, progress=True)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "" and rep.n_quantized == 5
