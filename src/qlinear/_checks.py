@@ -21,8 +21,9 @@ def check_finite(name: str, a: np.ndarray) -> None:
         )
 
 
-def as_float_matrix(name: str, value: Any, dtype=np.float64) -> np.ndarray:
-    """A non-empty, finite, 2-D floating array converted to ``dtype``.
+def as_float_matrix(name: str, value: Any, dtype: Any = np.float64) -> np.ndarray:
+    """A non-empty, finite, 2-D floating array converted to ``dtype`` (None: kept as it is,
+    so callers that work block by block need not copy a large weight first).
 
     Integer, boolean, complex and object arrays are rejected rather than silently cast:
     a weight given as integers is almost always a mistake (codes passed as weights).
@@ -38,6 +39,6 @@ def as_float_matrix(name: str, value: Any, dtype=np.float64) -> np.ndarray:
         )
     if a.size == 0:
         raise ShapeMismatchError(f"{name} is empty (shape {a.shape}); expected both sizes > 0")
-    out = a.astype(dtype, copy=False)
+    out = a if dtype is None else a.astype(dtype, copy=False)
     check_finite(name, out)
     return out

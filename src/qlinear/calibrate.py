@@ -127,6 +127,6 @@ def calibrate_linear(
             "expected 'int8' or 'int4'"
         )
     gs = _check_group_size(group_size, gran)
-    w = as_float_matrix("weight", weight)
+    w = as_float_matrix("weight", weight, dtype=None)
     lo, hi = group_ranges(w, gran, gs)
     return params_from_range(lo, hi, qt, gran, sc, gs)

@@ -119,7 +119,7 @@ class QuantizedLinear:
             InvalidInputError: NaN/Inf or non-float weights.
         """
         params = cls._check_params(params)
-        w = as_float_matrix("weight", weight)
+        w = as_float_matrix("weight", weight, dtype=None)
         params.check_weight_shape(*w.shape)
         qmin, qmax = params.code_range
         codes = quantize_codes(w, params.scale, params.zero_point, qmin, qmax, params.group_size)

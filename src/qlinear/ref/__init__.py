@@ -5,11 +5,10 @@ faster implementations of the same functions and are tested against them.
 """
 
 from .linear import dequantize_rows, linear_float, linear_int8act, quantize_rows_int8
-from .quantize import expand_groups, quantize_codes
+from .quantize import quantize_codes
 
 __all__ = [
     "dequantize_rows",
-    "expand_groups",
     "linear_float",
     "linear_int8act",
     "quantize_codes",
