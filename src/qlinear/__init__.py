@@ -8,6 +8,7 @@ from .errors import (
     QuantizationError,
     ShapeMismatchError,
 )
+from .gptq import gptq_quantize
 from .kernels import backend_info, get_num_threads, set_num_threads
 from .linear import QuantizedLinear
 from .params import QuantizationParams
@@ -30,5 +31,6 @@ __all__ = [
     "backend_info",
     "calibrate_linear",
     "get_num_threads",
+    "gptq_quantize",
     "set_num_threads",
 ]
