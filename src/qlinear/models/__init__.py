@@ -1,0 +1,25 @@
+"""NumPy model runners used by ``qlinear eval`` and the accuracy benchmarks.
+
+``load_minilm()`` gives all-MiniLM-L6-v2 as a :class:`BertModel`; ``model.encode(texts)``
+returns its unit-norm float32 sentence embeddings, ``model.with_linears({...})`` swaps
+linear layers (for example for ``QuantizedLinear``), and ``encode(..., capture={})``
+records every linear layer's input activations (for GPTQ calibration and per-layer error).
+``sentences("calib" | "heldout" | "all")`` are the English sentences shipped with qlinear.
+"""
+
+from .bert import BertConfig, BertModel, FloatLinear, LinearLike, gelu
+from .loading import DEFAULT_MODEL_PACKAGE, default_model_dir, load_bert, load_minilm
+from .sentences import sentences
+
+__all__ = [
+    "DEFAULT_MODEL_PACKAGE",
+    "BertConfig",
+    "BertModel",
+    "FloatLinear",
+    "LinearLike",
+    "default_model_dir",
+    "gelu",
+    "load_bert",
+    "load_minilm",
+    "sentences",
+]
