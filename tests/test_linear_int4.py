@@ -11,6 +11,7 @@ from qlinear import (
     InvalidInputError,
     QuantizationParams,
     QuantizedLinear,
+    ShapeMismatchError,
     calibrate_linear,
 )
 
@@ -117,3 +118,29 @@ def test_int4_layer_is_about_half_a_byte_per_weight(rng):
         w, calibrate_linear(w, "int4", "per_group", "symmetric", group_size=128)
     )
     assert layer.stored_weight.nbytes == 64 * 128
+
+
+@pytest.mark.parametrize(
+    "qtype, stored",
+    [
+        ("int4", np.zeros((2, 2), dtype=np.uint8)),  # 5 columns need 3 bytes
+        ("int4", np.zeros((2, 3), dtype=np.int8)),  # packed int4 is uint8
+        ("int4", np.zeros((2, 5), dtype=np.uint8)),  # unpacked
+        ("int8", np.zeros((2, 4), dtype=np.int8)),  # too narrow
+        ("int8", np.zeros((2, 5), dtype=np.uint8)),  # 200 would be read as 200, not -56
+        ("int8", np.zeros((2, 5), dtype=np.float32)),
+        ("int8", np.zeros(5, dtype=np.int8)),
+    ],
+)
+def test_loader_entry_rejects_malformed_stored_codes(qtype, stored):
+    params = calibrate_linear(np.ones((2, 5)), qtype, "per_channel", "asymmetric")
+    with pytest.raises(ShapeMismatchError, match="stored"):
+        QuantizedLinear._from_stored(stored, params, 5)
+
+
+def test_loader_entry_accepts_canonical_stored_codes(rng):
+    w = rng.standard_normal((3, 5))
+    for qtype in ("int4", "int8"):
+        layer = QuantizedLinear.from_fp(w, calibrate_linear(w, qtype, "per_channel", "symmetric"))
+        again = QuantizedLinear._from_stored(layer.stored_weight, layer.params, 5)
+        np.testing.assert_array_equal(again.dequantize(), layer.dequantize())
