@@ -58,6 +58,8 @@ __all__ = ["gptq_quantize", "hessian"]
 
 # Rows of X multiplied at once when accumulating X^T X (bounds the float64 copy).
 _ROWS = 4096
+# Columns updated one by one inside a block before a matrix product catches the block up.
+_SUB = 16
 
 
 def _check_x(x_calib: object, in_features: int) -> np.ndarray:
@@ -104,19 +106,37 @@ def _check_options(damp: object, block_size: object, act_order: object) -> None:
         raise InvalidParamsError(f"act_order must be True or False; got {act_order!r}")
 
 
+def _inv_upper(r: np.ndarray) -> np.ndarray:
+    """Inverse of an upper triangular matrix by halves, with matrix products only:
+    ``inv([[A, B], [0, C]]) = [[inv(A), -inv(A) B inv(C)], [0, inv(C)]]`` (about ``n^3 / 3``
+    flops, against ``8 n^3 / 3`` for a general solve)."""
+    n = r.shape[0]
+    if n <= 64:
+        return np.triu(np.linalg.inv(r))
+    k = n // 2
+    a_inv, c_inv = _inv_upper(r[:k, :k]), _inv_upper(r[k:, k:])
+    out = np.zeros_like(r)
+    out[:k, :k], out[k:, k:] = a_inv, c_inv
+    out[:k, k:] = -(a_inv @ r[:k, k:]) @ c_inv
+    return out
+
+
 def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
-    """``U`` upper triangular with ``U^T U = (H + damp * mean(diag H) * I)^-1``."""
+    """``U`` upper triangular with ``U^T U = (H + damp * mean(diag H) * I)^-1``.
+
+    With ``J`` the order reversal, ``J H J = M M^T`` (Cholesky) gives ``H = R R^T`` with
+    ``R = J M J`` upper triangular, so ``H^-1 = R^-T R^-1`` and ``U = R^-1``: one Cholesky
+    and one triangular inverse instead of inverting ``H`` and factoring again."""
     h = h.copy()
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
     try:
-        lower = np.linalg.cholesky(h)
-        lower_inv = np.linalg.solve(lower, np.eye(h.shape[0]))
-        return np.linalg.cholesky(lower_inv.T @ lower_inv).T
+        r = np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
     except np.linalg.LinAlgError:
         raise InvalidInputError(
             f"the calibration Hessian is not positive definite with damp={damp}; "
             "expected damp > 0 (e.g. 0.01) or more varied calibration inputs"
         ) from None
+    return _inv_upper(np.ascontiguousarray(r))
 
 
 def gptq_quantize(
@@ -199,46 +219,74 @@ def gptq_quantize(
     w[:, dead] = 0.0
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(in_f)
     inv_perm = np.argsort(perm)
-    w = w[:, perm]
+    wt = np.ascontiguousarray(w[:, perm].T)  # (in, out): a column is a contiguous row
     u = _upper_cholesky_of_inverse(h[perm][:, perm], float(damp))
 
-    codes = np.empty((out_f, in_f), dtype=np.int16)
     if per_group:
         ng = -(-in_f // gs)
-        g_lo, g_hi = np.empty((out_f, ng)), np.empty((out_f, ng))
-        g_scale, g_zero = np.empty((out_f, ng)), np.empty((out_f, ng))
-        seen = np.zeros(ng, dtype=bool)
+        g_lo, g_hi = np.empty((ng, out_f)), np.empty((ng, out_f))
+        g_scale, g_zero = np.empty((ng, out_f)), np.empty((ng, out_f))
         group_of = perm // gs  # group of the column processed at each position
-    for i1 in range(0, in_f, block_size):
-        i2 = min(in_f, i1 + block_size)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros((out_f, i2 - i1))
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            if per_group:
-                g = group_of[i1 + i]
-                if not seen[g]:
-                    # The group's current weights: columns in this block are up to date
-                    # in w1; later ones still owe this block's pending update.
-                    pos = inv_perm[g * gs : min(in_f, (g + 1) * gs)]
-                    cur = np.empty((out_f, pos.size))
-                    inside = pos < i2
-                    cur[:, inside] = w1[:, pos[inside] - i1]
-                    later = pos[~inside]
-                    cur[:, ~inside] = w[:, later] - err1 @ u[i1:i2, later]
-                    lo, hi = choose(cur[:, None, :])
-                    s, z, lo, hi = scale_zero(lo[:, 0], hi[:, 0], qt, sc)
-                    g_lo[:, g], g_hi[:, g], g_scale[:, g], g_zero[:, g] = lo, hi, s, z
-                    seen[g] = True
-                col_scale, col_zero = g_scale[:, g], g_zero[:, g]
-            col = w1[:, i]
-            q = np.clip(np.rint(col / col_scale) + col_zero, qmin, qmax)
-            codes[:, i1 + i] = q
-            e = (col - (q - col_zero) * col_scale) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        seen = np.zeros(ng, dtype=bool)
 
+    def col_params(j: int, current) -> tuple[np.ndarray, np.ndarray]:
+        if not per_group:
+            return col_scale, col_zero
+        g = group_of[j]
+        if not seen[g]:
+            cur = current(inv_perm[g * gs : min(in_f, (g + 1) * gs)])  # (size, out)
+            lo, hi = choose(cur.T[:, None, :])
+            g_scale[g], g_zero[g], g_lo[g], g_hi[g] = scale_zero(lo[:, 0], hi[:, 0], qt, sc)
+            seen[g] = True
+        return g_scale[g], g_zero[g]
+
+    codes = _quantize_columns(wt, u, int(block_size), qmin, qmax, col_params)
     if per_group:
-        params = params_from_range(g_lo, g_hi, qt, gran, sc, gs)
-    return QuantizedLinear.from_codes(codes[:, inv_perm], params, bias=bias, backend=backend)
+        params = params_from_range(g_lo.T, g_hi.T, qt, gran, sc, gs)
+    return QuantizedLinear.from_codes(codes.T[:, inv_perm], params, bias=bias, backend=backend)
+
+
+def _quantize_columns(wt, u, block_size, qmin, qmax, col_params) -> np.ndarray:
+    """The GPTQ column loop on ``wt (in, out)`` (columns in processing order, updated in
+    place) with ``U (in, in)``; returns the codes ``(in, out)`` as int16.
+
+    ``col_params(j, current)`` gives the (scale, zero) vectors ``(out,)`` of column ``j``;
+    ``current(positions)`` returns the up-to-date weights ``(len, out)`` of columns not yet
+    quantized, pending lazy updates included.
+
+    Errors are pushed at three levels: inside a sub-block of ``_SUB`` columns after every
+    column, to the rest of the block after each sub-block, and to the columns after the
+    block once per block (one matrix product each), which keeps the per-column work at
+    ``_SUB`` rows instead of ``block_size``.
+    """
+    n_in, out_f = wt.shape
+    codes = np.empty((n_in, out_f), dtype=np.int16)
+    for i1 in range(0, n_in, block_size):
+        i2 = min(n_in, i1 + block_size)
+        wb = wt[i1:i2].copy()
+        errb = np.zeros((i2 - i1, out_f))
+        ub = u[i1:i2, i1:i2]
+        for j1 in range(0, i2 - i1, _SUB):
+            j2 = min(i2 - i1, j1 + _SUB)
+
+            def current(pos, j1=j1, j2=j2, i1=i1, i2=i2, wb=wb, errb=errb, ub=ub):
+                out = np.empty((pos.size, out_f))
+                sub = pos < i1 + j2  # in this sub-block: up to date
+                blk = ~sub & (pos < i2)  # later in the block: owes this sub-block's errors
+                aft = pos >= i2  # after the block: owes the block's errors so far
+                out[sub] = wb[pos[sub] - i1]
+                out[blk] = wb[pos[blk] - i1] - ub[j1:j2, pos[blk] - i1].T @ errb[j1:j2]
+                out[aft] = wt[pos[aft]] - u[i1:i2, pos[aft]].T @ errb
+                return out
+
+            for i in range(j1, j2):
+                scale, zero = col_params(i1 + i, current)
+                col = wb[i]
+                q = np.clip(np.rint(col / scale) + zero, qmin, qmax)
+                codes[i1 + i] = q
+                e = (col - (q - zero) * scale) / ub[i, i]
+                wb[i:j2] -= np.outer(ub[i, i:j2], e)
+                errb[i] = e
+            wb[j2:] -= ub[j1:j2, j2:].T @ errb[j1:j2]
+        wt[i2:] -= u[i1:i2, i2:].T @ errb
+    return codes
