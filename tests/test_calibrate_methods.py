@@ -148,7 +148,7 @@ def test_percentile_ignores_a_single_outlier(rng):
 
 
 def test_mse_range_is_a_shrunk_minmax_range(rng):
-    w = weights(rng, "heavy", (8, 64))
+    w = weights(rng, "normal", (32, 64))
     grid = [1.0, 0.9, 0.8, 0.7, 0.6]
     mm = calibrate_linear(w, "int4", "per_channel", "asymmetric")
     p = calibrate_linear(w, "int4", "per_channel", "asymmetric", method="mse", grid=grid)
