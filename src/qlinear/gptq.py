@@ -176,8 +176,9 @@ def gptq_quantize(
         backend: kernel backend of the returned layer (default: the active one).
 
     Returns:
-        A :class:`QuantizedLinear` whose codes minimise, column by column,
-        ``||X W^T - X Q^T||`` (``Q`` the dequantized weight).
+        A :class:`QuantizedLinear` whose codes are chosen greedily, column by column, to
+        keep ``||X W^T - X Q^T||`` small (``Q`` the dequantized weight), in the original
+        column order, with ``bias`` attached.
 
     Raises:
         ShapeMismatchError: ``x_calib`` of the wrong width or with no rows; a weight
