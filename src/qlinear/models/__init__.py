@@ -7,8 +7,10 @@ records every linear layer's input activations (for GPTQ calibration and per-lay
 ``sentences("calib" | "heldout" | "all")`` are the English sentences shipped with qlinear.
 """
 
-from .bert import BertConfig, BertModel, FloatLinear, LinearLike, gelu
+from .bert import BertModel
+from .config import BertConfig
 from .loading import DEFAULT_MODEL_PACKAGE, default_model_dir, load_bert, load_minilm
+from .ops import FloatLinear, LinearLike, gelu
 from .sentences import sentences
 
 __all__ = [

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError, InvalidParamsError, ShapeMismatchError
+from .config import BertConfig
+from .ops import FloatLinear, gelu, layer_norm
 
-__all__ = ["BertConfig", "BertModel", "FloatLinear", "LinearLike", "gelu"]
+__all__ = ["BertModel"]
 
 # The six linear layers of one encoder layer, in forward order.
 _LAYER_LINEARS = (
@@ -39,164 +40,6 @@ _LAYER_LINEARS = (
     "intermediate.dense",
     "output.dense",
 )
-
-
-@runtime_checkable
-class LinearLike(Protocol):
-    """Anything with ``forward(x)``: ``x`` float32 ``(tokens, in)`` -> ``(tokens, out)``
-    (bias included). :class:`FloatLinear` and ``qlinear.QuantizedLinear`` both fit."""
-
-    def forward(self, x: np.ndarray) -> np.ndarray: ...
-
-
-class FloatLinear:
-    """The float32 linear layer ``y = x @ W.T + b``; ``W`` is ``(out, in)``, ``b`` ``(out,)``."""
-
-    __slots__ = ("bias", "weight")
-
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None) -> None:
-        w = np.asarray(weight, dtype=np.float32)
-        if w.ndim != 2:
-            raise ShapeMismatchError(f"weight must be 2-D (out, in); got shape {w.shape}")
-        b = None if bias is None else np.asarray(bias, dtype=np.float32)
-        if b is not None and b.shape != (w.shape[0],):
-            raise ShapeMismatchError(f"bias must have shape ({w.shape[0]},); got {b.shape}")
-        self.weight = w
-        self.bias = b
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """``x`` float32 ``(tokens, in)`` -> float32 ``(tokens, out)``: ``x @ W.T + b``."""
-        y = np.asarray(x, dtype=np.float32) @ self.weight.T
-        if self.bias is not None:
-            y += self.bias
-        return y
-
-    __call__ = forward
-
-
-@dataclass(frozen=True)
-class BertConfig:
-    """The sizes of a BERT encoder (the fields of Hugging Face's ``config.json`` it uses)."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> BertConfig:
-        """Read and validate a ``config.json`` dictionary; raise FormatError naming ``source``
-        and the field when a field is missing or has an unsupported value."""
-        if not isinstance(d, Mapping):
-            raise FormatError(f"{source}: expected a JSON object; got {type(d).__name__}")
-        ints = {}
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
-            v = d.get(field)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise FormatError(f"{source}: {field} must be a positive integer; got {v!r}")
-            ints[field] = v
-        tv = d.get("type_vocab_size", 2)
-        if isinstance(tv, bool) or not isinstance(tv, int) or tv <= 0:
-            raise FormatError(f"{source}: type_vocab_size must be a positive integer; got {tv!r}")
-        eps = d.get("layer_norm_eps", 1e-12)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise FormatError(f"{source}: layer_norm_eps must be a positive number; got {eps!r}")
-        act = d.get("hidden_act", "gelu")
-        if act != "gelu":
-            raise FormatError(
-                f"{source}: hidden_act {act!r} is not supported; expected 'gelu' (erf GELU)"
-            )
-        pos = d.get("position_embedding_type", "absolute")
-        if pos != "absolute":
-            raise FormatError(
-                f"{source}: position_embedding_type {pos!r} is not supported; expected 'absolute'"
-            )
-        if ints["hidden_size"] % ints["num_attention_heads"]:
-            raise FormatError(
-                f"{source}: hidden_size {ints['hidden_size']} is not a multiple of "
-                f"num_attention_heads {ints['num_attention_heads']}"
-            )
-        return cls(type_vocab_size=tv, layer_norm_eps=float(eps), **ints)
-
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The name and shape of every tensor the encoder needs (Hugging Face names)."""
-        h, f = self.hidden_size, self.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {
-            "embeddings.word_embeddings.weight": (self.vocab_size, h),
-            "embeddings.position_embeddings.weight": (self.max_position_embeddings, h),
-            "embeddings.token_type_embeddings.weight": (self.type_vocab_size, h),
-            "embeddings.LayerNorm.weight": (h,),
-            "embeddings.LayerNorm.bias": (h,),
-        }
-        io = {
-            "attention.self.query": (h, h),
-            "attention.self.key": (h, h),
-            "attention.self.value": (h, h),
-            "attention.output.dense": (h, h),
-            "intermediate.dense": (f, h),
-            "output.dense": (h, f),
-        }
-        for i in range(self.num_hidden_layers):
-            p = f"encoder.layer.{i}."
-            for lin, shape in io.items():
-                shapes[f"{p}{lin}.weight"] = shape
-                shapes[f"{p}{lin}.bias"] = (shape[0],)
-            for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-                shapes[f"{p}{ln}.weight"] = (h,)
-                shapes[f"{p}{ln}.bias"] = (h,)
-        return shapes
-
-
-# Abramowitz & Stegun 7.1.26: erf(x) = 1 - t*(a1 + t*(a2 + ...)) * exp(-x^2),
-# t = 1 / (1 + p x), x >= 0; absolute error <= 1.5e-7, below float32 resolution near 1.
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def _erf(x: np.ndarray) -> np.ndarray:
-    """float64 ``erf(x)`` elementwise, absolute error <= 1.5e-7 (NumPy has no erf)."""
-    ax = np.abs(x)
-    t = 1.0 / (1.0 + _AS_P * ax)
-    a1, a2, a3, a4, a5 = _AS_A
-    poly = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
-    return np.copysign(1.0 - poly * np.exp(-ax * ax), x)
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """float32 ``(...)`` -> float32 ``(...)``: ``gelu(x) = 0.5 x (1 + erf(x / sqrt(2)))``
-    (the exact, erf form BERT uses, not the tanh approximation)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return (0.5 * x64 * (1.0 + _erf(x64 * (1.0 / math.sqrt(2.0))))).astype(np.float32)
-
-
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """float32 ``(tokens, h)``: ``(x - mean) / sqrt(var + eps) * w + b`` over the last axis."""
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    y = xc / np.sqrt(var + np.float32(eps))
-    y *= w
-    y += b
-    return y
 
 
 class BertModel:
@@ -362,7 +205,8 @@ class BertModel:
         ``capture``: when a dict is given, for every linear layer ``name`` the float32
         input ``(tokens, in_features)`` it received in each batch (real tokens only, no
         padding) is appended to ``capture[name]`` (a list, created if absent); stacking a
-        layer's list with ``np.concatenate`` gives all tokens of all sentences.
+        layer's list with ``np.concatenate`` gives all tokens of all sentences. The
+        arrays are not copied (query, key and value share one): treat them as read-only.
         """
         texts = _check_sentences(sentences)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
@@ -387,6 +231,22 @@ class BertModel:
                 "non-finite values"
             )
         return out
+
+    def layer_inputs(
+        self, sentences: Sequence[str], *, batch_size: int = 32
+    ) -> dict[str, np.ndarray]:
+        """``{name: float32 (tokens, in_features)}``: every linear layer's input over all
+        real tokens of ``sentences`` (``encode`` with ``capture``, batches concatenated).
+        Rows are in processing order (shortest sentence first), the same for every layer.
+        """
+        capture: dict[str, list[np.ndarray]] = {}
+        self.encode(sentences, batch_size=batch_size, capture=capture)
+        return {
+            name: np.concatenate(capture[name])
+            if name in capture
+            else np.zeros((0, self._tensors[name + ".weight"].shape[1]), dtype=np.float32)
+            for name in self._names
+        }
 
     def _linear(
         self,
@@ -426,7 +286,7 @@ class BertModel:
             + t["embeddings.position_embeddings.weight"][pos]
             + t["embeddings.token_type_embeddings.weight"][0]
         )
-        h = _layer_norm(h, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], eps)
+        h = layer_norm(h, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], eps)
 
         # Additive key mask, as Hugging Face builds it: 0 for real keys, float32 min for
         # padding, so exp() of a padded score is exactly 0 after the max subtraction.
@@ -450,7 +310,7 @@ class BertModel:
             scores /= scores.sum(axis=-1, keepdims=True)
             ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(b * seq, cfg.hidden_size)[flat]
             a = self._linear(p + "attention.output.dense", ctx, capture)
-            h = _layer_norm(
+            h = layer_norm(
                 a + h,
                 t[p + "attention.output.LayerNorm.weight"],
                 t[p + "attention.output.LayerNorm.bias"],
@@ -458,7 +318,7 @@ class BertModel:
             )
             inter = gelu(self._linear(p + "intermediate.dense", h, capture))
             o = self._linear(p + "output.dense", inter, capture)
-            h = _layer_norm(
+            h = layer_norm(
                 o + h, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"], eps
             )
 

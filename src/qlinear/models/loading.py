@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
-from .bert import BertConfig, BertModel
+from .bert import BertModel
+from .config import BertConfig
 from .tokenizer import HFTokenizer
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "default_model_dir", "load_bert", "load_minilm"]
