@@ -44,7 +44,7 @@ from .qtypes import (
 __all__ = ["calibrate_linear", "group_ranges", "params_from_range"]
 
 
-def check_group_size(group_size: object, granularity: QuantizationGranularity) -> int | None:
+def _check_group_size(group_size: object, granularity: QuantizationGranularity) -> int | None:
     if granularity is not QuantizationGranularity.PER_GROUP:
         if group_size is not None:
             raise InvalidParamsError(
@@ -142,7 +142,7 @@ def calibrate_linear(
             f"calibrate_linear quantizes to integer codes; got qtype {qt.value!r}, "
             "expected 'int8' or 'int4'"
         )
-    gs = check_group_size(group_size, gran)
+    gs = _check_group_size(group_size, gran)
     meth = check_method(method)
     pct = check_percentile(percentile)
     shrink = check_grid(grid)

@@ -41,7 +41,7 @@ from ._ranges import (
     choose_range,
     scale_zero,
 )
-from .calibrate import check_group_size, params_from_range
+from .calibrate import _check_group_size, params_from_range
 from .errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 from .linear import QuantizedLinear
 from .qtypes import (
@@ -193,7 +193,7 @@ def gptq_quantize(
             f"gptq_quantize quantizes to integer codes; got qtype {qt.value!r}, "
             "expected 'int8' or 'int4'"
         )
-    gs = check_group_size(group_size, gran)
+    gs = _check_group_size(group_size, gran)
     meth = check_method(method)
     pct = check_percentile(percentile)
     shrink = check_grid(grid)
