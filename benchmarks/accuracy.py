@@ -9,7 +9,8 @@ Every linear layer of the encoder (36) is quantized with one format and method; 
   of each held-out sentence's embedding with the float32 model's; mean and min.
 
 GPTQ is calibrated on the float model's activations of the calibration sentences
-(``qlinear.models.sentences("calib")``) and evaluated on the held-out ones.
+(``qlinear.models.sentences("calib")``; with ``--sequential``, on those of the model whose
+earlier blocks are already quantized) and evaluated on the held-out ones.
 
 Run from a checkout::
 
@@ -55,11 +56,32 @@ def quantize(model, name, x_cal, qtype, gran, gs, scheme, method):
     )
 
 
+def quantize_all(model, names, x_cal, calib, qtype, gran, gs, scheme, method, sequential):
+    """Every linear layer quantized. ``sequential`` (GPTQ only): each transformer block is
+    calibrated on the inputs it receives when the blocks before it are already quantized
+    (as GPTQ's reference scripts do), at one extra encoding pass per block."""
+    if not (sequential and method.startswith("gptq")):
+        return {n: quantize(model, n, x_cal[n], qtype, gran, gs, scheme, method) for n in names}
+    layers: dict = {}
+    blocks = sorted({n.split(".")[2] for n in names}, key=int)
+    for b in blocks:
+        _, x_now = capture(model.with_linears(layers), calib)
+        for n in names:
+            if n.split(".")[2] == b:
+                layers[n] = quantize(model, n, x_now[n], qtype, gran, gs, scheme, method)
+    return layers
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--per-layer", action="store_true", help="also print every layer's error")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="GPTQ: calibrate each block on inputs from the already-quantized blocks before it",
+    )
     args = ap.parse_args(argv)
 
     model = load_minilm()
@@ -87,9 +109,9 @@ def main(argv=None) -> None:
             base = None
             for method in methods:
                 t0 = time.perf_counter()
-                layers = {
-                    n: quantize(model, n, x_cal[n], qtype, gran, gs, scheme, method) for n in names
-                }
+                layers = quantize_all(
+                    model, names, x_cal, calib, qtype, gran, gs, scheme, method, args.sequential
+                )
                 elapsed = time.perf_counter() - t0
                 errs = np.array(
                     [
