@@ -33,7 +33,26 @@ def range_params(values, qmin, qmax, symmetric):
     return scale, int(min(max(qmin - np.rint(lo / scale), qmin), qmax))
 
 
-def slow_gptq(w, x, qtype, gran, scheme, group_size=None, act_order=False, damp=0.01):
+def mse_params(values, qmin, qmax, symmetric, grid):
+    """(scale, zero) of the shrunk min-max range with the smallest squared error, plain
+    loops; the first of equal errors wins (1.0 comes first)."""
+    lo, hi = min(0.0, min(values)), max(0.0, max(values))
+    if symmetric:
+        hi = max(-lo, hi)
+        lo = -hi
+    best, best_err = None, np.inf
+    for c in grid:
+        s, z = range_params([c * lo, c * hi], qmin, qmax, symmetric)
+        err = 0.0
+        for v in values:
+            q = min(max(np.rint(v / s) + z, qmin), qmax)
+            err += ((q - z) * s - v) ** 2
+        if err < best_err:
+            best, best_err = (s, z), err
+    return best
+
+
+def slow_gptq(w, x, qtype, gran, scheme, group_size=None, act_order=False, damp=0.01, grid=None):
     """Column-by-column optimal brain quantization with plain loops.
 
     No Cholesky and no blocks: before quantizing each column the inverse Hessian of the
@@ -70,7 +89,12 @@ def slow_gptq(w, x, qtype, gran, scheme, group_size=None, act_order=False, damp=
         if (0, g) not in params:
             cols = range(g * group_size, min(in_f, (g + 1) * group_size))
             for r in range(out_f):
-                params[(r, g)] = range_params([w[r, c] for c in cols], qmin, qmax, sym)
+                vals = [w[r, c] for c in cols]
+                params[(r, g)] = (
+                    range_params(vals, qmin, qmax, sym)
+                    if grid is None
+                    else mse_params(vals, qmin, qmax, sym, grid)
+                )
         for r in range(out_f):
             s, z = params[(r, g)]
             q = min(max(np.rint(w[r, j] / s) + z, qmin), qmax)
@@ -118,6 +142,31 @@ def test_matches_slow_reference(rng, qtype, gran, scheme, gs, act_order):
         layer.scales.reshape(-1, 1 if gs is None else ref_scales.shape[1]), ref_scales.shape
     )
     np.testing.assert_allclose(scales, ref_scales, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_mse_groups_match_slow_reference(rng, scheme, act_order):
+    w = rng.standard_t(3, (5, 11))
+    x = correlated_inputs(rng, 40, 11)
+    grid = [1.0, 0.95, 0.9, 0.8, 0.7, 0.6]
+    ref_codes, ref_scales = slow_gptq(
+        w, x, "int4", "per_group", scheme, 4, act_order=act_order, grid=grid
+    )
+    layer = gptq_quantize(
+        w,
+        x,
+        "int4",
+        "per_group",
+        scheme,
+        group_size=4,
+        act_order=act_order,
+        block_size=3,
+        method="mse",
+        grid=grid,
+    )
+    np.testing.assert_array_equal(layer.qweight, ref_codes)
+    np.testing.assert_allclose(layer.scales, ref_scales, rtol=1e-12)
 
 
 def test_act_order_really_reorders_and_stays_contiguous(rng):
