@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qlinear import (
     InvalidParamsError,
@@ -187,3 +189,26 @@ def test_all_zero_weight_with_every_method():
 def test_bad_method_options_raise(rng, kwargs, match):
     with pytest.raises(InvalidParamsError, match=match):
         calibrate_linear(rng.standard_normal((2, 8)), "int4", "per_channel", "symmetric", **kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out_f=st.integers(1, 6),
+    in_f=st.integers(1, 70),
+    group_size=st.integers(1, 80),
+    fmt=st.sampled_from(FORMATS),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e6]),
+)
+def test_property_methods_valid_and_mse_not_worse(out_f, in_f, group_size, fmt, seed, scale):
+    w = np.random.default_rng(seed).standard_t(3, (out_f, in_f)) * scale
+    qtype, scheme = fmt
+    errs = {}
+    for method in ("minmax", "percentile", "mse"):
+        p = calibrate_linear(w, qtype, "per_group", scheme, group_size=group_size, method=method)
+        assert p.scale.shape == (out_f, -(-in_f // group_size))
+        layer = QuantizedLinear.from_fp(w, p)
+        d = layer.dequantize()
+        assert np.all(np.isfinite(d))
+        errs[method] = group_sq_errors(w, layer)
+    assert np.all(errs["mse"] <= errs["minmax"] * (1 + 1e-9))

@@ -318,3 +318,26 @@ def test_singular_hessian_without_damping_is_a_clear_error(rng):
         gptq_quantize(w, x, "int4", "per_channel", damp=0.0)
     layer = gptq_quantize(w, x, "int4", "per_channel")
     assert np.all(np.isfinite(layer.dequantize()))
+
+
+@pytest.mark.parametrize("factor", [1e-170, 1e-30, 1e30, 1e200])
+def test_codes_do_not_depend_on_the_scale_of_the_inputs(rng, factor):
+    # H underflowing to 0 would mark every input dead and zero the weight; overflowing
+    # would give NaN. GPTQ is invariant to a positive factor of H.
+    w = rng.standard_normal((4, 12))
+    x = correlated_inputs(rng, 30, 12)
+    ref = gptq_quantize(w, x, "int4", "per_group", "asymmetric", group_size=4, act_order=True)
+    got = gptq_quantize(
+        w, x * factor, "int4", "per_group", "asymmetric", group_size=4, act_order=True
+    )
+    np.testing.assert_array_equal(got.qweight, ref.qweight)
+
+
+@pytest.mark.parametrize("big", [1e300, 1.7e308])
+def test_huge_weights_stay_finite(rng, big):
+    w = rng.uniform(-1.0, 1.0, (3, 8)) * big
+    layer = gptq_quantize(
+        w, correlated_inputs(rng, 30, 8), "int4", "per_group", "asym", group_size=4
+    )
+    assert np.all(np.isfinite(layer.scales))
+    assert np.all(np.isfinite(layer.dequantize()))

@@ -83,11 +83,19 @@ def _check_x(x_calib: object, in_features: int) -> np.ndarray:
 
 
 def hessian(x: np.ndarray) -> np.ndarray:
-    """``H = 2 / n * X^T X`` in float64 for ``x (n, in)``, accumulated in row chunks."""
+    """``H = 2 / n * X^T X`` in float64 for ``x (n, in)``, accumulated in row chunks.
+
+    When ``max|X|`` lies outside ``[1e-100, 1e100]``, ``H`` is computed for ``X * 2^-e``
+    (``2^e`` near ``max|X|``) instead, so that it neither overflows nor underflows to zero
+    (which would mark live inputs as dead). GPTQ depends on ``H`` only up to a positive
+    factor, except through the unit diagonal given to dead inputs; inside that range
+    nothing is rescaled and the result is the reference's exactly."""
     n, k = x.shape
+    m = float(np.max(np.abs(x)))
+    factor = 1.0 if (m == 0 or 1e-100 <= m <= 1e100) else float(np.ldexp(1.0, -np.frexp(m)[1]))
     h = np.zeros((k, k))
     for i in range(0, n, _ROWS):
-        xc = x[i : i + _ROWS].astype(np.float64)
+        xc = x[i : i + _ROWS].astype(np.float64) * factor
         h += xc.T @ xc
     h *= 2.0 / n
     return h
@@ -241,7 +249,13 @@ def gptq_quantize(
             seen[g] = True
         return g_scale[g], g_zero[g]
 
-    codes = _quantize_columns(wt, u, int(block_size), qmin, qmax, col_params)
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes = _quantize_columns(wt, u, int(block_size), qmin, qmax, col_params)
+    if not np.all(np.isfinite(wt)):
+        raise InvalidInputError(
+            f"the error feedback overflowed float64 for weights up to {np.abs(w).max():.3g} "
+            "in magnitude; expected weights well inside float64's range (below ~1e300)"
+        )
     if per_group:
         params = params_from_range(g_lo.T, g_hi.T, qt, gran, sc, gs)
     return QuantizedLinear.from_codes(codes.T[:, inv_perm], params, bias=bias, backend=backend)
