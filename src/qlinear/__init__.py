@@ -9,6 +9,7 @@ from .errors import (
     QuantizationError,
     ShapeMismatchError,
 )
+from .gptq import gptq_quantize
 from .io import load, save
 from .kernels import backend_info, get_num_threads, set_num_threads
 from .linear import QuantizedLinear
@@ -34,6 +35,7 @@ __all__ = [
     "backend_info",
     "calibrate_linear",
     "get_num_threads",
+    "gptq_quantize",
     "load",
     "quantize_checkpoint",
     "quantize_moe",

@@ -1,7 +1,8 @@
 """Calibration: choose scales and zero points for a weight matrix.
 
 :func:`calibrate_linear` reduces the weight to one clipping range ``[lo, hi]`` per
-tensor, row or group, then :func:`params_from_range` turns ranges into
+tensor, row or group with one of three methods (``"minmax"``, ``"percentile"``,
+``"mse"``; see :mod:`qlinear._ranges`), then :func:`params_from_range` turns ranges into
 :class:`~qlinear.params.QuantizationParams`:
 
 * symmetric: ``amax = max(|lo|, |hi|)``, ``scale = amax / qmax`` (127 for int8, 7 for
@@ -14,9 +15,20 @@ A range of all zeros gets ``scale = 1.0`` (finite, positive) and dequantizes to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ._checks import as_float_matrix
+from ._ranges import (
+    DEFAULT_PERCENTILE,
+    blocks,
+    check_grid,
+    check_method,
+    check_percentile,
+    choose_range,
+    scale_zero,
+)
 from .errors import InvalidParamsError
 from .params import QuantizationParams
 from .qtypes import (
@@ -76,20 +88,8 @@ def params_from_range(
     """Scales and zero points that map ``[lo, hi]`` (arrays of the param shape) onto the
     code range of (qtype, scheme). ``lo <= hi`` elementwise, both finite."""
     qt, sc, gran = as_qtype(qtype), as_scheme(scheme), as_granularity(granularity)
-    qmin, qmax = code_range(qt, sc)
-    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
-    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
-    tiny = np.finfo(np.float64).tiny
-    if sc is QuantizationScheme.SYMMETRIC:
-        amax = np.maximum(-lo, hi)
-        scale = np.where(amax > 0, np.maximum(amax / qmax, tiny), 1.0)
-        zp = np.zeros(scale.shape, dtype=np.int32)
-        lo, hi = -amax, amax
-    else:
-        # Divide before subtracting: hi - lo can overflow for ranges near float64's max.
-        span = hi / (qmax - qmin) - lo / (qmax - qmin)
-        scale = np.where(span > 0, np.maximum(span, tiny), 1.0)
-        zp = np.clip(qmin - np.rint(lo / scale), qmin, qmax).astype(np.int32)
+    code_range(qt, sc)  # rejects float qtypes with a clear message
+    scale, zp, lo, hi = scale_zero(lo, hi, qt, sc)
     return QuantizationParams(qt, sc, gran, scale, zp, lo, hi, group_size)
 
 
@@ -100,8 +100,11 @@ def calibrate_linear(
     scheme: QuantizationScheme | str = "symmetric",
     *,
     group_size: int | None = None,
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    grid: int | Sequence[float] | None = None,
 ) -> QuantizationParams:
-    """Min-max calibration of a weight matrix.
+    """Calibrate the scales and zero points of a weight matrix.
 
     Args:
         weight: float ``(out_features, in_features)``, finite, non-empty.
@@ -110,6 +113,18 @@ def calibrate_linear(
             ``"per_group"`` (one per row and ``group_size`` input columns).
         scheme: ``"symmetric"`` or ``"asymmetric"``.
         group_size: required for per-group; the last group of a row may be shorter.
+        method: how each tensor/row/group's clipping range ``[lo, hi]`` is chosen:
+
+            * ``"minmax"``: ``[min(w), max(w)]``;
+            * ``"percentile"``: symmetric, ``amax = percentile(|w|, percentile)``;
+              asymmetric, ``[percentile(w, 100 - percentile), percentile(w, percentile)]``;
+            * ``"mse"``: the min-max range times the shrink factor from ``grid`` that
+              minimises ``sum((dequant(quant(w)) - w) ** 2)`` of the row/group; never a
+              larger error than ``"minmax"`` on the same weight.
+        percentile: for ``"percentile"``, in ``[50, 100]`` (100 is min-max); default 99.9.
+        grid: for ``"mse"``, the shrink factors tried: None (1.00, 0.99, ..., 0.50), an int
+            ``n`` (``n`` factors evenly spaced from 1.0 to 0.5) or a sequence of factors in
+            ``(0, 1]``; 1.0 is always tried.
 
     Returns:
         :class:`QuantizationParams` with ``scale`` float64 and ``zero_point`` int32 of
@@ -118,7 +133,8 @@ def calibrate_linear(
     Raises:
         InvalidInputError: NaN/Inf or non-float weights.
         ShapeMismatchError: a weight that is not 2-D or is empty.
-        InvalidParamsError: an unknown or unsupported qtype/scheme/granularity/group_size.
+        InvalidParamsError: an unknown or unsupported qtype/scheme/granularity/group_size,
+            method, percentile or grid.
     """
     qt, sc, gran = as_qtype(qtype), as_scheme(scheme), as_granularity(granularity)
     if not qt.is_integer:
@@ -127,6 +143,17 @@ def calibrate_linear(
             "expected 'int8' or 'int4'"
         )
     gs = _check_group_size(group_size, gran)
-    w = as_float_matrix("weight", weight, dtype=None)
-    lo, hi = group_ranges(w, gran, gs)
+    meth = check_method(method)
+    pct = check_percentile(percentile)
+    shrink = check_grid(grid)
+    # min-max needs no float64 copy of a large float32 weight; the searches do
+    w = as_float_matrix("weight", weight, dtype=None if meth == "minmax" else np.float64)
+    if meth == "minmax":
+        lo, hi = group_ranges(w, gran, gs)
+    else:
+        parts = [choose_range(b, qt, sc, meth, pct, shrink) for b in blocks(w, gran, gs)]
+        lo = np.concatenate([p[0] for p in parts], axis=1)
+        hi = np.concatenate([p[1] for p in parts], axis=1)
+        if gran is not QuantizationGranularity.PER_GROUP:
+            lo, hi = lo.reshape(-1), hi.reshape(-1)
     return params_from_range(lo, hi, qt, gran, sc, gs)

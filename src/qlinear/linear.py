@@ -16,7 +16,7 @@ import numpy as np
 from . import kernels
 from ._checks import as_float_matrix, check_finite
 from .errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
-from .packing import pack_int4, unpack_int4
+from .packing import pack_int4, packed_cols, unpack_int4
 from .params import QuantizationParams
 from .qtypes import (
     QuantizationGranularity,
@@ -167,6 +167,17 @@ class QuantizedLinear:
         ``uint8 (out, ceil(in/2))``), used by loaders; the array is not copied when the
         backend can use it as is."""
         params = cls._check_params(params)
+        stored = np.asarray(stored)
+        int4 = params.qtype is QuantizationType.INT4
+        dtype, cols = (np.uint8, packed_cols(in_features)) if int4 else (np.int8, in_features)
+        if stored.dtype != dtype or stored.ndim != 2 or stored.shape[1] != cols:
+            # Caught here, not at the first forward (where int8 would fail deep in matmul
+            # and uint8 int8 codes would be read as 0..255).
+            raise ShapeMismatchError(
+                f"stored {params.qtype.value} codes for in_features={in_features} must be "
+                f"{np.dtype(dtype).name} of shape (out_features, {cols}); got "
+                f"{stored.dtype} {stored.shape}"
+            )
         params.check_weight_shape(stored.shape[0], in_features)
         b = kernels.get_backend(backend)
         packed = b.pack(stored, params.qtype, in_features)
