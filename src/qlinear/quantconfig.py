@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,21 +79,16 @@ class QuantConfig:
             "method": self.method,
         }
 
-    def check_available(self) -> None:
-        """Raise InvalidParamsError if this build's calibrate_linear lacks ``method``."""
-        has_methods = "method" in inspect.signature(calibrate_linear).parameters
-        if self.method != "minmax" and not has_methods:
-            raise InvalidParamsError(
-                f"calibration method {self.method!r} is not available in this build of "
-                "qlinear; use method 'minmax'"
-            )
-
     def calibrate(self, weight: np.ndarray) -> QuantizationParams:
         """:func:`qlinear.calibrate_linear` of a float ``(out, in)`` weight with this config."""
-        kwargs: dict[str, Any] = {"group_size": self.group_size}
-        if self.method != "minmax":
-            kwargs["method"] = self.method
-        return calibrate_linear(weight, self.qtype, self.granularity, self.scheme, **kwargs)
+        return calibrate_linear(
+            weight,
+            self.qtype,
+            self.granularity,
+            self.scheme,
+            group_size=self.group_size,
+            method=self.method,
+        )
 
     def describe(self) -> str:
         d = self.to_dict()

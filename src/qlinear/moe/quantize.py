@@ -21,7 +21,6 @@ by slice: only one expert's matrix is ever converted at a time.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -76,15 +75,9 @@ class _Options:
 
 
 def _weight_only(w: np.ndarray, o: _Options) -> QuantizedLinear:
-    kwargs: dict[str, Any] = {"group_size": o.group_size}
-    if o.method != "minmax":
-        if "method" not in inspect.signature(calibrate_linear).parameters:
-            raise InvalidParamsError(
-                f"method={o.method!r} needs calibrate_linear(method=...), which this qlinear "
-                "build does not have; use method='minmax'"
-            )
-        kwargs["method"] = o.method
-    params = calibrate_linear(w, o.qtype, o.granularity, o.scheme, **kwargs)
+    params = calibrate_linear(
+        w, o.qtype, o.granularity, o.scheme, group_size=o.group_size, method=o.method
+    )
     return QuantizedLinear.from_fp(w, params)
 
 
