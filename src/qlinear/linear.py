@@ -325,7 +325,12 @@ class QuantizedLinear:
 
         This builds the whole matrix; :meth:`forward` never does.
         """
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise InvalidParamsError(
+                f"dequantize needs a float dtype such as np.float32; got {dtype!r}"
+            ) from None
         if dt.kind != "f":
             raise InvalidParamsError(f"dequantize needs a float dtype; got {dt}")
         codes = self.stored_weight
@@ -339,7 +344,8 @@ class QuantizedLinear:
 
         Args:
             x: float ``(..., in_features)`` (1-D, 2-D or N-D), finite. float32 and float64
-                compute and return in their own dtype; float16 computes and returns float32.
+                compute and return in their own dtype; float16 computes and returns float32,
+                wider floats (longdouble) float64.
             activations: ``"float"`` (default): weight-only, float activations. ``"int8"``:
                 dynamic W8A8, each row of x quantized to int8 with its own scale
                 (``max|row| / 127``), integer products, then rescaled; faster on native
@@ -351,7 +357,8 @@ class QuantizedLinear:
 
         Raises:
             ShapeMismatchError: the last dimension is not in_features, or x is 0-D.
-            InvalidInputError: non-float dtype or NaN/Inf values.
+            InvalidInputError: non-float dtype or NaN/Inf values, or a result that
+                overflows x's dtype (inputs or weights too large for it).
             InvalidParamsError: an unknown ``activations`` mode.
         """
         if activations not in ACTIVATION_MODES:
@@ -366,22 +373,32 @@ class QuantizedLinear:
         if a.ndim == 0 or a.shape[-1] != self.in_features:
             raise ShapeMismatchError(f"x must have shape (..., {self.in_features}); got {a.shape}")
         if a.dtype not in (np.float32, np.float64):
-            a = a.astype(np.float32)
+            a = a.astype(np.float32 if a.dtype.itemsize < 4 else np.float64)
         lead = a.shape[:-1]
         x2 = a.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return np.zeros((*lead, self.out_features), dtype=a.dtype)
         check_finite("x", x2)
         backend = kernels.get_backend(self._packed.backend)
-        y = backend.linear(
-            self._packed,
-            x2,
-            self._s2,
-            self._zp2,
-            self.group_size or self.in_features,
-            self._bias,
-            activations,
-        )
+        # Finite x can still overflow x's dtype (float32 x near 1e38, or weights beyond
+        # float32's range): checked once on the result, with an error instead of Inf/NaN.
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = backend.linear(
+                self._packed,
+                x2,
+                self._s2,
+                self._zp2,
+                self.group_size or self.in_features,
+                self._bias,
+                activations,
+            )
+        if not np.isfinite(y).all():
+            raise InvalidInputError(
+                f"the output overflowed {y.dtype} to Inf/NaN (largest |x| is "
+                f"{float(np.abs(x2).max()):.3g}, largest weight scale "
+                f"{float(self.scales.max()):.3g}); expected inputs and weights whose product "
+                "fits the dtype (pass float64 x for a wider range)"
+            )
         return y.reshape(*lead, self.out_features)
 
     __call__ = forward
