@@ -422,3 +422,32 @@ def test_progress_without_tqdm_is_silent(ckpt, tmp_path, capsys, monkeypatch):
     rep = qlinear.quantize_checkpoint(src, tmp_path / "d", {}, progress=True)
     out = capsys.readouterr()
     assert out.out == "" and out.err == "" and rep.n_quantized == 5
+
+
+@pytest.mark.parametrize(
+    "bias,match",
+    [
+        (np.full(6, np.nan, np.float32), "NaN or Inf"),
+        (np.zeros(4, np.float32), r"shape \[6\]"),
+        (np.zeros(6, np.int32), "expected a float bias"),
+        (np.zeros((6, 1), np.float32), "expected a float bias"),
+    ],
+)
+def test_bias_that_load_would_reject_is_refused_before_writing(tmp_path, rng, bias, match):
+    # The output used to be written and then rejected by qlinear.load.
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    stnp.save_file({"fc.weight": w, "fc.bias": bias}, str(tmp_path / "in.safetensors"))
+    with pytest.raises(FormatError, match=r"'fc\.bias'.*" + match):
+        qlinear.quantize_checkpoint(
+            tmp_path / "in.safetensors", tmp_path / "out.safetensors", {}, progress=False
+        )
+    assert not (tmp_path / "out.safetensors").exists()
+    # excluding the layer keeps both tensors as they are, and the file loads
+    qlinear.quantize_checkpoint(
+        tmp_path / "in.safetensors",
+        tmp_path / "out.safetensors",
+        {},
+        exclude=["fc"],
+        progress=False,
+    )
+    assert set(qlinear.load(tmp_path / "out.safetensors")) == {"fc.weight", "fc.bias"}

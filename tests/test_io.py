@@ -491,3 +491,26 @@ def test_interrupted_save_leaves_no_file(tmp_path, rng, monkeypatch):
             tmp_path / "m.safetensors", {"l": _layer(rng, "int4", "symmetric", "per_channel", None)}
         )
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "qt,sc,array_name",
+    [
+        ("int8", "symmetric", "a.bias"),
+        ("int8", "symmetric", "a.weight_zero_point"),
+        ("int8", "symmetric", "a.weight_packed"),
+        ("int4", "symmetric", "a.weight"),
+        ("int8", "asymmetric", "a.weight_shape"),
+    ],
+)
+def test_save_rejects_arrays_inside_a_layers_tensor_names(tmp_path, rng, qt, sc, array_name):
+    # Such a file used to be written, and then load() rejected it (or misread the array
+    # as part of the layer).
+    layer = _layer(rng, qt, sc, "per_channel", None)
+    p = tmp_path / "n.safetensors"
+    with pytest.raises(InvalidInputError, match=rf"{array_name!r}.*layer 'a'"):
+        qlinear.save(p, {"a": layer, array_name: np.ones(6, dtype=np.int8)})
+    assert not p.exists()
+    # the same array under a name outside the namespace round-trips
+    qlinear.save(p, {"a": layer, "a_" + array_name[2:]: np.ones(6, dtype=np.int8)})
+    assert set(qlinear.load(p)) == {"a", "a_" + array_name[2:]}

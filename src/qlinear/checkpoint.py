@@ -151,6 +151,22 @@ def _out_entries(lname: str, shape: tuple[int, int], cfg: QuantConfig, has_bias:
     return entries, layer_cfg
 
 
+def _check_bias(sf: SafetensorsFile, bname: str, out_f: int) -> None:
+    """A bias stored beside a quantized weight must be one :func:`qlinear.load` accepts
+    (float, shape ``(out,)``, finite): checked before anything is written, so that the
+    output never holds a layer its own loader rejects."""
+    info = sf.info(bname)
+    hint = "; exclude the layer (--exclude) to keep it in float"
+    if info.dtype not in FLOAT_DTYPES or info.shape != (out_f,):
+        raise FormatError(
+            f"tensor {bname!r} is {info.dtype} {list(info.shape)}; expected a float bias of "
+            f"shape [{out_f}] for the quantized weight beside it{hint}"
+        )
+    b = sf.array(bname)
+    if not np.all(np.isfinite(b)):
+        raise FormatError(f"tensor {bname!r} holds NaN or Inf; expected a finite bias{hint}")
+
+
 def _blocks(rows: int, cols: int):
     step = max(1, BLOCK_BYTES // (8 * cols))
     for a in range(0, rows, step):
@@ -335,11 +351,17 @@ def quantize_checkpoint(
         if not (src_dir / s).is_file():
             raise FileNotFoundError(f"shard {s} listed in the index is missing from {src_dir}")
         files[s] = SafetensorsFile(src_dir / s)
-    all_names = {n for sf in files.values() for n in sf.tensors}
+    holder = {n: sf for sf in files.values() for n in sf.tensors}
+    all_names = set(holder)
     if index is not None:
         for n, s in index["weight_map"].items():
             if n not in files[s]:
                 raise FormatError(f"index maps tensor {n!r} to {s}, which does not hold it")
+    for sf in files.values():
+        for n, info in sf.tensors.items():
+            bname = f"{n[: -len('.weight')]}.bias"
+            if bname in holder and should_quantize(n, info.shape, info.dtype, include, exclude):
+                _check_bias(holder[bname], bname, info.shape[0])
     dst_dir.mkdir(parents=True, exist_ok=True)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)

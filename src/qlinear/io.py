@@ -68,6 +68,16 @@ FORMAT_VERSION = 1
 METADATA_KEY = "qlinear"
 INT_DTYPES = ("I8", "I16", "I32", "I64", "U8")
 
+# Tensor names a saved layer ``name`` owns: ``name + suffix``.
+LAYER_SUFFIXES = (
+    ".weight",
+    ".weight_packed",
+    ".weight_shape",
+    ".weight_scale",
+    ".weight_zero_point",
+    ".bias",
+)
+
 Item = Union[QuantizedLinear, np.ndarray]  # noqa: UP007 (runtime alias on Python 3.10)
 
 
@@ -169,6 +179,15 @@ def save(
             raise InvalidInputError(
                 f"item {name!r} must be a QuantizedLinear or a numpy array; got "
                 f"{type(item).__name__}"
+            )
+    for name, item in layers.items():
+        # An array inside a layer's namespace (say "fc.bias" beside a layer "fc" without
+        # a bias) would be read back as part of that layer, and load would reject the file.
+        owner = next((name[: -len(s)] for s in LAYER_SUFFIXES if name.endswith(s)), None)
+        if isinstance(item, np.ndarray) and owner in config:
+            raise InvalidInputError(
+                f"array {name!r} is inside the tensor names of layer {owner!r} "
+                f"({', '.join(owner + s for s in LAYER_SUFFIXES)}); expected another name"
             )
     meta[METADATA_KEY] = format_config(config)
     entries = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()]
@@ -482,15 +501,7 @@ class FileInfo:
 
     def layer_nbytes(self, name: str) -> int:
         """Bytes of every tensor that stores layer ``name``."""
-        suffixes = (
-            ".weight",
-            ".weight_packed",
-            ".weight_shape",
-            ".weight_scale",
-            ".weight_zero_point",
-            ".bias",
-        )
-        return sum(self.tensors[name + s][2] for s in suffixes if name + s in self.tensors)
+        return sum(self.tensors[name + s][2] for s in LAYER_SUFFIXES if name + s in self.tensors)
 
 
 def inspect(path: str | os.PathLike[str]) -> FileInfo:
