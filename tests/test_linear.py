@@ -337,3 +337,11 @@ def test_dequantize_rejects_unknown_dtype_names(rng):
     layer = layer_for(rng.standard_normal((2, 3)))
     with pytest.raises(InvalidParamsError, match="banana"):
         layer.dequantize("banana")
+
+
+def test_from_fp_with_a_subnormal_scale_clamps_without_warnings():
+    # w / 1e-320 overflows to Inf; the code must clamp to qmax (pytest turns the
+    # RuntimeWarning this used to emit into an error)
+    p = QuantizationParams("int8", "symmetric", "per_channel", [1e-320], [0], [0.0], [0.0])
+    layer = QuantizedLinear.from_fp(np.array([[1.0, -1.0, 0.0]]), p)
+    np.testing.assert_array_equal(layer.qweight, [[127, -127, 0]])
