@@ -92,10 +92,13 @@ def hessian(x: np.ndarray) -> np.ndarray:
     nothing is rescaled and the result is the reference's exactly."""
     n, k = x.shape
     m = float(np.max(np.abs(x)))
-    factor = 1.0 if (m == 0 or 1e-100 <= m <= 1e100) else float(np.ldexp(1.0, -np.frexp(m)[1]))
+    # ldexp on the data, not a factor 2^-e: for subnormal inputs 2^-e itself overflows.
+    shift = 0 if (m == 0 or 1e-100 <= m <= 1e100) else -int(np.frexp(m)[1])
     h = np.zeros((k, k))
     for i in range(0, n, _ROWS):
-        xc = x[i : i + _ROWS].astype(np.float64) * factor
+        xc = x[i : i + _ROWS].astype(np.float64)
+        if shift:
+            xc = np.ldexp(xc, shift)
         h += xc.T @ xc
     h *= 2.0 / n
     return h
