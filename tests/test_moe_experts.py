@@ -166,3 +166,10 @@ def test_custom_activation(rng):
     ex = GatedExpert(np.eye(3), np.eye(3), np.eye(3), activation=np.tanh)
     x = rng.standard_normal(3)
     assert_close(ex(x), np.tanh(x) * x, rtol=1e-14)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, -1, True])
+@pytest.mark.parametrize("cls", [LinearExpert, GatedExpert])
+def test_xavier_init_bad_seed_is_a_clear_error(cls, seed):
+    with pytest.raises(InvalidParamsError, match="seed"):
+        cls.xavier_init(3, 4, seed=seed)

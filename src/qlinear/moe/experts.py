@@ -43,6 +43,15 @@ def _check_dim(name: str, n: Any) -> int:
     return int(n)
 
 
+def _rng(seed: Any) -> np.random.Generator:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise InvalidParamsError(f"seed must be an integer or None; got {seed!r}")
+    try:
+        return np.random.default_rng(seed)
+    except ValueError as exc:  # a negative seed
+        raise InvalidParamsError(f"seed must be a non-negative integer; got {seed!r}") from exc
+
+
 def _glorot(rng: np.random.Generator, d_in: int, d_out: int, dtype: Any) -> np.ndarray:
     # Glorot & Bengio (2010), normal variant: std = sqrt(2 / (fan_in + fan_out)).
     std = np.sqrt(2.0 / (d_in + d_out))
@@ -102,8 +111,7 @@ class LinearExpert:
         """Glorot-normal weights ``N(0, 2 / (d_in + d_out))`` of shape ``(d_out, d_in)`` from
         ``np.random.default_rng(seed)`` (same seed, same weights) and a zero bias."""
         d_in, d_out = _check_dim("d_in", d_in), _check_dim("d_out", d_out)
-        rng = np.random.default_rng(seed)
-        return cls(_glorot(rng, d_in, d_out, dtype), np.zeros(d_out))
+        return cls(_glorot(_rng(seed), d_in, d_out, dtype), np.zeros(d_out))
 
     @property
     def weights(self) -> Piece:
@@ -211,7 +219,7 @@ class GatedExpert:
         """Glorot-normal gate, up ``(d_ff, d_model)`` and down ``(d_model, d_ff)``, drawn in
         that order from ``np.random.default_rng(seed)``."""
         d_model, d_ff = _check_dim("d_model", d_model), _check_dim("d_ff", d_ff)
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         g = _glorot(rng, d_model, d_ff, dtype)
         u = _glorot(rng, d_model, d_ff, dtype)
         d = _glorot(rng, d_ff, d_model, dtype)

@@ -143,7 +143,7 @@ def _options(qtype, granularity, scheme, group_size, method, damp, act_order, bl
         group_size,
         method,
         damp,
-        bool(act_order),
+        act_order,  # validated by GPTQ: bool("no") would silently be True
         block_size,
     )
 
@@ -212,6 +212,10 @@ def quantize_moe(
     counts = None
     gptq = None
     if calib_x is not None:
+        if np.ndim(calib_x) != 2:
+            raise ShapeMismatchError(
+                f"calib_x must be 2-D (tokens, {layer.input_dim}); got shape {np.shape(calib_x)}"
+            )
         xc = as_float_matrix("calib_x", calib_x)
         if xc.shape[1] != layer.input_dim:
             raise ShapeMismatchError(
