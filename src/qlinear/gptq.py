@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import as_float_matrix, check_finite
+from ._checks import as_array, as_float_matrix, check_finite
 from ._ranges import (
     DEFAULT_PERCENTILE,
     blocks,
@@ -63,7 +63,7 @@ _SUB = 16
 
 
 def _check_x(x_calib: object, in_features: int) -> np.ndarray:
-    x = np.asarray(x_calib)
+    x = as_array("x_calib", x_calib)
     if x.dtype.kind != "f":
         raise InvalidInputError(
             f"x_calib must be a floating-point array (float16/32/64); got dtype {x.dtype}"

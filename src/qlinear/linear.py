@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from ._checks import as_float_matrix, check_finite
+from ._checks import as_array, as_float_matrix, check_finite
 from .errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 from .packing import pack_int4, packed_cols, unpack_int4
 from .params import QuantizationParams
@@ -137,7 +137,7 @@ class QuantizedLinear:
         """A layer from integer codes ``(out_features, in_features)`` that already lie in
         the code range of ``params`` (as GPTQ or a checkpoint loader produce them)."""
         params = cls._check_params(params)
-        q = np.asarray(codes)
+        q = as_array("codes", codes)
         if q.dtype.kind not in "iu":
             raise InvalidInputError(f"codes must be integers; got dtype {q.dtype}")
         if q.ndim != 2 or q.size == 0:
@@ -209,7 +209,7 @@ class QuantizedLinear:
     def _check_bias(bias: Any, out_features: int) -> np.ndarray | None:
         if bias is None:
             return None
-        b = np.asarray(bias)
+        b = as_array("bias", bias)
         if b.dtype.kind != "f":
             raise InvalidInputError(f"bias must be floating point; got dtype {b.dtype}")
         if b.ndim != 1 or b.shape[0] != out_features:
@@ -365,7 +365,7 @@ class QuantizedLinear:
             raise InvalidParamsError(
                 f"activations must be one of {ACTIVATION_MODES}; got {activations!r}"
             )
-        a = np.asarray(x)
+        a = as_array("x", x)
         if a.dtype.kind != "f":
             raise InvalidInputError(
                 f"x must be a floating-point array (float16/32/64); got dtype {a.dtype}"

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import as_array
 from .errors import InvalidParamsError, ShapeMismatchError
 from .qtypes import (
     QuantizationGranularity,
@@ -115,7 +116,7 @@ class QuantizationParams:
                 "expected 'int8' or 'int4'"
             )
         scale = _float_array("scale", self.scale)
-        zp_in = np.asarray(self.zero_point)
+        zp_in = as_array("zero_point", self.zero_point, InvalidParamsError)
         if zp_in.ndim == 0:
             zp_in = zp_in.reshape(1)
         if zp_in.dtype.kind == "f":

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._checks import check_finite
+from .._checks import as_array, check_finite
 from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 from ._pieces import Piece, apply_piece, as_activation, as_piece, check_x, piece_dims
 
@@ -78,7 +78,7 @@ class LinearExpert:
         d_out, _ = piece_dims(w)
         b = None
         if bias is not None:
-            b = np.asarray(bias)
+            b = as_array("bias", bias)
             if b.dtype.kind != "f":
                 raise InvalidInputError(f"bias must be floating point; got dtype {b.dtype}")
             if b.shape != (d_out,):

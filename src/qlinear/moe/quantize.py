@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import as_float_matrix
+from .._checks import as_array, as_float_matrix
 from ..calibrate import calibrate_linear
 from ..errors import InvalidParamsError, ShapeMismatchError
 from ..linear import QuantizedLinear
@@ -124,7 +124,7 @@ def quantize_stacked(
     """Weight-only quantization of a 3-D float tensor ``(num_experts, out, in)``: one
     QuantizedLinear per expert, each from the view ``w[e]`` (the tensor is not split into
     float copies; only one expert's slice is converted at a time)."""
-    a = np.asarray(w)
+    a = as_array("w", w)
     if a.ndim != 3:
         raise ShapeMismatchError(f"w must be 3-D (num_experts, out, in); got shape {a.shape}")
     o = _options(qtype, granularity, scheme, group_size, method, 0.01, False, 128)
