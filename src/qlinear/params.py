@@ -132,9 +132,11 @@ class QuantizationParams:
 
         if gran is QuantizationGranularity.PER_GROUP:
             gs = self.group_size
-            if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)) or gs <= 0:
+            big = np.iinfo(np.int64).max  # NumPy indexes with int64
+            if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)) or not 0 < gs <= big:
                 raise InvalidParamsError(
-                    f"per_group granularity needs a positive integer group_size; got {gs!r}"
+                    f"per_group granularity needs a positive integer group_size <= {big}; "
+                    f"got {gs!r}"
                 )
             group_size: int | None = int(gs)
             if scale.ndim != 2:
