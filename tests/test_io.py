@@ -514,3 +514,19 @@ def test_save_rejects_arrays_inside_a_layers_tensor_names(tmp_path, rng, qt, sc,
     # the same array under a name outside the namespace round-trips
     qlinear.save(p, {"a": layer, "a_" + array_name[2:]: np.ones(6, dtype=np.int8)})
     assert set(qlinear.load(p)) == {"a", "a_" + array_name[2:]}
+
+
+@pytest.mark.parametrize("sc", ["symmetric", "asymmetric"])
+def test_round_trip_with_scales_near_float64_max(tmp_path, sc):
+    # (qmax - zp) * scale overflowed to Inf while loading (a RuntimeWarning, or a
+    # FormatError), although save had written the layer without complaint.
+    zp = [0, 0] if sc == "symmetric" else [-128, 127]
+    p = QuantizationParams("int8", sc, "per_channel", [1e308, 1e308], zp, [0.0, 0.0], [0.0, 0.0])
+    w = np.zeros((2, 3)) if sc == "symmetric" else np.array([[0.0] * 3, [-1e308] * 3])
+    layer = QuantizedLinear.from_fp(w, p)
+    path = tmp_path / "big.safetensors"
+    qlinear.save(path, {"a": layer})
+    got = qlinear.load(path, verify=True)["a"]
+    np.testing.assert_array_equal(got.scales, layer.scales)
+    np.testing.assert_array_equal(got.qweight, layer.qweight)
+    assert np.all(np.isfinite(got.params.min_val)) and np.all(np.isfinite(got.params.max_val))

@@ -380,10 +380,14 @@ def _build_layer(
             raise FormatError(f"tensor {zname!r} present but {where} is symmetric")
         zp = np.zeros(pshape, dtype=np.int64)
     qmin, qmax = code_range(qtype, scheme)
+    # The range the codes cover (informational), clipped to float64: scales near its max
+    # (which save writes) must not overflow it to Inf.
+    big = np.finfo(np.float64).max
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo = np.clip((qmin - zp) * scale, -big, big)
+        hi = np.clip((qmax - zp) * scale, -big, big)
     try:
-        params = QuantizationParams(
-            qtype, scheme, gran, scale, zp, (qmin - zp) * scale, (qmax - zp) * scale, gs
-        )
+        params = QuantizationParams(qtype, scheme, gran, scale, zp, lo, hi, gs)
     except QuantizationError as exc:
         raise FormatError(f"{where} ({scname!r} / {zname!r}): {exc}") from None
     bias = None
