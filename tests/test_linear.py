@@ -345,3 +345,14 @@ def test_from_fp_with_a_subnormal_scale_clamps_without_warnings():
     p = QuantizationParams("int8", "symmetric", "per_channel", [1e-320], [0], [0.0], [0.0])
     layer = QuantizedLinear.from_fp(np.array([[1.0, -1.0, 0.0]]), p)
     np.testing.assert_array_equal(layer.qweight, [[127, -127, 0]])
+
+
+def test_from_codes_does_not_share_or_freeze_the_callers_array(rng):
+    w = rng.standard_normal((2, 3))
+    base = np.zeros((2, 3), dtype=np.int8)
+    codes = base[:]  # a view: freezing it would not freeze base
+    layer = QuantizedLinear.from_codes(codes, calibrate_linear(w))
+    assert codes.flags.writeable and base.flags.writeable
+    base[0, 0] = 100
+    np.testing.assert_array_equal(layer.qweight, np.zeros((2, 3)))
+    np.testing.assert_array_equal(layer(np.ones(3)), [0.0, 0.0])

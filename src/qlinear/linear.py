@@ -189,7 +189,9 @@ class QuantizedLinear:
         if params.qtype is QuantizationType.INT4:
             stored = pack_int4((codes.astype(np.int16) + offset).astype(np.uint8))
         else:
-            stored = np.ascontiguousarray(codes, dtype=np.int8)
+            # A copy, always: an int8 array given to from_codes would otherwise be shared
+            # (and flipped read-only), so writes through its base would change the layer.
+            stored = np.array(codes, dtype=np.int8, order="C", copy=True)
         return cls._from_stored(stored, params, codes.shape[1], bias, backend)
 
     @staticmethod
