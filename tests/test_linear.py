@@ -356,3 +356,13 @@ def test_from_codes_does_not_share_or_freeze_the_callers_array(rng):
     base[0, 0] = 100
     np.testing.assert_array_equal(layer.qweight, np.zeros((2, 3)))
     np.testing.assert_array_equal(layer(np.ones(3)), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_byte_swapped_input_keeps_its_precision(rng, dtype):
+    w = rng.standard_normal((4, 6))
+    layer = layer_for(w)
+    x = rng.standard_normal((3, 6)).astype(dtype)
+    y = layer(x)
+    assert y.dtype == np.dtype(dtype).newbyteorder("=")
+    np.testing.assert_array_equal(y, layer(x.astype(y.dtype)))

@@ -375,7 +375,8 @@ class QuantizedLinear:
         if a.ndim == 0 or a.shape[-1] != self.in_features:
             raise ShapeMismatchError(f"x must have shape (..., {self.in_features}); got {a.shape}")
         if a.dtype not in (np.float32, np.float64):
-            a = a.astype(np.float32 if a.dtype.itemsize < 4 else np.float64)
+            # float16 -> float32; longdouble -> float64; byte-swapped floats keep their size
+            a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
         lead = a.shape[:-1]
         x2 = a.reshape(-1, self.in_features)
         if x2.shape[0] == 0:

@@ -79,7 +79,8 @@ def check_x(x: Any, dim: int, what: str = "x") -> np.ndarray:
     if a.ndim == 0 or a.shape[-1] != dim:
         raise ShapeMismatchError(f"{what} must have shape (..., {dim}); got {a.shape}")
     if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float32)
+        # float16 -> float32; longdouble and byte-swapped float64 must not lose precision
+        a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
     check_finite(what, a)
     return a
 
