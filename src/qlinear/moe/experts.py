@@ -58,6 +58,17 @@ def _glorot(rng: np.random.Generator, d_in: int, d_out: int, dtype: Any) -> np.n
     return (rng.standard_normal((d_out, d_in)) * std).astype(dtype)
 
 
+def _finite(y: np.ndarray, x2: np.ndarray, what: str) -> np.ndarray:
+    """``y``, or InvalidInputError if finite inputs overflowed it to Inf/NaN."""
+    if not np.isfinite(y).all():
+        raise InvalidInputError(
+            f"the {what} output overflowed {y.dtype} to Inf/NaN (largest |x| is "
+            f"{float(np.abs(x2).max()):.3g}); expected inputs and weights whose products "
+            "fit the dtype (pass float64 x for a wider range)"
+        )
+    return y
+
+
 def _as_2d(x: Any, dim: int) -> tuple[np.ndarray, tuple[int, ...]]:
     a = check_x(x, dim)
     return a.reshape(-1, dim), a.shape[:-1]
@@ -148,10 +159,11 @@ class LinearExpert:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``(..., d_in)`` -> ``(..., d_out)``: ``x @ W.T + b``."""
         x2, lead = _as_2d(x, self.input_dim)
-        y = apply_piece(self._w, x2)
-        if self._b is not None:
-            y += self._b.astype(y.dtype, copy=False)
-        return y.reshape(*lead, self.output_dim)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = apply_piece(self._w, x2)
+            if self._b is not None:
+                y += self._b.astype(y.dtype, copy=False)
+        return _finite(y, x2, "LinearExpert").reshape(*lead, self.output_dim)
 
     __call__ = forward
 
@@ -275,8 +287,9 @@ class GatedExpert:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``(..., d_model)`` -> ``(..., d_out)``: ``down(act(gate(x)) * up(x))``."""
         x2, lead = _as_2d(x, self.input_dim)
-        y = apply_piece(self._down, self.hidden(x2))
-        return y.reshape(*lead, self.output_dim)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = apply_piece(self._down, self.hidden(x2))
+        return _finite(y, x2, "GatedExpert").reshape(*lead, self.output_dim)
 
     __call__ = forward
 
