@@ -366,3 +366,13 @@ def test_byte_swapped_input_keeps_its_precision(rng, dtype):
     y = layer(x)
     assert y.dtype == np.dtype(dtype).newbyteorder("=")
     np.testing.assert_array_equal(y, layer(x.astype(y.dtype)))
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float16, 1e7), (np.float32, 1e300)])
+def test_dequantize_to_a_dtype_too_narrow_for_the_weight_raises(dtype, big):
+    # the scale overflowed to Inf in the narrow dtype: Inf weights, and 0 * Inf = NaN
+    w = np.array([[big, 0.0, -1.0]])
+    layer = layer_for(w)
+    with pytest.raises(InvalidParamsError, match="does not fit"):
+        layer.dequantize(dtype)
+    assert_close(layer.dequantize(), w, atol=big / 254)

@@ -339,7 +339,14 @@ class QuantizedLinear:
         if self.qtype is QuantizationType.INT4:
             codes = unpack_int4(codes, self.in_features)
         gs = self.group_size or self.in_features
-        return dequantize_rows(codes, self._s2, self._zp2, gs, dt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = dequantize_rows(codes, self._s2, self._zp2, gs, dt)
+        if not np.isfinite(w).all():  # a scale beyond dt's range: Inf, and 0 * Inf = NaN
+            raise InvalidParamsError(
+                f"the weight (scales up to {float(self.scales.max()):.3g}) does not fit in "
+                f"{dt}; expected a wider float dtype such as float64"
+            )
+        return w
 
     def forward(self, x: np.ndarray, *, activations: str = "float") -> np.ndarray:
         """``y = x @ W.T + bias``.
