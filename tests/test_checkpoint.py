@@ -451,3 +451,20 @@ def test_bias_that_load_would_reject_is_refused_before_writing(tmp_path, rng, bi
         progress=False,
     )
     assert set(qlinear.load(tmp_path / "out.safetensors")) == {"fc.weight", "fc.bias"}
+
+
+def test_include_and_exclude_may_be_generators(ckpt, tmp_path):
+    # validating a generator used it up: nothing matched and nothing was quantized
+    src, _ = ckpt
+    rep = qlinear.quantize_checkpoint(
+        src,
+        tmp_path / "g",
+        {},
+        include=(p for p in ["*mlp*", "*embed*"]),
+        exclude=(p for p in ["*down_proj*"]),
+        progress=False,
+    )
+    assert {t.name for t in rep.tensors if t.quantized} == {
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.embed_tokens.weight",
+    }

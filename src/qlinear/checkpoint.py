@@ -337,6 +337,9 @@ def quantize_checkpoint(
     """
     t0 = time.perf_counter()
     cfg = QuantConfig.coerce(config)
+    # tuples first: checking a generator would use it up, and then nothing would match
+    include = include if include is None or isinstance(include, str) else tuple(include)
+    exclude = exclude if exclude is None or isinstance(exclude, str) else tuple(exclude)
     for what, pats in (("include", include), ("exclude", exclude)):
         if pats is not None and (
             isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
