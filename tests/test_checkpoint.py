@@ -468,3 +468,22 @@ def test_include_and_exclude_may_be_generators(ckpt, tmp_path):
         "model.layers.0.mlp.gate_proj.weight",
         "model.embed_tokens.weight",
     }
+
+
+def test_report_errors_for_huge_and_tiny_weights(tmp_path, rng):
+    # sums of squares overflowed (rel err and SNR NaN, "NaN" in the JSON report) or
+    # underflowed (a lossy tensor reported as exact). Scaling by powers of two changes
+    # neither the codes nor the relative error.
+    w0 = rng.standard_normal((6, 40))
+    tensors = {"one.weight": w0, "huge.weight": w0 * 2.0**660, "tiny.weight": w0 * 2.0**-660}
+    stnp.save_file(tensors, str(tmp_path / "s.safetensors"))
+    rep = qlinear.quantize_checkpoint(
+        tmp_path / "s.safetensors", tmp_path / "q.safetensors", {}, progress=False
+    )
+    by = {t.name: t for t in rep.tensors}
+    d = qlinear.load(tmp_path / "q.safetensors")["one"].dequantize() - w0
+    expected = np.linalg.norm(d) / np.linalg.norm(w0)
+    for name in tensors:
+        assert by[name].rel_error == pytest.approx(expected, rel=1e-12), name
+        assert by[name].snr_db == pytest.approx(-20 * math.log10(expected), rel=1e-12)
+    json.loads(rep.to_json(), parse_constant=lambda c: pytest.fail(f"{c} in the report"))

@@ -173,10 +173,26 @@ def _blocks(rows: int, cols: int):
         yield a, min(rows, a + step)
 
 
+def _add_squares(acc: tuple[float, float], a: np.ndarray) -> tuple[float, float]:
+    """A running sum of squares kept as ``(s, q)`` with ``sum(x**2) = s**2 * q`` (the
+    scaling of LAPACK's dnrm2), so that weights near 1e200 do not overflow it to Inf
+    (a NaN error) and weights near 1e-200 do not underflow it to 0 (an "exact" one)."""
+    s, q = acc
+    m = float(np.max(np.abs(a))) if a.size else 0.0
+    if m == 0.0:
+        return acc
+    if m > s:
+        q = q * (s / m) ** 2
+        s = m
+    b = a / s
+    return s, q + float(np.einsum("ij,ij->", b, b))
+
+
 def _quantize_tensor(
     src: SafetensorsFile, name: str, cfg: QuantConfig, writer: SafetensorsWriter, f: Any, bar: Any
-) -> tuple[float, float]:
-    """Quantize ``name`` block by block into ``writer``; returns ``(||W - Wq||^2, ||W||^2)``."""
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Quantize ``name`` block by block into ``writer``; returns ``||W - Wq||`` and ``||W||``
+    as scaled sums of squares (see :func:`_add_squares`)."""
     info = src.info(name)
     out_f, in_f = info.shape
     lname = name[: -len(".weight")]
@@ -198,7 +214,7 @@ def _quantize_tensor(
         else:
             fixed = cfg.calibrate(_finite_block(src, name, 0, out_f))
             src.release_pages()
-    err2 = sig2 = 0.0
+    err2 = sig2 = (0.0, 0.0)
     for a, b in _blocks(out_f, in_f):
         w = _finite_block(src, name, a, b)
         params = fixed if fixed is not None else cfg.calibrate(w)
@@ -213,8 +229,8 @@ def _quantize_tensor(
                     f, f"{lname}.weight_zero_point", params.zero_point.astype(np.int8), at=a * zrow
                 )
         d = layer.dequantize() - w
-        err2 += float(np.einsum("ij,ij->", d, d))
-        sig2 += float(np.einsum("ij,ij->", w, w))
+        err2 = _add_squares(err2, d)
+        sig2 = _add_squares(sig2, w)
         del w, d, layer
         src.release_pages()
         if bar is not None:
@@ -396,8 +412,9 @@ def quantize_checkpoint(
                     if n in plan:
                         err2, sig2 = _quantize_tensor(sf, n, cfg, writer, f, bar)
                         after = sum(math.prod(sh) * DTYPE_SIZES[dt] for _, dt, sh in plan[n])
-                        rel = math.sqrt(err2 / sig2) if sig2 > 0 else math.sqrt(err2)
-                        snr = 10 * math.log10(sig2 / err2) if err2 > 0 and sig2 > 0 else None
+                        (se, qe), (sw, qw) = err2, sig2
+                        rel = (se / sw) * math.sqrt(qe / qw) if sw > 0 else se * math.sqrt(qe)
+                        snr = -20 * math.log10(rel) if rel > 0 and sw > 0 else None
                         reports.append(
                             TensorReport(
                                 n,
