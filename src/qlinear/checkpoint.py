@@ -348,7 +348,9 @@ def quantize_checkpoint(
 
     Raises:
         InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``.
-        FormatError: malformed source files or index, NaN/Inf in a weight to quantize.
+        FormatError: malformed source files or index, NaN/Inf in a weight to quantize,
+            or a bias beside such a weight that is not float, of shape ``(out,)`` and
+            finite (checked before anything is written).
         FileNotFoundError: missing source, shard or index entries.
     """
     t0 = time.perf_counter()

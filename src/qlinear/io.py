@@ -143,8 +143,9 @@ def save(
 
     Raises:
         InvalidInputError: a name that is not a non-empty string, a value of another
-            type, an unstorable dtype, two items that produce the same tensor name, or
-            bad metadata.
+            type, an unstorable dtype, two items that produce the same tensor name, an
+            array named inside a layer's tensor names (``name.bias`` beside a layer
+            ``name``, ...), or bad metadata.
     """
     if not isinstance(layers, Mapping):
         raise InvalidInputError(f"layers must be a mapping name -> layer; got {type(layers)}")
