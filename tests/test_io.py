@@ -530,3 +530,11 @@ def test_round_trip_with_scales_near_float64_max(tmp_path, sc):
     np.testing.assert_array_equal(got.scales, layer.scales)
     np.testing.assert_array_equal(got.qweight, layer.qweight)
     assert np.all(np.isfinite(got.params.min_val)) and np.all(np.isfinite(got.params.max_val))
+
+
+def test_save_onto_a_directory_names_the_directory(tmp_path, rng):
+    layer = _layer(rng, "int8", "symmetric", "per_channel", None)
+    with pytest.raises(IsADirectoryError, match="is a directory") as info:
+        qlinear.save(tmp_path, {"a": layer})
+    assert info.value.filename == str(tmp_path)
+    assert list(tmp_path.parent.glob(f".{tmp_path.name}.*.tmp")) == []
