@@ -123,3 +123,10 @@ def test_group_size_beyond_int64_is_a_clear_error(rng, gs):
         w, calibrate_linear(w, "int4", "per_group", group_size=2**63 - 1)
     )
     assert layer.scales.shape == (3, 1)
+
+
+def test_group_ranges_without_group_size_is_a_clear_error(rng):
+    from qlinear.calibrate import group_ranges
+
+    with pytest.raises(InvalidParamsError, match="group_size"):
+        group_ranges(rng.standard_normal((2, 4)), QuantizationGranularity.PER_GROUP, None)

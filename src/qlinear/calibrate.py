@@ -76,8 +76,8 @@ def group_ranges(
         return np.array([weight.min()]), np.array([weight.max()])
     if granularity is QuantizationGranularity.PER_CHANNEL:
         return weight.min(axis=1), weight.max(axis=1)
-    assert group_size is not None  # checked by the caller
-    starts = np.arange(0, weight.shape[1], group_size)
+    gs = _check_group_size(group_size, granularity)  # public: no assert on user input
+    starts = np.arange(0, weight.shape[1], gs)
     return np.minimum.reduceat(weight, starts, axis=1), np.maximum.reduceat(weight, starts, axis=1)
 
 
