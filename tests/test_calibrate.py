@@ -5,8 +5,11 @@ from qlinear import (
     InvalidInputError,
     InvalidParamsError,
     QuantizationGranularity,
+    QuantizationParams,
+    QuantizedLinear,
     ShapeMismatchError,
     calibrate_linear,
+    gptq_quantize,
 )
 
 
@@ -103,3 +106,27 @@ def test_float16_and_float32_weights_accepted(rng):
     p16 = calibrate_linear(w.astype(np.float16))
     p64 = calibrate_linear(w.astype(np.float16).astype(np.float64))
     np.testing.assert_array_equal(p16.scale, p64.scale)
+
+
+@pytest.mark.parametrize("gs", [2**63, 10**30, np.uint64(2**64 - 1)])
+def test_group_size_beyond_int64_is_a_clear_error(rng, gs):
+    # used to escape as TypeError / OverflowError from NumPy indexing
+    w = rng.standard_normal((3, 5))
+    with pytest.raises(InvalidParamsError, match="group_size"):
+        calibrate_linear(w, "int4", "per_group", group_size=gs)
+    with pytest.raises(InvalidParamsError, match="group_size"):
+        gptq_quantize(w, rng.standard_normal((8, 5)), "int4", "per_group", group_size=gs)
+    with pytest.raises(InvalidParamsError, match="group_size"):
+        QuantizationParams("int8", "symmetric", "per_group", [[1.0]], [[0]], [[0.0]], [[0.0]], gs)
+    # the largest int64 is one group per row, as any size >= in_features is
+    layer = QuantizedLinear.from_fp(
+        w, calibrate_linear(w, "int4", "per_group", group_size=2**63 - 1)
+    )
+    assert layer.scales.shape == (3, 1)
+
+
+def test_group_ranges_without_group_size_is_a_clear_error(rng):
+    from qlinear.calibrate import group_ranges
+
+    with pytest.raises(InvalidParamsError, match="group_size"):
+        group_ranges(rng.standard_normal((2, 4)), QuantizationGranularity.PER_GROUP, None)

@@ -212,3 +212,10 @@ def test_property_methods_valid_and_mse_not_worse(out_f, in_f, group_size, fmt, 
         assert np.all(np.isfinite(d))
         errs[method] = group_sq_errors(w, layer)
     assert np.all(errs["mse"] <= errs["minmax"] * (1 + 1e-9))
+
+
+@pytest.mark.parametrize("grid", [10**12, list(np.linspace(1.0, 0.5, 10_001))])
+def test_oversized_grid_is_rejected_not_run(rng, grid):
+    # grid=10**12 tried to allocate 7 TiB; 10**9 would have run for days
+    with pytest.raises(InvalidParamsError, match="10000"):
+        calibrate_linear(rng.standard_normal((2, 8)), "int4", method="mse", grid=grid)

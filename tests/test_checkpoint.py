@@ -422,3 +422,68 @@ def test_progress_without_tqdm_is_silent(ckpt, tmp_path, capsys, monkeypatch):
     rep = qlinear.quantize_checkpoint(src, tmp_path / "d", {}, progress=True)
     out = capsys.readouterr()
     assert out.out == "" and out.err == "" and rep.n_quantized == 5
+
+
+@pytest.mark.parametrize(
+    "bias,match",
+    [
+        (np.full(6, np.nan, np.float32), "NaN or Inf"),
+        (np.zeros(4, np.float32), r"shape \[6\]"),
+        (np.zeros(6, np.int32), "expected a float bias"),
+        (np.zeros((6, 1), np.float32), "expected a float bias"),
+    ],
+)
+def test_bias_that_load_would_reject_is_refused_before_writing(tmp_path, rng, bias, match):
+    # The output used to be written and then rejected by qlinear.load.
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    stnp.save_file({"fc.weight": w, "fc.bias": bias}, str(tmp_path / "in.safetensors"))
+    with pytest.raises(FormatError, match=r"'fc\.bias'.*" + match):
+        qlinear.quantize_checkpoint(
+            tmp_path / "in.safetensors", tmp_path / "out.safetensors", {}, progress=False
+        )
+    assert not (tmp_path / "out.safetensors").exists()
+    # excluding the layer keeps both tensors as they are, and the file loads
+    qlinear.quantize_checkpoint(
+        tmp_path / "in.safetensors",
+        tmp_path / "out.safetensors",
+        {},
+        exclude=["fc"],
+        progress=False,
+    )
+    assert set(qlinear.load(tmp_path / "out.safetensors")) == {"fc.weight", "fc.bias"}
+
+
+def test_include_and_exclude_may_be_generators(ckpt, tmp_path):
+    # validating a generator used it up: nothing matched and nothing was quantized
+    src, _ = ckpt
+    rep = qlinear.quantize_checkpoint(
+        src,
+        tmp_path / "g",
+        {},
+        include=(p for p in ["*mlp*", "*embed*"]),
+        exclude=(p for p in ["*down_proj*"]),
+        progress=False,
+    )
+    assert {t.name for t in rep.tensors if t.quantized} == {
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.embed_tokens.weight",
+    }
+
+
+def test_report_errors_for_huge_and_tiny_weights(tmp_path, rng):
+    # sums of squares overflowed (rel err and SNR NaN, "NaN" in the JSON report) or
+    # underflowed (a lossy tensor reported as exact). Scaling by powers of two changes
+    # neither the codes nor the relative error.
+    w0 = rng.standard_normal((6, 40))
+    tensors = {"one.weight": w0, "huge.weight": w0 * 2.0**660, "tiny.weight": w0 * 2.0**-660}
+    stnp.save_file(tensors, str(tmp_path / "s.safetensors"))
+    rep = qlinear.quantize_checkpoint(
+        tmp_path / "s.safetensors", tmp_path / "q.safetensors", {}, progress=False
+    )
+    by = {t.name: t for t in rep.tensors}
+    d = qlinear.load(tmp_path / "q.safetensors")["one"].dequantize() - w0
+    expected = np.linalg.norm(d) / np.linalg.norm(w0)
+    for name in tensors:
+        assert by[name].rel_error == pytest.approx(expected, rel=1e-12), name
+        assert by[name].snr_db == pytest.approx(-20 * math.log10(expected), rel=1e-12)
+    json.loads(rep.to_json(), parse_constant=lambda c: pytest.fail(f"{c} in the report"))

@@ -136,3 +136,18 @@ def test_eval_text_output(capsys):
     assert "int4 per_group(128) symmetric" in out
     assert "cosine:" in out and "forward:" in out and "weights:" in out
     assert f"{len(sentences('all'))} sentences" in out
+
+
+def test_report_path_that_is_a_directory_names_it(tmp_path, rng, capsys):
+    # the error used to name the hidden temporary file: "Is a directory: '/x/.r.abc.tmp'"
+    stnp.save_file(
+        {"x.weight": rng.standard_normal((4, 4)).astype(np.float32)},
+        str(tmp_path / "m.safetensors"),
+    )
+    (tmp_path / "rep").mkdir()
+    argv = ["quantize", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "o")]
+    code = main([*argv, "--no-progress", "--report", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "is a directory" in err and err.rstrip().endswith(str(tmp_path / "rep"))
+    assert ".tmp" not in err and list((tmp_path).glob(".*.tmp")) == []

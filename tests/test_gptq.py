@@ -341,3 +341,16 @@ def test_huge_weights_stay_finite(rng, big):
     )
     assert np.all(np.isfinite(layer.scales))
     assert np.all(np.isfinite(layer.dequantize()))
+
+
+def test_subnormal_inputs_are_not_marked_dead(rng):
+    # max|X| ~ 1e-312: the rescaling factor 2^1036 overflowed to Inf, H became NaN/Inf and
+    # the weight came out (almost) all zeros. Inputs with few mantissa bits stay exact
+    # when scaled into the subnormal range, so the codes must equal the unscaled ones.
+    w = rng.standard_normal((4, 12))
+    x = np.round(correlated_inputs(rng, 30, 12) * 2**10) / 2**10
+    ref = gptq_quantize(w, x, "int4", "per_group", "asymmetric", group_size=4, act_order=True)
+    tiny = np.ldexp(x, -1040)
+    assert np.all(np.ldexp(tiny, 1040) == x)  # exact: the test's premise
+    got = gptq_quantize(w, tiny, "int4", "per_group", "asymmetric", group_size=4, act_order=True)
+    np.testing.assert_array_equal(got.qweight, ref.qweight)

@@ -491,3 +491,50 @@ def test_interrupted_save_leaves_no_file(tmp_path, rng, monkeypatch):
             tmp_path / "m.safetensors", {"l": _layer(rng, "int4", "symmetric", "per_channel", None)}
         )
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "qt,sc,array_name",
+    [
+        ("int8", "symmetric", "a.bias"),
+        ("int8", "symmetric", "a.weight_zero_point"),
+        ("int8", "symmetric", "a.weight_packed"),
+        ("int4", "symmetric", "a.weight"),
+        ("int8", "asymmetric", "a.weight_shape"),
+    ],
+)
+def test_save_rejects_arrays_inside_a_layers_tensor_names(tmp_path, rng, qt, sc, array_name):
+    # Such a file used to be written, and then load() rejected it (or misread the array
+    # as part of the layer).
+    layer = _layer(rng, qt, sc, "per_channel", None)
+    p = tmp_path / "n.safetensors"
+    with pytest.raises(InvalidInputError, match=rf"{array_name!r}.*layer 'a'"):
+        qlinear.save(p, {"a": layer, array_name: np.ones(6, dtype=np.int8)})
+    assert not p.exists()
+    # the same array under a name outside the namespace round-trips
+    qlinear.save(p, {"a": layer, "a_" + array_name[2:]: np.ones(6, dtype=np.int8)})
+    assert set(qlinear.load(p)) == {"a", "a_" + array_name[2:]}
+
+
+@pytest.mark.parametrize("sc", ["symmetric", "asymmetric"])
+def test_round_trip_with_scales_near_float64_max(tmp_path, sc):
+    # (qmax - zp) * scale overflowed to Inf while loading (a RuntimeWarning, or a
+    # FormatError), although save had written the layer without complaint.
+    zp = [0, 0] if sc == "symmetric" else [-128, 127]
+    p = QuantizationParams("int8", sc, "per_channel", [1e308, 1e308], zp, [0.0, 0.0], [0.0, 0.0])
+    w = np.zeros((2, 3)) if sc == "symmetric" else np.array([[0.0] * 3, [-1e308] * 3])
+    layer = QuantizedLinear.from_fp(w, p)
+    path = tmp_path / "big.safetensors"
+    qlinear.save(path, {"a": layer})
+    got = qlinear.load(path, verify=True)["a"]
+    np.testing.assert_array_equal(got.scales, layer.scales)
+    np.testing.assert_array_equal(got.qweight, layer.qweight)
+    assert np.all(np.isfinite(got.params.min_val)) and np.all(np.isfinite(got.params.max_val))
+
+
+def test_save_onto_a_directory_names_the_directory(tmp_path, rng):
+    layer = _layer(rng, "int8", "symmetric", "per_channel", None)
+    with pytest.raises(IsADirectoryError, match="is a directory") as info:
+        qlinear.save(tmp_path, {"a": layer})
+    assert info.value.filename == str(tmp_path)
+    assert list(tmp_path.parent.glob(f".{tmp_path.name}.*.tmp")) == []

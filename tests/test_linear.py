@@ -299,3 +299,80 @@ def test_property_round_trip_and_forward(
     rtol = 1e-12 if dtype == np.float64 else 1e-5
     ref = x.astype(np.float64) @ wd.T
     assert np.all(np.abs(y - ref) <= forward_bound(x, wd, rtol) + 1e-300)
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_output_overflow_raises_instead_of_inf(rng, activations):
+    # finite float32 x whose product with W exceeds float32's range: a clear error, not
+    # Inf with a RuntimeWarning (an exception under -W error)
+    w = rng.uniform(1.0, 2.0, (4, 6))
+    layer = layer_for(w)
+    x = np.full((2, 6), 3e38, dtype=np.float32)
+    with pytest.raises(InvalidInputError, match="overflowed float32"):
+        layer(x, activations=activations)
+    # the same input in float64 fits
+    y = layer(x.astype(np.float64), activations=activations)
+    assert np.all(np.isfinite(y))
+
+
+def test_weights_beyond_float32_range_raise_for_float32_input():
+    # scales above float32's max become Inf in a float32 tile: 0 * Inf gave silent NaN
+    w = np.array([[1e300, 0.0, -1e300]])
+    layer = layer_for(w)
+    with pytest.raises(InvalidInputError, match="overflowed"):
+        layer(np.ones(3, dtype=np.float32))
+    assert_close(layer(np.ones(3)), w @ np.ones(3), rtol=1e-12)
+
+
+def test_longdouble_input_computes_in_float64(rng):
+    w = rng.standard_normal((4, 6))
+    layer = layer_for(w)
+    x = rng.standard_normal((2, 6))
+    y = layer(x.astype(np.longdouble))
+    assert y.dtype == np.float64
+    assert_close(y, x @ layer.dequantize().T, rtol=1e-12)
+
+
+def test_dequantize_rejects_unknown_dtype_names(rng):
+    layer = layer_for(rng.standard_normal((2, 3)))
+    with pytest.raises(InvalidParamsError, match="banana"):
+        layer.dequantize("banana")
+
+
+def test_from_fp_with_a_subnormal_scale_clamps_without_warnings():
+    # w / 1e-320 overflows to Inf; the code must clamp to qmax (pytest turns the
+    # RuntimeWarning this used to emit into an error)
+    p = QuantizationParams("int8", "symmetric", "per_channel", [1e-320], [0], [0.0], [0.0])
+    layer = QuantizedLinear.from_fp(np.array([[1.0, -1.0, 0.0]]), p)
+    np.testing.assert_array_equal(layer.qweight, [[127, -127, 0]])
+
+
+def test_from_codes_does_not_share_or_freeze_the_callers_array(rng):
+    w = rng.standard_normal((2, 3))
+    base = np.zeros((2, 3), dtype=np.int8)
+    codes = base[:]  # a view: freezing it would not freeze base
+    layer = QuantizedLinear.from_codes(codes, calibrate_linear(w))
+    assert codes.flags.writeable and base.flags.writeable
+    base[0, 0] = 100
+    np.testing.assert_array_equal(layer.qweight, np.zeros((2, 3)))
+    np.testing.assert_array_equal(layer(np.ones(3)), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_byte_swapped_input_keeps_its_precision(rng, dtype):
+    w = rng.standard_normal((4, 6))
+    layer = layer_for(w)
+    x = rng.standard_normal((3, 6)).astype(dtype)
+    y = layer(x)
+    assert y.dtype == np.dtype(dtype).newbyteorder("=")
+    np.testing.assert_array_equal(y, layer(x.astype(y.dtype)))
+
+
+@pytest.mark.parametrize("dtype,big", [(np.float16, 1e7), (np.float32, 1e300)])
+def test_dequantize_to_a_dtype_too_narrow_for_the_weight_raises(dtype, big):
+    # the scale overflowed to Inf in the narrow dtype: Inf weights, and 0 * Inf = NaN
+    w = np.array([[big, 0.0, -1.0]])
+    layer = layer_for(w)
+    with pytest.raises(InvalidParamsError, match="does not fit"):
+        layer.dequantize(dtype)
+    assert_close(layer.dequantize(), w, atol=big / 254)

@@ -166,3 +166,24 @@ def test_custom_activation(rng):
     ex = GatedExpert(np.eye(3), np.eye(3), np.eye(3), activation=np.tanh)
     x = rng.standard_normal(3)
     assert_close(ex(x), np.tanh(x) * x, rtol=1e-14)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, -1, True])
+@pytest.mark.parametrize("cls", [LinearExpert, GatedExpert])
+def test_xavier_init_bad_seed_is_a_clear_error(cls, seed):
+    with pytest.raises(InvalidParamsError, match="seed"):
+        cls.xavier_init(3, 4, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LinearExpert.from_arrays(np.ones((8, 4))),
+        lambda: GatedExpert.from_arrays(np.ones((8, 4)), np.ones((8, 4)), np.ones((4, 8))),
+    ],
+)
+@pytest.mark.parametrize("x", [np.full((1, 4), 3e38, np.float32), np.full((2, 4), 1e308)])
+def test_standalone_expert_overflow_is_an_error_not_inf(make, x):
+    # returned Inf/NaN with RuntimeWarnings (an error under -W error, silent otherwise)
+    with pytest.raises(InvalidInputError, match="overflowed"):
+        make()(x)

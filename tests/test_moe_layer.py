@@ -430,3 +430,13 @@ def test_forward_vs_reference_random_shapes(n, num_e, k, routing, seed):
 def test_experts_not_iterable(rng):
     with pytest.raises(InvalidParamsError, match="experts"):
         MoELayer(rng.standard_normal((1, 4)), LinearExpert.xavier_init(4, 2, seed=0))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(">f8"), np.dtype(np.longdouble)])
+def test_wide_or_byte_swapped_float_input_keeps_float64_precision(rng, dtype):
+    # such inputs were cast to float32 (relative error ~1e-7 instead of ~1e-16)
+    layer = linear_layer(rng)
+    x = rng.standard_normal((7, 16))
+    y = layer(x.astype(dtype))
+    assert y.dtype == np.float64
+    assert_close(y, layer(x), rtol=1e-12, atol=1e-12)

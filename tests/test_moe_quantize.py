@@ -235,3 +235,17 @@ def test_method_mse_or_clear_error(rng):
     x = rng.standard_normal((40, 64))
     minmax = quantize_moe(layer)
     assert rel_error(q(x), layer(x)) <= 1.05 * rel_error(minmax(x), layer(x))
+
+
+def test_act_order_that_is_not_a_bool_is_rejected_not_coerced(rng):
+    # bool("no") is True: act_order="no" used to run GPTQ with activation order
+    layer = xavier_moe(num_e=2, d=16, d_ff=16)
+    with pytest.raises(InvalidParamsError, match="act_order must be True or False; got 'no'"):
+        quantize_moe(layer, calib_x=rng.standard_normal((64, 16)), min_tokens=1, act_order="no")
+
+
+@pytest.mark.parametrize("shape", [(16,), (2, 32, 16)])
+def test_calib_x_of_wrong_rank_names_tokens_not_weights(rng, shape):
+    layer = xavier_moe(num_e=2, d=16, d_ff=16)
+    with pytest.raises(ShapeMismatchError, match=r"calib_x must be 2-D \(tokens, 16\)"):
+        quantize_moe(layer, calib_x=rng.standard_normal(shape))

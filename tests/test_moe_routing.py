@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from _moe_ref import ref_dense_weights
 from conftest import assert_close
+from qlinear.moe import LinearExpert, MoELayer
 from qlinear.moe.routing import ROUTINGS, route_logits, routing_stats
 
 
@@ -54,3 +55,21 @@ def test_shapes_and_dtypes(routing):
     assert r.indices.dtype == np.int64 and r.weights.dtype == np.float64
     width = {"topk": 2, "softmax": 4, "switch": 1, "expert_choice": 4}[routing]
     assert r.indices.shape == r.weights.shape == (5, width)
+
+
+@pytest.mark.parametrize("routing", ["topk", "softmax", "switch", "expert_choice"])
+def test_logits_spanning_float64_route_without_overflow_warnings(routing):
+    # logits - max(logits) overflowed to -Inf with a RuntimeWarning (an error under -W
+    # error); the limit, probability 0, is what the router must give
+    r = np.array([[1e308], [-1e308]])
+    kw = {"normalize": False} if routing == "topk" else {}
+    layer = MoELayer(
+        r,
+        [LinearExpert.from_arrays(np.full((2, 1), e + 1.0)) for e in range(2)],
+        top_k=1,
+        routing=routing,
+        **kw,
+    )
+    y = layer(np.array([[1.0], [-1.0]]))
+    # token 0 goes (all but) entirely to expert 0, token 1 to expert 1
+    np.testing.assert_allclose(y, [[1.0, 1.0], [-2.0, -2.0]])

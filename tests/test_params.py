@@ -87,3 +87,36 @@ def test_group_size_rules():
 def test_non_integer_qtype_rejected():
     with pytest.raises(InvalidParamsError, match="integer qtype"):
         make(qtype="fp16")
+
+
+@pytest.mark.parametrize(
+    "zp",
+    [
+        np.array([2**64 - 1, 0], dtype=np.uint64),  # wrapped to -1 in int64: accepted
+        np.array([1e30, 0.0]),  # overflowed the int64 cast with a RuntimeWarning
+        np.array([2**40, 0]),
+    ],
+)
+def test_out_of_range_zero_point_never_wraps_into_range(zp):
+    with pytest.raises(InvalidParamsError, match=r"zero_point must lie in \[-128, 127\]"):
+        make(scheme="asymmetric", zero_point=zp)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("scale", np.array([0.1 + 1j, 0.2])),  # ComplexWarning, imaginary part dropped
+        ("scale", np.array([True, True])),
+        ("scale", np.array([0.1, 0.2], dtype=object)),
+        ("min_val", np.array([-1.0 + 0j, -2.0])),
+    ],
+)
+def test_non_real_arrays_rejected(field, value):
+    with pytest.raises(InvalidParamsError, match=f"{field} must be an array of real numbers"):
+        make(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["min_val", "max_val"])
+def test_min_max_must_be_finite(field):
+    with pytest.raises(InvalidParamsError, match=f"{field} must be finite"):
+        make(**{field: np.array([np.nan, 1.0])})

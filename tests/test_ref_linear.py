@@ -50,3 +50,19 @@ def test_int8_activations_error_is_small_on_large_layers(rng):
     x = rng.standard_normal((16, 1024))
     err = rel_error(layer(x, activations="int8"), layer(x))
     assert err < 0.02, err
+
+
+def test_quantize_rows_int8_subnormal_row_gets_a_positive_scale():
+    # amax / 127 of a row of subnormals rounds to 0.0; dividing by it gave Inf codes.
+    x = np.array([[5e-324, -5e-324, 0.0], [1e-310, 0.0, -1e-310]])
+    with np.errstate(divide="raise", over="raise", invalid="raise"):
+        q, s = quantize_rows_int8(x)
+    assert np.all(s > 0) and np.all(np.isfinite(s))
+    assert np.all(np.abs(q.astype(np.float64) * s[:, None] - x) <= s[:, None] / 2)
+
+
+def test_int8_activations_on_subnormal_input_give_finite_tiny_output(rng):
+    w = rng.standard_normal((4, 6))
+    layer = QuantizedLinear.from_fp(w, calibrate_linear(w), backend="numpy")
+    y = layer(np.full((2, 6), 5e-324), activations="int8")
+    assert np.all(np.isfinite(y)) and np.all(np.abs(y) < 1e-300)

@@ -6,9 +6,23 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError, ShapeMismatchError
+from .errors import InvalidInputError, QuantizationError, ShapeMismatchError
 
-__all__ = ["as_float_matrix", "check_finite"]
+__all__ = ["as_array", "as_float_matrix", "check_finite"]
+
+
+def as_array(
+    name: str, value: Any, error: type[QuantizationError] = InvalidInputError
+) -> np.ndarray:
+    """``np.asarray(value)``, with ragged nested lists (NumPy's ValueError) reported as a
+    QuantizationError naming the argument."""
+    try:
+        return np.asarray(value)
+    except ValueError as exc:
+        raise error(
+            f"{name} must be an array or nested lists of equal lengths; got a "
+            f"{type(value).__name__} NumPy cannot convert ({exc})"
+        ) from None
 
 
 def check_finite(name: str, a: np.ndarray) -> None:
@@ -28,7 +42,7 @@ def as_float_matrix(name: str, value: Any, dtype: Any = np.float64) -> np.ndarra
     Integer, boolean, complex and object arrays are rejected rather than silently cast:
     a weight given as integers is almost always a mistake (codes passed as weights).
     """
-    a = np.asarray(value)
+    a = as_array(name, value)
     if a.dtype.kind != "f":
         raise InvalidInputError(
             f"{name} must be a floating-point array (float16/32/64); got dtype {a.dtype}"

@@ -41,6 +41,9 @@ DEFAULT_PERCENTILE = 99.9
 # Shrink factors 1.00, 0.99, ..., 0.50: AWQ's clip search stops at 0.5, GPTQ's at 0.2 with
 # 1/100 steps; at 4 bits the best factor is nearly always above 0.6.
 DEFAULT_GRID = np.round(1.0 - 0.01 * np.arange(51), 2)
+# Each factor costs one pass over the weight: a typo such as grid=10**9 would run for
+# days (or fail to allocate), so the grid is bounded.
+MAX_GRID = 10_000
 
 # Elements per chunk of the mse search (bounds its temporaries to a few tens of MiB).
 _CHUNK = 1 << 20
@@ -69,9 +72,9 @@ def check_grid(grid: object) -> np.ndarray:
     if grid is None:
         g = DEFAULT_GRID
     elif isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        if grid < 1:
+        if not 1 <= grid <= MAX_GRID:
             raise InvalidParamsError(
-                f"grid as an int is a number of shrink factors >= 1; got {grid}"
+                f"grid as an int is a number of shrink factors in [1, {MAX_GRID}]; got {grid}"
             )
         g = np.linspace(1.0, 0.5, int(grid)) if grid > 1 else np.array([1.0])
     elif isinstance(grid, (Sequence, np.ndarray)) and not isinstance(grid, str):
@@ -79,6 +82,10 @@ def check_grid(grid: object) -> np.ndarray:
             g = np.asarray(grid, dtype=np.float64).reshape(-1)
         except (TypeError, ValueError) as exc:
             raise InvalidParamsError(f"grid must hold numbers; got {grid!r}") from exc
+        if g.size > MAX_GRID:
+            raise InvalidParamsError(
+                f"grid holds {g.size} shrink factors; expected at most {MAX_GRID}"
+            )
         if g.size == 0 or not np.all(np.isfinite(g)) or np.any(g <= 0) or np.any(g > 1):
             raise InvalidParamsError(
                 f"grid must be a non-empty sequence of shrink factors in (0, 1]; got {grid!r}"

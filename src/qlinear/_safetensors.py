@@ -20,6 +20,7 @@ destination directory, then fsyncs and ``os.replace``-s it over the destination.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
@@ -291,6 +292,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     over ``path``; on any exception (KeyboardInterrupt included) delete it and re-raise,
     leaving the old file (or none) untouched."""
     target = Path(path)
+    if target.is_dir():  # else os.replace fails later, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a directory, expected a file path", str(target))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:

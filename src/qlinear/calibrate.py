@@ -44,6 +44,9 @@ from .qtypes import (
 __all__ = ["calibrate_linear", "group_ranges", "params_from_range"]
 
 
+_MAX_GROUP = int(np.iinfo(np.int64).max)
+
+
 def _check_group_size(group_size: object, granularity: QuantizationGranularity) -> int | None:
     if granularity is not QuantizationGranularity.PER_GROUP:
         if group_size is not None:
@@ -57,8 +60,9 @@ def _check_group_size(group_size: object, granularity: QuantizationGranularity) 
             f"per_group granularity needs an integer group_size (e.g. 32, 64, 128); got "
             f"{group_size!r}"
         )
-    if group_size <= 0:
-        raise InvalidParamsError(f"group_size must be > 0; got {group_size}")
+    if not 0 < group_size <= _MAX_GROUP:
+        # beyond int64 NumPy cannot index with it; any size >= in_features is one group
+        raise InvalidParamsError(f"group_size must be > 0 and <= {_MAX_GROUP}; got {group_size}")
     return int(group_size)
 
 
@@ -72,8 +76,8 @@ def group_ranges(
         return np.array([weight.min()]), np.array([weight.max()])
     if granularity is QuantizationGranularity.PER_CHANNEL:
         return weight.min(axis=1), weight.max(axis=1)
-    assert group_size is not None  # checked by the caller
-    starts = np.arange(0, weight.shape[1], group_size)
+    gs = _check_group_size(group_size, granularity)  # public: no assert on user input
+    starts = np.arange(0, weight.shape[1], gs)
     return np.minimum.reduceat(weight, starts, axis=1), np.maximum.reduceat(weight, starts, axis=1)
 
 

@@ -151,16 +151,48 @@ def _out_entries(lname: str, shape: tuple[int, int], cfg: QuantConfig, has_bias:
     return entries, layer_cfg
 
 
+def _check_bias(sf: SafetensorsFile, bname: str, out_f: int) -> None:
+    """A bias stored beside a quantized weight must be one :func:`qlinear.load` accepts
+    (float, shape ``(out,)``, finite): checked before anything is written, so that the
+    output never holds a layer its own loader rejects."""
+    info = sf.info(bname)
+    hint = "; exclude the layer (--exclude) to keep it in float"
+    if info.dtype not in FLOAT_DTYPES or info.shape != (out_f,):
+        raise FormatError(
+            f"tensor {bname!r} is {info.dtype} {list(info.shape)}; expected a float bias of "
+            f"shape [{out_f}] for the quantized weight beside it{hint}"
+        )
+    b = sf.array(bname)
+    if not np.all(np.isfinite(b)):
+        raise FormatError(f"tensor {bname!r} holds NaN or Inf; expected a finite bias{hint}")
+
+
 def _blocks(rows: int, cols: int):
     step = max(1, BLOCK_BYTES // (8 * cols))
     for a in range(0, rows, step):
         yield a, min(rows, a + step)
 
 
+def _add_squares(acc: tuple[float, float], a: np.ndarray) -> tuple[float, float]:
+    """A running sum of squares kept as ``(s, q)`` with ``sum(x**2) = s**2 * q`` (the
+    scaling of LAPACK's dnrm2), so that weights near 1e200 do not overflow it to Inf
+    (a NaN error) and weights near 1e-200 do not underflow it to 0 (an "exact" one)."""
+    s, q = acc
+    m = float(np.max(np.abs(a))) if a.size else 0.0
+    if m == 0.0:
+        return acc
+    if m > s:
+        q = q * (s / m) ** 2
+        s = m
+    b = a / s
+    return s, q + float(np.einsum("ij,ij->", b, b))
+
+
 def _quantize_tensor(
     src: SafetensorsFile, name: str, cfg: QuantConfig, writer: SafetensorsWriter, f: Any, bar: Any
-) -> tuple[float, float]:
-    """Quantize ``name`` block by block into ``writer``; returns ``(||W - Wq||^2, ||W||^2)``."""
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Quantize ``name`` block by block into ``writer``; returns ``||W - Wq||`` and ``||W||``
+    as scaled sums of squares (see :func:`_add_squares`)."""
     info = src.info(name)
     out_f, in_f = info.shape
     lname = name[: -len(".weight")]
@@ -182,7 +214,7 @@ def _quantize_tensor(
         else:
             fixed = cfg.calibrate(_finite_block(src, name, 0, out_f))
             src.release_pages()
-    err2 = sig2 = 0.0
+    err2 = sig2 = (0.0, 0.0)
     for a, b in _blocks(out_f, in_f):
         w = _finite_block(src, name, a, b)
         params = fixed if fixed is not None else cfg.calibrate(w)
@@ -197,8 +229,8 @@ def _quantize_tensor(
                     f, f"{lname}.weight_zero_point", params.zero_point.astype(np.int8), at=a * zrow
                 )
         d = layer.dequantize() - w
-        err2 += float(np.einsum("ij,ij->", d, d))
-        sig2 += float(np.einsum("ij,ij->", w, w))
+        err2 = _add_squares(err2, d)
+        sig2 = _add_squares(sig2, w)
         del w, d, layer
         src.release_pages()
         if bar is not None:
@@ -316,11 +348,16 @@ def quantize_checkpoint(
 
     Raises:
         InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``.
-        FormatError: malformed source files or index, NaN/Inf in a weight to quantize.
+        FormatError: malformed source files or index, NaN/Inf in a weight to quantize,
+            or a bias beside such a weight that is not float, of shape ``(out,)`` and
+            finite (checked before anything is written).
         FileNotFoundError: missing source, shard or index entries.
     """
     t0 = time.perf_counter()
     cfg = QuantConfig.coerce(config)
+    # tuples first: checking a generator would use it up, and then nothing would match
+    include = include if include is None or isinstance(include, str) else tuple(include)
+    exclude = exclude if exclude is None or isinstance(exclude, str) else tuple(exclude)
     for what, pats in (("include", include), ("exclude", exclude)):
         if pats is not None and (
             isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
@@ -335,11 +372,17 @@ def quantize_checkpoint(
         if not (src_dir / s).is_file():
             raise FileNotFoundError(f"shard {s} listed in the index is missing from {src_dir}")
         files[s] = SafetensorsFile(src_dir / s)
-    all_names = {n for sf in files.values() for n in sf.tensors}
+    holder = {n: sf for sf in files.values() for n in sf.tensors}
+    all_names = set(holder)
     if index is not None:
         for n, s in index["weight_map"].items():
             if n not in files[s]:
                 raise FormatError(f"index maps tensor {n!r} to {s}, which does not hold it")
+    for sf in files.values():
+        for n, info in sf.tensors.items():
+            bname = f"{n[: -len('.weight')]}.bias"
+            if bname in holder and should_quantize(n, info.shape, info.dtype, include, exclude):
+                _check_bias(holder[bname], bname, info.shape[0])
     dst_dir.mkdir(parents=True, exist_ok=True)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)
@@ -371,8 +414,9 @@ def quantize_checkpoint(
                     if n in plan:
                         err2, sig2 = _quantize_tensor(sf, n, cfg, writer, f, bar)
                         after = sum(math.prod(sh) * DTYPE_SIZES[dt] for _, dt, sh in plan[n])
-                        rel = math.sqrt(err2 / sig2) if sig2 > 0 else math.sqrt(err2)
-                        snr = 10 * math.log10(sig2 / err2) if err2 > 0 and sig2 > 0 else None
+                        (se, qe), (sw, qw) = err2, sig2
+                        rel = (se / sw) * math.sqrt(qe / qw) if sw > 0 else se * math.sqrt(qe)
+                        snr = -20 * math.log10(rel) if rel > 0 and sw > 0 else None
                         reports.append(
                             TensorReport(
                                 n,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidInputError, InvalidParamsError
 from .io import layer_tensors
 from .linear import QuantizedLinear
 from .quantconfig import QuantConfig
@@ -86,8 +87,17 @@ def evaluate_model(
     from . import models
 
     cfg = QuantConfig.coerce(config)
-    model = models.load_minilm(model_dir)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InvalidParamsError(f"repeats must be an integer >= 1; got {repeats!r}")
+    if sentences is not None and (
+        isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences)
+    ):
+        # list("some text") would silently be one sentence per character
+        raise InvalidInputError(f"sentences must be a list of strings; got {sentences!r:.80}")
     texts = list(models.sentences("all") if sentences is None else sentences)
+    if not texts:
+        raise InvalidInputError("sentences is empty; expected at least one sentence")
+    model = models.load_minilm(model_dir)
     qlayers = quantize_linears(model, cfg)
     qmodel = model.with_linears(qlayers)
     ef, t_float = _best_time(lambda: model.encode(texts), repeats)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import as_float_matrix, check_finite
+from ._checks import as_array, as_float_matrix, check_finite
 from ._ranges import (
     DEFAULT_PERCENTILE,
     blocks,
@@ -63,7 +63,7 @@ _SUB = 16
 
 
 def _check_x(x_calib: object, in_features: int) -> np.ndarray:
-    x = np.asarray(x_calib)
+    x = as_array("x_calib", x_calib)
     if x.dtype.kind != "f":
         raise InvalidInputError(
             f"x_calib must be a floating-point array (float16/32/64); got dtype {x.dtype}"
@@ -92,10 +92,13 @@ def hessian(x: np.ndarray) -> np.ndarray:
     nothing is rescaled and the result is the reference's exactly."""
     n, k = x.shape
     m = float(np.max(np.abs(x)))
-    factor = 1.0 if (m == 0 or 1e-100 <= m <= 1e100) else float(np.ldexp(1.0, -np.frexp(m)[1]))
+    # ldexp on the data, not a factor 2^-e: for subnormal inputs 2^-e itself overflows.
+    shift = 0 if (m == 0 or 1e-100 <= m <= 1e100) else -int(np.frexp(m)[1])
     h = np.zeros((k, k))
     for i in range(0, n, _ROWS):
-        xc = x[i : i + _ROWS].astype(np.float64) * factor
+        xc = x[i : i + _ROWS].astype(np.float64)
+        if shift:
+            xc = np.ldexp(xc, shift)
         h += xc.T @ xc
     h *= 2.0 / n
     return h

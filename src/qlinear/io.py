@@ -68,6 +68,16 @@ FORMAT_VERSION = 1
 METADATA_KEY = "qlinear"
 INT_DTYPES = ("I8", "I16", "I32", "I64", "U8")
 
+# Tensor names a saved layer ``name`` owns: ``name + suffix``.
+LAYER_SUFFIXES = (
+    ".weight",
+    ".weight_packed",
+    ".weight_shape",
+    ".weight_scale",
+    ".weight_zero_point",
+    ".bias",
+)
+
 Item = Union[QuantizedLinear, np.ndarray]  # noqa: UP007 (runtime alias on Python 3.10)
 
 
@@ -133,8 +143,9 @@ def save(
 
     Raises:
         InvalidInputError: a name that is not a non-empty string, a value of another
-            type, an unstorable dtype, two items that produce the same tensor name, or
-            bad metadata.
+            type, an unstorable dtype, two items that produce the same tensor name, an
+            array named inside a layer's tensor names (``name.bias`` beside a layer
+            ``name``, ...), or bad metadata.
     """
     if not isinstance(layers, Mapping):
         raise InvalidInputError(f"layers must be a mapping name -> layer; got {type(layers)}")
@@ -169,6 +180,15 @@ def save(
             raise InvalidInputError(
                 f"item {name!r} must be a QuantizedLinear or a numpy array; got "
                 f"{type(item).__name__}"
+            )
+    for name, item in layers.items():
+        # An array inside a layer's namespace (say "fc.bias" beside a layer "fc" without
+        # a bias) would be read back as part of that layer, and load would reject the file.
+        owner = next((name[: -len(s)] for s in LAYER_SUFFIXES if name.endswith(s)), None)
+        if isinstance(item, np.ndarray) and owner in config:
+            raise InvalidInputError(
+                f"array {name!r} is inside the tensor names of layer {owner!r} "
+                f"({', '.join(owner + s for s in LAYER_SUFFIXES)}); expected another name"
             )
     meta[METADATA_KEY] = format_config(config)
     entries = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()]
@@ -361,10 +381,14 @@ def _build_layer(
             raise FormatError(f"tensor {zname!r} present but {where} is symmetric")
         zp = np.zeros(pshape, dtype=np.int64)
     qmin, qmax = code_range(qtype, scheme)
+    # The range the codes cover (informational), clipped to float64: scales near its max
+    # (which save writes) must not overflow it to Inf.
+    big = np.finfo(np.float64).max
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo = np.clip((qmin - zp) * scale, -big, big)
+        hi = np.clip((qmax - zp) * scale, -big, big)
     try:
-        params = QuantizationParams(
-            qtype, scheme, gran, scale, zp, (qmin - zp) * scale, (qmax - zp) * scale, gs
-        )
+        params = QuantizationParams(qtype, scheme, gran, scale, zp, lo, hi, gs)
     except QuantizationError as exc:
         raise FormatError(f"{where} ({scname!r} / {zname!r}): {exc}") from None
     bias = None
@@ -482,15 +506,7 @@ class FileInfo:
 
     def layer_nbytes(self, name: str) -> int:
         """Bytes of every tensor that stores layer ``name``."""
-        suffixes = (
-            ".weight",
-            ".weight_packed",
-            ".weight_shape",
-            ".weight_scale",
-            ".weight_zero_point",
-            ".bias",
-        )
-        return sum(self.tensors[name + s][2] for s in suffixes if name + s in self.tensors)
+        return sum(self.tensors[name + s][2] for s in LAYER_SUFFIXES if name + s in self.tensors)
 
 
 def inspect(path: str | os.PathLike[str]) -> FileInfo:

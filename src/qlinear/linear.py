@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from ._checks import as_float_matrix, check_finite
+from ._checks import as_array, as_float_matrix, check_finite
 from .errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 from .packing import pack_int4, packed_cols, unpack_int4
 from .params import QuantizationParams
@@ -137,7 +137,7 @@ class QuantizedLinear:
         """A layer from integer codes ``(out_features, in_features)`` that already lie in
         the code range of ``params`` (as GPTQ or a checkpoint loader produce them)."""
         params = cls._check_params(params)
-        q = np.asarray(codes)
+        q = as_array("codes", codes)
         if q.dtype.kind not in "iu":
             raise InvalidInputError(f"codes must be integers; got dtype {q.dtype}")
         if q.ndim != 2 or q.size == 0:
@@ -189,7 +189,9 @@ class QuantizedLinear:
         if params.qtype is QuantizationType.INT4:
             stored = pack_int4((codes.astype(np.int16) + offset).astype(np.uint8))
         else:
-            stored = np.ascontiguousarray(codes, dtype=np.int8)
+            # A copy, always: an int8 array given to from_codes would otherwise be shared
+            # (and flipped read-only), so writes through its base would change the layer.
+            stored = np.array(codes, dtype=np.int8, order="C", copy=True)
         return cls._from_stored(stored, params, codes.shape[1], bias, backend)
 
     @staticmethod
@@ -209,7 +211,7 @@ class QuantizedLinear:
     def _check_bias(bias: Any, out_features: int) -> np.ndarray | None:
         if bias is None:
             return None
-        b = np.asarray(bias)
+        b = as_array("bias", bias)
         if b.dtype.kind != "f":
             raise InvalidInputError(f"bias must be floating point; got dtype {b.dtype}")
         if b.ndim != 1 or b.shape[0] != out_features:
@@ -325,21 +327,34 @@ class QuantizedLinear:
 
         This builds the whole matrix; :meth:`forward` never does.
         """
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise InvalidParamsError(
+                f"dequantize needs a float dtype such as np.float32; got {dtype!r}"
+            ) from None
         if dt.kind != "f":
             raise InvalidParamsError(f"dequantize needs a float dtype; got {dt}")
         codes = self.stored_weight
         if self.qtype is QuantizationType.INT4:
             codes = unpack_int4(codes, self.in_features)
         gs = self.group_size or self.in_features
-        return dequantize_rows(codes, self._s2, self._zp2, gs, dt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = dequantize_rows(codes, self._s2, self._zp2, gs, dt)
+        if not np.isfinite(w).all():  # a scale beyond dt's range: Inf, and 0 * Inf = NaN
+            raise InvalidParamsError(
+                f"the weight (scales up to {float(self.scales.max()):.3g}) does not fit in "
+                f"{dt}; expected a wider float dtype such as float64"
+            )
+        return w
 
     def forward(self, x: np.ndarray, *, activations: str = "float") -> np.ndarray:
         """``y = x @ W.T + bias``.
 
         Args:
             x: float ``(..., in_features)`` (1-D, 2-D or N-D), finite. float32 and float64
-                compute and return in their own dtype; float16 computes and returns float32.
+                compute and return in their own dtype; float16 computes and returns float32,
+                wider floats (longdouble) float64.
             activations: ``"float"`` (default): weight-only, float activations. ``"int8"``:
                 dynamic W8A8, each row of x quantized to int8 with its own scale
                 (``max|row| / 127``), integer products, then rescaled; faster on native
@@ -351,14 +366,15 @@ class QuantizedLinear:
 
         Raises:
             ShapeMismatchError: the last dimension is not in_features, or x is 0-D.
-            InvalidInputError: non-float dtype or NaN/Inf values.
+            InvalidInputError: non-float dtype or NaN/Inf values, or a result that
+                overflows x's dtype (inputs or weights too large for it).
             InvalidParamsError: an unknown ``activations`` mode.
         """
         if activations not in ACTIVATION_MODES:
             raise InvalidParamsError(
                 f"activations must be one of {ACTIVATION_MODES}; got {activations!r}"
             )
-        a = np.asarray(x)
+        a = as_array("x", x)
         if a.dtype.kind != "f":
             raise InvalidInputError(
                 f"x must be a floating-point array (float16/32/64); got dtype {a.dtype}"
@@ -366,22 +382,33 @@ class QuantizedLinear:
         if a.ndim == 0 or a.shape[-1] != self.in_features:
             raise ShapeMismatchError(f"x must have shape (..., {self.in_features}); got {a.shape}")
         if a.dtype not in (np.float32, np.float64):
-            a = a.astype(np.float32)
+            # float16 -> float32; longdouble -> float64; byte-swapped floats keep their size
+            a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
         lead = a.shape[:-1]
         x2 = a.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return np.zeros((*lead, self.out_features), dtype=a.dtype)
         check_finite("x", x2)
         backend = kernels.get_backend(self._packed.backend)
-        y = backend.linear(
-            self._packed,
-            x2,
-            self._s2,
-            self._zp2,
-            self.group_size or self.in_features,
-            self._bias,
-            activations,
-        )
+        # Finite x can still overflow x's dtype (float32 x near 1e38, or weights beyond
+        # float32's range): checked once on the result, with an error instead of Inf/NaN.
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = backend.linear(
+                self._packed,
+                x2,
+                self._s2,
+                self._zp2,
+                self.group_size or self.in_features,
+                self._bias,
+                activations,
+            )
+        if not np.isfinite(y).all():
+            raise InvalidInputError(
+                f"the output overflowed {y.dtype} to Inf/NaN (largest |x| is "
+                f"{float(np.abs(x2).max()):.3g}, largest weight scale "
+                f"{float(self.scales.max()):.3g}); expected inputs and weights whose product "
+                "fits the dtype (pass float64 x for a wider range)"
+            )
         return y.reshape(*lead, self.out_features)
 
     __call__ = forward

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import as_array
 from .errors import InvalidParamsError, ShapeMismatchError
 from .qtypes import (
     QuantizationGranularity,
@@ -64,9 +65,15 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _float_array(name: str, value: Any) -> np.ndarray:
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        raw = np.asarray(value)
+        # complex, bool, strings and objects are mistakes, not numbers to cast quietly
+        if raw.dtype.kind not in "fiu":
+            raise TypeError(f"dtype {raw.dtype}")
+        arr = raw.astype(np.float64)
     except (TypeError, ValueError) as exc:
-        raise InvalidParamsError(f"{name} must be an array of floats; got {value!r}") from exc
+        raise InvalidParamsError(
+            f"{name} must be an array of real numbers; got {value!r:.80} ({exc})"
+        ) from None
     if arr.ndim == 0:
         arr = arr.reshape(1)
     return arr
@@ -109,7 +116,7 @@ class QuantizationParams:
                 "expected 'int8' or 'int4'"
             )
         scale = _float_array("scale", self.scale)
-        zp_in = np.asarray(self.zero_point)
+        zp_in = as_array("zero_point", self.zero_point, InvalidParamsError)
         if zp_in.ndim == 0:
             zp_in = zp_in.reshape(1)
         if zp_in.dtype.kind == "f":
@@ -125,9 +132,11 @@ class QuantizationParams:
 
         if gran is QuantizationGranularity.PER_GROUP:
             gs = self.group_size
-            if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)) or gs <= 0:
+            big = np.iinfo(np.int64).max  # NumPy indexes with int64
+            if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)) or not 0 < gs <= big:
                 raise InvalidParamsError(
-                    f"per_group granularity needs a positive integer group_size; got {gs!r}"
+                    f"per_group granularity needs a positive integer group_size <= {big}; "
+                    f"got {gs!r}"
                 )
             group_size: int | None = int(gs)
             if scale.ndim != 2:
@@ -160,18 +169,26 @@ class QuantizationParams:
             raise InvalidParamsError(
                 f"scale must be finite and > 0 everywhere; got values such as {bad}"
             )
+        for name, arr in (("min_val", min_val), ("max_val", max_val)):
+            if not np.all(np.isfinite(arr)):
+                raise InvalidParamsError(
+                    f"{name} must be finite; got values such as "
+                    f"{arr[~np.isfinite(arr)][:3].tolist()}"
+                )
         qmin, qmax = code_range(qtype, scheme)
-        zp64 = zp_in.astype(np.int64)
-        if scheme is QuantizationScheme.SYMMETRIC and np.any(zp64 != 0):
+        # Checked before the cast to int64: 2**64 - 1 (uint64) or 1e30 (float) would wrap
+        # or overflow there and could land inside the range.
+        if scheme is QuantizationScheme.SYMMETRIC and np.any(zp_in != 0):
             raise InvalidParamsError(
                 "symmetric quantization needs zero_point 0 everywhere; got nonzero values "
-                f"such as {zp64[zp64 != 0][:3].tolist()}"
+                f"such as {zp_in[zp_in != 0][:3].tolist()}"
             )
-        if np.any((zp64 < qmin) | (zp64 > qmax)):
+        if np.any((zp_in < qmin) | (zp_in > qmax)):
             raise InvalidParamsError(
                 f"zero_point must lie in [{qmin}, {qmax}] for {qtype.value} {scheme.value}; "
-                f"got values from {zp64.min()} to {zp64.max()}"
+                f"got values from {zp_in.min()} to {zp_in.max()}"
             )
+        zp64 = zp_in.astype(np.int64)
         set_ = object.__setattr__
         set_(self, "qtype", qtype)
         set_(self, "scheme", scheme)

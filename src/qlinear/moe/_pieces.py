@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_finite
+from .._checks import as_array, check_finite
 from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 
 __all__ = ["ACTIVATIONS", "Piece", "apply_piece", "as_piece", "check_x", "piece_dims"]
@@ -34,7 +34,7 @@ def as_piece(name: str, value: Any) -> Piece:
                     "(as QuantizedLinear has)"
                 )
         return value
-    a = np.asarray(value)
+    a = as_array(name, value)
     if a.dtype.kind != "f":
         raise InvalidInputError(
             f"{name} must be a float matrix (out_features, in_features) or a layer with "
@@ -71,7 +71,7 @@ def apply_piece(piece: Piece, x: np.ndarray) -> np.ndarray:
 
 def check_x(x: Any, dim: int, what: str = "x") -> np.ndarray:
     """A float array whose last axis is ``dim``, finite; float16 becomes float32."""
-    a = np.asarray(x)
+    a = as_array(what, x)
     if a.dtype.kind != "f":
         raise InvalidInputError(
             f"{what} must be a floating-point array (float16/32/64); got dtype {a.dtype}"
@@ -79,7 +79,8 @@ def check_x(x: Any, dim: int, what: str = "x") -> np.ndarray:
     if a.ndim == 0 or a.shape[-1] != dim:
         raise ShapeMismatchError(f"{what} must have shape (..., {dim}); got {a.shape}")
     if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float32)
+        # float16 -> float32; longdouble and byte-swapped float64 must not lose precision
+        a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
     check_finite(what, a)
     return a
 

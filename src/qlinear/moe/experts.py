@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._checks import check_finite
+from .._checks import as_array, check_finite
 from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 from ._pieces import Piece, apply_piece, as_activation, as_piece, check_x, piece_dims
 
@@ -43,10 +43,30 @@ def _check_dim(name: str, n: Any) -> int:
     return int(n)
 
 
+def _rng(seed: Any) -> np.random.Generator:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise InvalidParamsError(f"seed must be an integer or None; got {seed!r}")
+    try:
+        return np.random.default_rng(seed)
+    except ValueError as exc:  # a negative seed
+        raise InvalidParamsError(f"seed must be a non-negative integer; got {seed!r}") from exc
+
+
 def _glorot(rng: np.random.Generator, d_in: int, d_out: int, dtype: Any) -> np.ndarray:
     # Glorot & Bengio (2010), normal variant: std = sqrt(2 / (fan_in + fan_out)).
     std = np.sqrt(2.0 / (d_in + d_out))
     return (rng.standard_normal((d_out, d_in)) * std).astype(dtype)
+
+
+def _finite(y: np.ndarray, x2: np.ndarray, what: str) -> np.ndarray:
+    """``y``, or InvalidInputError if finite inputs overflowed it to Inf/NaN."""
+    if not np.isfinite(y).all():
+        raise InvalidInputError(
+            f"the {what} output overflowed {y.dtype} to Inf/NaN (largest |x| is "
+            f"{float(np.abs(x2).max()):.3g}); expected inputs and weights whose products "
+            "fit the dtype (pass float64 x for a wider range)"
+        )
+    return y
 
 
 def _as_2d(x: Any, dim: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -69,7 +89,7 @@ class LinearExpert:
         d_out, _ = piece_dims(w)
         b = None
         if bias is not None:
-            b = np.asarray(bias)
+            b = as_array("bias", bias)
             if b.dtype.kind != "f":
                 raise InvalidInputError(f"bias must be floating point; got dtype {b.dtype}")
             if b.shape != (d_out,):
@@ -102,8 +122,7 @@ class LinearExpert:
         """Glorot-normal weights ``N(0, 2 / (d_in + d_out))`` of shape ``(d_out, d_in)`` from
         ``np.random.default_rng(seed)`` (same seed, same weights) and a zero bias."""
         d_in, d_out = _check_dim("d_in", d_in), _check_dim("d_out", d_out)
-        rng = np.random.default_rng(seed)
-        return cls(_glorot(rng, d_in, d_out, dtype), np.zeros(d_out))
+        return cls(_glorot(_rng(seed), d_in, d_out, dtype), np.zeros(d_out))
 
     @property
     def weights(self) -> Piece:
@@ -140,10 +159,11 @@ class LinearExpert:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``(..., d_in)`` -> ``(..., d_out)``: ``x @ W.T + b``."""
         x2, lead = _as_2d(x, self.input_dim)
-        y = apply_piece(self._w, x2)
-        if self._b is not None:
-            y += self._b.astype(y.dtype, copy=False)
-        return y.reshape(*lead, self.output_dim)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = apply_piece(self._w, x2)
+            if self._b is not None:
+                y += self._b.astype(y.dtype, copy=False)
+        return _finite(y, x2, "LinearExpert").reshape(*lead, self.output_dim)
 
     __call__ = forward
 
@@ -211,7 +231,7 @@ class GatedExpert:
         """Glorot-normal gate, up ``(d_ff, d_model)`` and down ``(d_model, d_ff)``, drawn in
         that order from ``np.random.default_rng(seed)``."""
         d_model, d_ff = _check_dim("d_model", d_model), _check_dim("d_ff", d_ff)
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         g = _glorot(rng, d_model, d_ff, dtype)
         u = _glorot(rng, d_model, d_ff, dtype)
         d = _glorot(rng, d_ff, d_model, dtype)
@@ -267,8 +287,9 @@ class GatedExpert:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``(..., d_model)`` -> ``(..., d_out)``: ``down(act(gate(x)) * up(x))``."""
         x2, lead = _as_2d(x, self.input_dim)
-        y = apply_piece(self._down, self.hidden(x2))
-        return y.reshape(*lead, self.output_dim)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = apply_piece(self._down, self.hidden(x2))
+        return _finite(y, x2, "GatedExpert").reshape(*lead, self.output_dim)
 
     __call__ = forward
 

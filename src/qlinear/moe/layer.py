@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_finite
+from .._checks import as_array, check_finite
 from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 from ._pieces import check_x
 from .experts import Expert, GatedExpert
@@ -85,7 +85,7 @@ class MoELayer:
         router_bias: np.ndarray | None = None,
         capacity: int | None = None,
     ) -> None:
-        r = np.asarray(router_weight)
+        r = as_array("router_weight", router_weight)
         if r.dtype.kind != "f":
             raise InvalidInputError(f"router_weight must be floating point; got dtype {r.dtype}")
         if r.ndim != 2 or 0 in r.shape:
@@ -140,7 +140,7 @@ class MoELayer:
             capacity = _check_int("capacity", capacity, 1)
         b = None
         if router_bias is not None:
-            b = np.asarray(router_bias)
+            b = as_array("router_bias", router_bias)
             if b.dtype.kind != "f":
                 raise InvalidInputError(f"router_bias must be floating point; got {b.dtype}")
             if b.shape != (num_experts,):
@@ -182,7 +182,7 @@ class MoELayer:
         """
         arrs = []
         for name, a in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-            a = np.asarray(a)
+            a = as_array(name, a)
             if a.ndim != 3:
                 raise ShapeMismatchError(
                     f"{name} must be 3-D (num_experts, out, in); got {a.ndim}-D shape {a.shape}"

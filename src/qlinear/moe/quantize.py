@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import as_float_matrix
+from .._checks import as_array, as_float_matrix
 from ..calibrate import calibrate_linear
 from ..errors import InvalidParamsError, ShapeMismatchError
 from ..linear import QuantizedLinear
@@ -124,7 +124,7 @@ def quantize_stacked(
     """Weight-only quantization of a 3-D float tensor ``(num_experts, out, in)``: one
     QuantizedLinear per expert, each from the view ``w[e]`` (the tensor is not split into
     float copies; only one expert's slice is converted at a time)."""
-    a = np.asarray(w)
+    a = as_array("w", w)
     if a.ndim != 3:
         raise ShapeMismatchError(f"w must be 3-D (num_experts, out, in); got shape {a.shape}")
     o = _options(qtype, granularity, scheme, group_size, method, 0.01, False, 128)
@@ -143,7 +143,7 @@ def _options(qtype, granularity, scheme, group_size, method, damp, act_order, bl
         group_size,
         method,
         damp,
-        bool(act_order),
+        act_order,  # validated by GPTQ: bool("no") would silently be True
         block_size,
     )
 
@@ -212,6 +212,10 @@ def quantize_moe(
     counts = None
     gptq = None
     if calib_x is not None:
+        if np.ndim(calib_x) != 2:
+            raise ShapeMismatchError(
+                f"calib_x must be 2-D (tokens, {layer.input_dim}); got shape {np.shape(calib_x)}"
+            )
         xc = as_float_matrix("calib_x", calib_x)
         if xc.shape[1] != layer.input_dim:
             raise ShapeMismatchError(

@@ -86,7 +86,10 @@ class RoutingStats:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of float64 ``(n, m)``, max-subtracted so exp never overflows."""
-    z = logits - logits.max(axis=-1, keepdims=True)
+    # logits - max <= 0 can only overflow to -Inf (logits near -1e308 and +1e308), whose
+    # exp, 0, is the right limit
+    with np.errstate(over="ignore"):
+        z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
 

@@ -96,12 +96,14 @@ def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dynamic per-row (per-token) symmetric int8 quantization of activations.
 
     x: float ``(n, k)`` -> (codes int8 ``(n, k)`` in -127..127, scales float64 ``(n,)``)
-    with ``scale = max|x_row| / 127`` (1.0 for an all-zero row) and
+    with ``scale = max(max|x_row| / 127, tiny)`` (1.0 for an all-zero row; ``tiny`` the
+    smallest normal float64, so a row of subnormals never gets a zero scale) and
     ``code = clip(rint(x / scale), -127, 127)``, computed in float64.
     """
     x64 = x.astype(np.float64)
     amax = np.abs(x64).max(axis=1) if x64.shape[1] else np.zeros(x64.shape[0])
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    tiny = np.finfo(np.float64).tiny
+    scale = np.where(amax > 0, np.maximum(amax / 127.0, tiny), 1.0)
     q = np.clip(np.rint(x64 / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
 

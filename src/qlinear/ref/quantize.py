@@ -10,7 +10,10 @@ BLOCK_ELEMENTS = 1 << 16
 
 
 def _round_clip(w, s, z, qmin, qmax) -> np.ndarray:
-    q = np.rint(w / s)
+    # w / s overflows to +-Inf only for a scale far below |w| (a subnormal scale given by
+    # hand); the clamp below then gives the same code as for any value past the range.
+    with np.errstate(over="ignore"):
+        q = np.rint(w / s)
     q += z
     return np.clip(q, qmin, qmax, out=q).astype(np.int16)
 
