@@ -376,3 +376,28 @@ def test_dequantize_to_a_dtype_too_narrow_for_the_weight_raises(dtype, big):
     with pytest.raises(InvalidParamsError, match="does not fit"):
         layer.dequantize(dtype)
     assert_close(layer.dequantize(), w, atol=big / 254)
+
+
+@pytest.mark.parametrize("qtype,gs", [("int8", None), ("int4", 8)])
+def test_pickle_and_copy_give_equal_read_only_layers(rng, qtype, gs):
+    import copy
+    import pickle
+
+    w = rng.standard_normal((5, 19))
+    gran = "per_group" if gs else "per_channel"
+    layer = layer_for(w, qtype, gran, "asymmetric", gs, bias=rng.standard_normal(5))
+    x = rng.standard_normal((3, 19))
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), copy.copy(layer)):
+        np.testing.assert_array_equal(clone.qweight, layer.qweight)
+        np.testing.assert_array_equal(clone.scales, layer.scales)
+        np.testing.assert_array_equal(clone(x), layer(x))
+        for arr in (clone.qweight, clone.scales, clone.zero_points, clone.bias):
+            with pytest.raises(ValueError):
+                arr[0] = 0
+
+
+def test_unknown_or_unhashable_backend_is_a_clear_error(rng):
+    w = rng.standard_normal((2, 3))
+    for bad in ("nope", [], None.__class__):
+        with pytest.raises(InvalidParamsError, match="backend"):
+            QuantizedLinear.from_fp(w, calibrate_linear(w), backend=bad)

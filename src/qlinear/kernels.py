@@ -157,12 +157,9 @@ def get_backend(name: str | None = None) -> Backend:
             if _state["active"] is None:
                 _state["active"] = _choose()
             name = _state["active"]
-    try:
-        backend = _BACKENDS[name]
-    except KeyError:
-        raise InvalidParamsError(
-            f"unknown backend {name!r}; expected one of {sorted(_BACKENDS)}"
-        ) from None
+    backend = _BACKENDS.get(name) if isinstance(name, str) else None
+    if backend is None:
+        raise InvalidParamsError(f"unknown backend {name!r}; expected one of {sorted(_BACKENDS)}")
     if not backend.supported():
         raise InvalidParamsError(f"backend {name!r} is not supported on this CPU")
     return backend

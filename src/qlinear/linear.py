@@ -413,6 +413,14 @@ class QuantizedLinear:
 
     __call__ = forward
 
+    def __reduce__(self):
+        # Pickle / copy the canonical codes and rebuild: the copy is packed for the active
+        # backend and read-only like the original.
+        return (
+            QuantizedLinear._from_stored,
+            (np.array(self.stored_weight), self._params, self.in_features, self._bias),
+        )
+
     def __repr__(self) -> str:
         gs = f", group_size={self.group_size}" if self.group_size else ""
         return (

@@ -213,6 +213,22 @@ class QuantizationParams:
                 f"weight of shape ({out_features}, {in_features}) needs {expected}"
             )
 
+    def __reduce__(self):
+        # Rebuild through __init__ so a copy is validated and read-only like the original.
+        return (
+            QuantizationParams,
+            (
+                self.qtype,
+                self.scheme,
+                self.granularity,
+                self.scale,
+                self.zero_point,
+                self.min_val,
+                self.max_val,
+                self.group_size,
+            ),
+        )
+
     def __repr__(self) -> str:
         gs = f", group_size={self.group_size}" if self.group_size is not None else ""
         return (
