@@ -21,7 +21,8 @@ from qlinear import checkpoint as ck
 from qlinear._safetensors import SafetensorsWriter, atomic_write
 from qlinear.cli import main
 
-SRC_DIR = Path(__file__).resolve().parents[1] / "src"
+# The child runs the same qlinear as this process (installed, or a source tree).
+SRC_DIR = Path(qlinear.__file__).resolve().parent.parent
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:
