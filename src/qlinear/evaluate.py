@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError, InvalidParamsError
+from .gptq import gptq_quantize
 from .io import layer_tensors
 from .linear import QuantizedLinear
 from .quantconfig import QuantConfig
@@ -35,6 +36,7 @@ class EvalReport:
 
     model_dir: str
     config: dict[str, Any]
+    calibration: str
     n_sentences: int
     n_layers: int
     cos_mean: float
@@ -49,15 +51,38 @@ class EvalReport:
 
 
 def quantize_linears(
-    model: Any, config: QuantConfig | Mapping[str, Any]
+    model: Any,
+    config: QuantConfig | Mapping[str, Any],
+    *,
+    calib_inputs: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, QuantizedLinear]:
     """Every linear layer of ``model`` (a :class:`qlinear.models.BertModel`) quantized
-    with ``config``, bias included: name -> QuantizedLinear."""
+    with ``config``, bias included: name -> QuantizedLinear.
+
+    With ``calib_inputs`` (name -> float ``(tokens, in)``, as
+    ``model.layer_inputs(sentences)`` returns), each layer is quantized by GPTQ with
+    activation order on its own inputs, ``config.method`` choosing each group's clipping;
+    without, from its weights alone.
+    """
     cfg = QuantConfig.coerce(config)
     out = {}
     for name in model.linear_names():
         w = np.asarray(model.linear_weight(name), dtype=np.float64)
-        out[name] = QuantizedLinear.from_fp(w, cfg.calibrate(w), bias=model.linear_bias(name))
+        bias = model.linear_bias(name)
+        if calib_inputs is None:
+            out[name] = QuantizedLinear.from_fp(w, cfg.calibrate(w), bias=bias)
+        else:
+            out[name] = gptq_quantize(
+                w,
+                calib_inputs[name],
+                cfg.qtype,
+                cfg.granularity,
+                cfg.scheme,
+                group_size=cfg.group_size,
+                act_order=True,
+                method=cfg.method,
+                bias=bias,
+            )
     return out
 
 
@@ -76,9 +101,14 @@ def evaluate_model(
     *,
     sentences: Sequence[str] | None = None,
     repeats: int = 1,
+    gptq: bool = False,
 ) -> EvalReport:
     """Quantize every linear layer of the encoder in ``model_dir`` (default: the packaged
     all-MiniLM-L6-v2) and compare its embeddings with float32.
+
+    By default every shipped sentence is encoded. With ``gptq=True`` the layers are
+    calibrated by GPTQ on the inputs they see for the 60 shipped calibration sentences, and
+    the comparison uses only the 20 held-out ones (unless ``sentences`` is given).
 
     Raises ImportError (naming the package to install) when ``tokenizers`` or the default
     model package is missing, FormatError for a malformed model directory, and
@@ -94,11 +124,20 @@ def evaluate_model(
     ):
         # list("some text") would silently be one sentence per character
         raise InvalidInputError(f"sentences must be a list of strings; got {sentences!r:.80}")
-    texts = list(models.sentences("all") if sentences is None else sentences)
+    if not isinstance(gptq, bool):
+        raise InvalidParamsError(f"gptq must be True or False; got {gptq!r}")
+    default = "heldout" if gptq else "all"
+    texts = list(models.sentences(default) if sentences is None else sentences)
     if not texts:
         raise InvalidInputError("sentences is empty; expected at least one sentence")
     model = models.load_minilm(model_dir)
-    qlayers = quantize_linears(model, cfg)
+    calib = model.layer_inputs(models.sentences("calib")) if gptq else None
+    qlayers = quantize_linears(model, cfg, calib_inputs=calib)
+    calibration = (
+        f"gptq, act order, on {len(models.sentences('calib'))} calibration sentences"
+        if gptq
+        else "weights only"
+    )
     qmodel = model.with_linears(qlayers)
     ef, t_float = _best_time(lambda: model.encode(texts), repeats)
     eq, t_quant = _best_time(lambda: qmodel.encode(texts), repeats)
@@ -116,6 +155,7 @@ def evaluate_model(
     return EvalReport(
         model_dir=str(model.model_dir),
         config=cfg.to_dict(),
+        calibration=calibration,
         n_sentences=len(texts),
         n_layers=len(names),
         cos_mean=float(cos.mean()),
