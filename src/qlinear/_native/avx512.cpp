@@ -1,0 +1,163 @@
+// AVX-512 (F, BW, VL, DQ) + VNNI kernels. Compiled with -mavx512f -mavx512bw -mavx512vl
+// -mavx512dq -mavx512vnni -mfma; only called after cpu_has_avx512vnni() said yes.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common.h"
+
+#define QL_ISA avx512
+
+namespace qlinear {
+namespace avx512 {
+
+constexpr int MR_I = 8;
+constexpr int MR_F = 6;
+
+// 32 bytes of nibbles -> 64 unsigned codes (low nibbles first, then high nibbles).
+static inline __m512i load_step4(const uint8_t* p) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(b, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+template <int BITS>
+static inline __m512i load_step(const uint8_t* w, int64_t s) {
+    if (BITS == 8) return _mm512_loadu_si512(w + s * 64);
+    return load_step4(w + s * 32);
+}
+
+static inline __m512i bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// One row of x: four independent accumulators hide the vpdpbusd latency.
+template <int BITS>
+static void i_micro1(const uint8_t* w, int64_t nsteps, const int8_t* xq, int32_t* acc) {
+    __m512i a0 = _mm512_loadu_si512(acc), a1 = _mm512_setzero_si512();
+    __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+    int64_t s = 0;
+    for (; s + 4 <= nsteps; s += 4) {
+        a0 = _mm512_dpbusd_epi32(a0, load_step<BITS>(w, s), bcast4(xq + 4 * s));
+        a1 = _mm512_dpbusd_epi32(a1, load_step<BITS>(w, s + 1), bcast4(xq + 4 * s + 4));
+        a2 = _mm512_dpbusd_epi32(a2, load_step<BITS>(w, s + 2), bcast4(xq + 4 * s + 8));
+        a3 = _mm512_dpbusd_epi32(a3, load_step<BITS>(w, s + 3), bcast4(xq + 4 * s + 12));
+    }
+    for (; s < nsteps; ++s) a0 = _mm512_dpbusd_epi32(a0, load_step<BITS>(w, s), bcast4(xq + 4 * s));
+    a0 = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+    _mm512_storeu_si512(acc, a0);
+}
+
+template <int BITS, int MR>
+static void i_microN(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                     int32_t* acc) {
+    __m512i a[MR];
+    for (int m = 0; m < MR; ++m) a[m] = _mm512_loadu_si512(acc + m * NR);
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i wv = load_step<BITS>(w, s);
+        for (int m = 0; m < MR; ++m)
+            a[m] = _mm512_dpbusd_epi32(a[m], wv, bcast4(xq + m * xq_rs + 4 * s));
+    }
+    for (int m = 0; m < MR; ++m) _mm512_storeu_si512(acc + m * NR, a[m]);
+}
+
+template <int BITS>
+static void i_micro_b(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs, int mr,
+                      int32_t* acc) {
+    switch (mr) {
+        case 1: i_micro1<BITS>(w, nsteps, xq, acc); break;
+        case 2: i_microN<BITS, 2>(w, nsteps, xq, xq_rs, acc); break;
+        case 3: i_microN<BITS, 3>(w, nsteps, xq, xq_rs, acc); break;
+        case 4: i_microN<BITS, 4>(w, nsteps, xq, xq_rs, acc); break;
+        case 5: i_microN<BITS, 5>(w, nsteps, xq, xq_rs, acc); break;
+        case 6: i_microN<BITS, 6>(w, nsteps, xq, xq_rs, acc); break;
+        case 7: i_microN<BITS, 7>(w, nsteps, xq, xq_rs, acc); break;
+        default: i_microN<BITS, 8>(w, nsteps, xq, xq_rs, acc); break;
+    }
+}
+
+static inline void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq,
+                           int64_t xq_rs, int mr, int32_t* acc) {
+    if (bits == 8) i_micro_b<8>(w, nsteps, xq, xq_rs, mr, acc);
+    else i_micro_b<4>(w, nsteps, xq, xq_rs, mr, acc);
+}
+
+// Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.
+static inline void reduce_rows(const float* lanes, float* part) {
+    for (int r = 0; r < NR; ++r)
+        part[r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+}
+static inline void reduce_rows(const double* lanes, double* part) {
+    for (int r = 0; r < NR; ++r)
+        part[r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+}
+
+template <int MR>
+static void f_microN(const float* wbuf, int64_t nsteps, const float* x, int64_t x_rs,
+                     float* part) {
+    __m512 a[MR][4];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const float* ws = wbuf + s * 64;
+        const __m512 w0 = _mm512_loadu_ps(ws), w1 = _mm512_loadu_ps(ws + 16);
+        const __m512 w2 = _mm512_loadu_ps(ws + 32), w3 = _mm512_loadu_ps(ws + 48);
+        for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * x_rs + 4 * s));
+            a[m][0] = _mm512_fmadd_ps(w0, xv, a[m][0]);
+            a[m][1] = _mm512_fmadd_ps(w1, xv, a[m][1]);
+            a[m][2] = _mm512_fmadd_ps(w2, xv, a[m][2]);
+            a[m][3] = _mm512_fmadd_ps(w3, xv, a[m][3]);
+        }
+    }
+    alignas(64) float lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 4; ++j) _mm512_store_ps(lanes + 16 * j, a[m][j]);
+        reduce_rows(lanes, part + m * NR);
+    }
+}
+
+template <int MR>
+static void f_microN(const double* wbuf, int64_t nsteps, const double* x, int64_t x_rs,
+                     double* part) {
+    __m512d a[MR][8];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 8; ++j) a[m][j] = _mm512_setzero_pd();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const double* ws = wbuf + s * 64;
+        __m512d wv[8];
+        for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_pd(ws + 8 * j);
+        for (int m = 0; m < MR; ++m) {
+            const __m512d xv = _mm512_broadcast_f64x4(_mm256_loadu_pd(x + m * x_rs + 4 * s));
+            for (int j = 0; j < 8; ++j) a[m][j] = _mm512_fmadd_pd(wv[j], xv, a[m][j]);
+        }
+    }
+    alignas(64) double lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 8; ++j) _mm512_store_pd(lanes + 8 * j, a[m][j]);
+        reduce_rows(lanes, part + m * NR);
+    }
+}
+
+template <class T>
+static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int mr, T* part) {
+    constexpr int STEP = sizeof(T) == 4 ? 6 : 2;
+    int m = 0;
+    for (; m + STEP <= mr; m += STEP) f_microN<STEP>(wbuf, nsteps, x + m * x_rs, x_rs, part + m * NR);
+    for (; m < mr; ++m) f_microN<1>(wbuf, nsteps, x + m * x_rs, x_rs, part + m * NR);
+}
+
+}  // namespace avx512
+}  // namespace qlinear
+
+#include "kernels_impl.h"
+
+namespace qlinear {
+namespace avx512 {
+const KernelTable table = {"avx512", &linear_float, &linear_int8act};
+}  // namespace avx512
+}  // namespace qlinear

@@ -1,0 +1,304 @@
+// Kernel drivers shared by every ISA file. Each ISA file defines, inside
+// namespace qlinear::QL_ISA, before including this header:
+//   constexpr int MR_I, MR_F;                        // rows of x per micro-kernel call
+//   void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq,
+//                int64_t xq_rs, int mr, int32_t* acc);
+//       acc[m*16 + r] += sum over steps s, kk of u[s][r*4+kk] * xq[m*xq_rs + 4s + kk]
+//       (u: unsigned codes of a full 16-row block, 64 bytes per step for bits == 8,
+//        32 bytes of nibbles for bits == 4; exact int32 arithmetic)
+//   template <class T> void f_micro(const T* wbuf, int64_t nsteps, const T* x,
+//                                   int64_t x_rs, int mr, T* part);
+//       part[m*16 + r] += sum over s, kk of wbuf[s*64 + r*4 + kk] * x[m*x_rs + 4s + kk]
+// The drivers below split the work into tasks (blocks of 16 output rows x chunks of
+// rows of x). Every output element is computed by one task, in an order that does not
+// depend on the task split, so results do not depend on the thread count.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace qlinear {
+namespace QL_ISA {
+
+// Steps of one integer chunk: 8192 steps * 4 columns * 255 * 128 < 2^31.
+constexpr int64_t INT_CHUNK = 8192;
+// Steps of float weights converted at once (64 lanes each): 32 KiB of float32.
+constexpr int64_t F_CHUNK = 128;
+
+struct BlockView {
+    const uint8_t* w;  // first step
+    int bits;          // 8 or 4 (step of 64 or 32 bytes)
+    int64_t nd;        // steps readable at w
+    bool has_tail;     // one more step, decoded into tail64
+    alignas(64) uint8_t tail64[64];
+    int64_t rb;
+};
+
+// A full block is read in place; a partial one (rb < 16) is decoded into `scratch`
+// as full int8-style steps padded with zero rows.
+inline void view_block(const Layer& L, int64_t bi, std::vector<uint8_t>& scratch, BlockView& v) {
+    const int64_t o0 = bi * NR;
+    const int64_t k4 = L.in / 4, kp = (L.in + 3) / 4;
+    v.rb = std::min<int64_t>(NR, L.out - o0);
+    const uint8_t* blk = L.w + bi * block_bytes(L.bits, NR, L.in);
+    if (v.rb == NR) {
+        v.w = blk;
+        v.bits = L.bits;
+        v.nd = k4;
+        v.has_tail = kp > k4;
+        if (v.has_tail) decode_step(L.bits, blk, NR, L.in, k4, v.tail64);
+    } else {
+        scratch.resize(static_cast<size_t>(kp) * 64);
+        for (int64_t s = 0; s < kp; ++s) decode_step(L.bits, blk, v.rb, L.in, s, &scratch[s * 64]);
+        v.w = scratch.data();
+        v.bits = 8;
+        v.nd = k4;  // the tail step reads x beyond in: it goes through tail64
+        v.has_tail = kp > k4;
+        if (v.has_tail) std::memcpy(v.tail64, &scratch[k4 * 64], 64);
+    }
+}
+
+inline int64_t steps_per_group(const Layer& L) {
+    return L.n_groups == 1 ? (L.in + 3) / 4 : L.group_size / 4;
+}
+
+// ------------------------------------------------------------------ int8 activations
+template <class T>
+void quantize_row(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng, int8_t* q,
+                  double* sx, int32_t* rs) {
+    double amax = 0.0;
+    for (int64_t k = 0; k < in; ++k) {
+        const double a = std::fabs(static_cast<double>(x[k]));
+        amax = a > amax ? a : amax;
+    }
+    const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
+    for (int64_t k = 0; k < in; ++k) {
+        double v = std::nearbyint(static_cast<double>(x[k]) / scale);
+        v = v < -127.0 ? -127.0 : (v > 127.0 ? 127.0 : v);
+        q[k] = static_cast<int8_t>(static_cast<int>(v));
+    }
+    for (int64_t k = in; k < kpad; ++k) q[k] = 0;
+    *sx = scale;
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t a = g * gs, b = std::min(in, a + gs);
+        int32_t s = 0;
+        for (int64_t k = a; k < b; ++k) s += q[k];
+        rs[g] = s;
+    }
+}
+
+struct I8Ctx {
+    const Layer* L;
+    const Call* C;
+    int8_t* xq;
+    int64_t xq_rs;
+    double* sx;
+    int32_t* rs;
+    int64_t mchunk, nmchunks;
+};
+
+template <class T>
+void i8_quant_task(void* p, int64_t task, int) {
+    auto& c = *static_cast<I8Ctx*>(p);
+    const int64_t m0 = task * 16, m1 = std::min(c.C->n, m0 + 16);
+    const int64_t gs = c.L->n_groups == 1 ? c.L->in : c.L->group_size;
+    for (int64_t m = m0; m < m1; ++m) {
+        quantize_row<T>(static_cast<const T*>(c.C->x) + m * c.C->x_rs, c.L->in, c.xq_rs, gs,
+                        c.L->n_groups, c.xq + m * c.xq_rs, c.sx + m, c.rs + m * c.L->n_groups);
+    }
+}
+
+template <class T>
+void i8_task(void* p, int64_t task, int) {
+    auto& c = *static_cast<I8Ctx*>(p);
+    const Layer& L = *c.L;
+    const int64_t bi = task / c.nmchunks, mi = task % c.nmchunks;
+    const int64_t o0 = bi * NR;
+    const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
+    thread_local std::vector<uint8_t> scratch;
+    BlockView v;
+    view_block(L, bi, scratch, v);
+    const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
+    const int64_t sbytes = v.bits == 8 ? 64 : 32;
+    T* y = static_cast<T*>(c.C->y);
+    for (int64_t m = m0; m < m1; m += MR_I) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
+        double accd[MR_I * NR] = {};
+        const int8_t* xm = c.xq + m * c.xq_rs;
+        for (int64_t g = 0; g < ng; ++g) {
+            const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
+            int64_t acc64[MR_I * NR] = {};
+            for (int64_t ca = sa; ca < sb; ca += INT_CHUNK) {
+                const int64_t ce = std::min(sb, ca + INT_CHUNK);
+                alignas(64) int32_t acc[MR_I * NR] = {};
+                const int64_t de = std::min(ce, v.nd);
+                if (de > ca)
+                    i_micro(v.w + ca * sbytes, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr, acc);
+                if (v.has_tail && ce > v.nd)
+                    i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, acc);
+                for (int i = 0; i < mr * NR; ++i) acc64[i] += acc[i];
+            }
+            for (int64_t r = 0; r < v.rb; ++r) {
+                const int64_t zp = L.zpu[(o0 + r) * ng + g];
+                const double s = L.scales[(o0 + r) * ng + g];
+                for (int mm = 0; mm < mr; ++mm) {
+                    const int64_t d = acc64[mm * NR + r] - zp * c.rs[(m + mm) * ng + g];
+                    accd[mm * NR + r] += static_cast<double>(d) * s;
+                }
+            }
+        }
+        for (int mm = 0; mm < mr; ++mm) {
+            T* ym = y + (m + mm) * L.out + o0;
+            const double sxm = c.sx[m + mm];
+            for (int64_t r = 0; r < v.rb; ++r) {
+                double val = accd[mm * NR + r] * sxm;
+                if (L.bias) val += L.bias[o0 + r];
+                ym[r] = static_cast<T>(val);
+            }
+        }
+    }
+}
+
+inline int pick_threads(const Layer& L, const Call& C) {
+    const double work = static_cast<double>(C.n) * L.out * L.in;
+    return work < (1 << 20) ? 1 : std::max(1, C.threads);
+}
+
+template <class T>
+void linear_int8act_t(const Layer& L, const Call& C) {
+    const int64_t kp = (L.in + 3) / 4;
+    I8Ctx c;
+    c.L = &L;
+    c.C = &C;
+    c.xq_rs = kp * 4;
+    std::vector<int8_t> xq(static_cast<size_t>(C.n * c.xq_rs));
+    std::vector<double> sx(static_cast<size_t>(C.n));
+    std::vector<int32_t> rs(static_cast<size_t>(C.n * L.n_groups));
+    c.xq = xq.data();
+    c.sx = sx.data();
+    c.rs = rs.data();
+    const int threads = pick_threads(L, C);
+    parallel_for((C.n + 15) / 16, C.n * L.in < (1 << 16) ? 1 : threads, &i8_quant_task<T>, &c);
+    const int64_t nblocks = (L.out + NR - 1) / NR;
+    c.mchunk = C.n <= 256 ? C.n : 128;
+    c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
+    parallel_for(nblocks * c.nmchunks, threads, &i8_task<T>, &c);
+}
+
+// ------------------------------------------------------------------ float activations
+template <class T>
+struct FCtx {
+    const Layer* L;
+    const Call* C;
+    const T* xt;  // (n, 4): x's last in % 4 columns, zero padded
+    int64_t mchunk, nmchunks;
+};
+
+// wbuf[s*64 + i] = u - zpl[i] for `nsteps` steps of a full block.
+template <class T>
+void f_convert(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, T* wbuf) {
+    if (bits == 8) {
+        for (int64_t s = 0; s < nsteps; ++s)
+            for (int i = 0; i < 64; ++i)
+                wbuf[s * 64 + i] = static_cast<T>(static_cast<int32_t>(w[s * 64 + i])) - zpl[i];
+    } else {
+        for (int64_t s = 0; s < nsteps; ++s) {
+            for (int i = 0; i < 32; ++i) {
+                const uint8_t b = w[s * 32 + i];
+                wbuf[s * 64 + i] = static_cast<T>(static_cast<int32_t>(b & 0x0F)) - zpl[i];
+                wbuf[s * 64 + 32 + i] = static_cast<T>(static_cast<int32_t>(b >> 4)) - zpl[32 + i];
+            }
+        }
+    }
+}
+
+template <class T>
+void f_task(void* p, int64_t task, int) {
+    auto& c = *static_cast<FCtx<T>*>(p);
+    const Layer& L = *c.L;
+    const Call& C = *c.C;
+    const int64_t bi = task / c.nmchunks, mi = task % c.nmchunks;
+    const int64_t o0 = bi * NR;
+    const int64_t m0 = mi * c.mchunk, m1 = std::min(C.n, m0 + c.mchunk);
+    thread_local std::vector<uint8_t> scratch;
+    thread_local std::vector<T> wbuf_v;
+    if (wbuf_v.size() < static_cast<size_t>((F_CHUNK + 1) * 64)) wbuf_v.resize((F_CHUNK + 1) * 64);
+    T* wbuf = wbuf_v.data();
+    BlockView v;
+    view_block(L, bi, scratch, v);
+    const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
+    const int64_t sbytes = v.bits == 8 ? 64 : 32;
+    const T* x = static_cast<const T*>(C.x);
+    T* y = static_cast<T*>(C.y);
+    alignas(64) T zpl[64];
+    T sc[NR];
+    for (int64_t g = 0; g < ng; ++g) {
+        for (int r = 0; r < NR; ++r) {
+            const T z = r < v.rb ? static_cast<T>(L.zpu[(o0 + r) * ng + g]) : T(0);
+            for (int kk = 0; kk < 4; ++kk) zpl[r * 4 + kk] = z;
+            sc[r] = r < v.rb ? static_cast<T>(L.scales[(o0 + r) * ng + g]) : T(0);
+        }
+        const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
+        for (int64_t ca = sa; ca < sb; ca += F_CHUNK) {
+            const int64_t ce = std::min(sb, ca + F_CHUNK);
+            const int64_t de = std::min(ce, v.nd);
+            const int64_t nd = de > ca ? de - ca : 0;
+            if (nd) f_convert<T>(v.w + ca * sbytes, v.bits, nd, zpl, wbuf);
+            const bool tail = v.has_tail && ce > v.nd;
+            if (tail) f_convert<T>(v.tail64, 8, 1, zpl, wbuf + nd * 64);
+            const bool first = (g == 0 && ca == sa);
+            const bool last = (g == ng - 1 && ce == sb);
+            for (int64_t m = m0; m < m1; m += MR_F) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR_F, m1 - m));
+                alignas(64) T part[MR_F * NR] = {};
+                if (nd) f_micro<T>(wbuf, nd, x + m * C.x_rs + 4 * ca, C.x_rs, mr, part);
+                if (tail) f_micro<T>(wbuf + nd * 64, 1, c.xt + m * 4, 4, mr, part);
+                for (int mm = 0; mm < mr; ++mm) {
+                    T* ym = y + (m + mm) * L.out + o0;
+                    for (int64_t r = 0; r < v.rb; ++r) {
+                        T val = sc[r] * part[mm * NR + r];
+                        if (!first) val = ym[r] + val;
+                        if (last && L.bias) val += static_cast<T>(L.bias[o0 + r]);
+                        ym[r] = val;
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <class T>
+void linear_float_t(const Layer& L, const Call& C) {
+    FCtx<T> c;
+    c.L = &L;
+    c.C = &C;
+    const int64_t k4 = L.in / 4, t = L.in % 4;
+    std::vector<T> xt;
+    if (t) {
+        xt.assign(static_cast<size_t>(C.n * 4), T(0));
+        const T* x = static_cast<const T*>(C.x);
+        for (int64_t m = 0; m < C.n; ++m)
+            for (int64_t j = 0; j < t; ++j) xt[m * 4 + j] = x[m * C.x_rs + 4 * k4 + j];
+    }
+    c.xt = xt.data();
+    c.mchunk = C.n <= 256 ? C.n : 128;
+    c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
+    const int64_t nblocks = (L.out + NR - 1) / NR;
+    parallel_for(nblocks * c.nmchunks, pick_threads(L, C), &f_task<T>, &c);
+}
+
+inline void linear_float(const Layer& L, const Call& C) {
+    if (C.f64) linear_float_t<double>(L, C);
+    else linear_float_t<float>(L, C);
+}
+
+inline void linear_int8act(const Layer& L, const Call& C) {
+    if (C.f64) linear_int8act_t<double>(L, C);
+    else linear_int8act_t<float>(L, C);
+}
+
+}  // namespace QL_ISA
+}  // namespace qlinear
