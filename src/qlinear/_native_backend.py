@@ -31,6 +31,8 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 __all__: list[str] = []
 
+_FEATURES: dict[str, bool] = dict(_native.cpu_features()) if _native is not None else {}
+
 
 class _Packed:
     """Packed codes plus a cache of the kernel zero points derived from a layer's."""
@@ -53,9 +55,8 @@ class NativeBackend:
         self._describe = describe
 
     def supported(self) -> bool:
-        if _native is None:
-            return False
-        return self._feature is None or bool(_native.cpu_features()[self._feature])
+        # CPUID traps to the hypervisor on virtual machines: ask once.
+        return _native is not None and (self._feature is None or _FEATURES[self._feature])
 
     def pack(self, stored: np.ndarray, qtype: QuantizationType, in_features: int):
         bits = 4 if qtype is QuantizationType.INT4 else 8
@@ -100,7 +101,7 @@ class NativeBackend:
         if x.strides[1] != x.itemsize or x.strides[0] < 0:
             x = np.ascontiguousarray(x)
         return _native.linear(
-            self.name if self.name != "portable" else "portable",
+            self.name,
             d.codes,
             d.bits,
             pw.out_features,

@@ -28,7 +28,7 @@ bool leaf7(unsigned* b, unsigned* c) {
 }
 }  // namespace
 
-bool cpu_has_avx2() {
+static bool probe_avx2() {
     unsigned a, b, c, d;
     if (!osxsave() || !__get_cpuid(1, &a, &b, &c, &d)) return false;
     const bool fma = (c & (1u << 12)) != 0, avx = (c & (1u << 28)) != 0;
@@ -37,13 +37,22 @@ bool cpu_has_avx2() {
     return leaf7(&b7, &c7) && (b7 & (1u << 5)) != 0;
 }
 
-bool cpu_has_avx512vnni() {
-    if (!cpu_has_avx2() || (xgetbv0() & 0xE6) != 0xE6) return false;
+static bool probe_avx512vnni() {
+    if (!probe_avx2() || (xgetbv0() & 0xE6) != 0xE6) return false;
     unsigned b7, c7;
     if (!leaf7(&b7, &c7)) return false;
     const bool f = b7 & (1u << 16), dq = b7 & (1u << 17), bw = b7 & (1u << 30),
                vl = b7 & (1u << 31), vnni = c7 & (1u << 11);
     return f && dq && bw && vl && vnni;
+}
+// CPUID traps to the hypervisor on virtual machines (tens of microseconds): probe once.
+bool cpu_has_avx2() {
+    static const bool v = probe_avx2();
+    return v;
+}
+bool cpu_has_avx512vnni() {
+    static const bool v = probe_avx512vnni();
+    return v;
 }
 #else
 bool cpu_has_avx2() { return false; }

@@ -49,8 +49,9 @@ struct Pool {
         }
     }
 
-    void worker(int idx) {
-        uint64_t seen = gen.load(std::memory_order_acquire);
+    // `seen`: the job generation when the worker was started (a job published before
+    // the thread gets to run must still be picked up).
+    void worker(int idx, uint64_t seen) {
         for (;;) {
             uint64_t g = gen.load(std::memory_order_acquire);
             for (int spin = 0; g == seen && spin < 20000; ++spin) {
@@ -112,7 +113,7 @@ void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), 
     const int helpers = threads - 1;
     while (p->nworkers < helpers) {
         const int idx = p->nworkers;
-        std::thread(&Pool::worker, p, idx).detach();
+        std::thread(&Pool::worker, p, idx, p->gen.load()).detach();
         ++p->nworkers;
     }
     p->fn = fn;
