@@ -74,14 +74,11 @@ def _ort_session(model, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def ort_dynamic_peer(layer: QuantizedLinear, bias: np.ndarray):
     try:
-        import onnx
         import onnxruntime  # noqa: F401
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
@@ -122,7 +119,6 @@ def ort_dynamic_peer(layer: QuantizedLinear, bias: np.ndarray):
 
 def ort_nbits_peer(layer: QuantizedLinear, block: int = 128):
     try:
-        import onnx
         import onnxruntime  # noqa: F401
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
@@ -186,19 +182,22 @@ def bench_shape(out_f: int, in_f: int, batches: list[int], rng, int4: bool) -> N
         p4 = calibrate_linear(w, "int4", "per_group", "symmetric", group_size=128)
         l4 = QuantizedLinear.from_fp(w, p4)
         nmake, nmsg = ort_nbits_peer(l4)
-    print(f"\n{out_f}x{in_f} (out x in), backend {layer.backend}, threads {qlinear.get_num_threads()}")
+    threads = qlinear.get_num_threads()
+    print(f"\n{out_f}x{in_f} (out x in), backend {layer.backend}, threads {threads}")
     for msg in {tmsg, omsg, nmsg} - {None}:
         print(f"  skipped: {msg}")
     for n in batches:
         x = rng.standard_normal((n, in_f)).astype(np.float32)
         x64 = x.astype(np.float64)
         t = {}
-        t["qlinear float"] = timeit(lambda: layer(x))
-        t["qlinear int8"] = timeit(lambda: layer(x, activations="int8"))
-        t["qlinear float64"] = timeit(lambda: layer(x64))
-        t["numpy f32"] = timeit(lambda: x @ wf32.T + bias)
-        t["numpy f64"] = timeit(lambda: x64 @ wf64.T + bias)
-        t["dequantize-all"] = timeit(lambda: x @ layer.dequantize(np.float32).T + bias, budget=0.1)
+        t["qlinear float"] = timeit(lambda x=x: layer(x))
+        t["qlinear int8"] = timeit(lambda x=x: layer(x, activations="int8"))
+        t["qlinear float64"] = timeit(lambda x64=x64: layer(x64))
+        t["numpy f32"] = timeit(lambda x=x: x @ wf32.T + bias)
+        t["numpy f64"] = timeit(lambda x64=x64: x64 @ wf64.T + bias)
+        t["dequantize-all"] = timeit(
+            lambda x=x: x @ layer.dequantize(np.float32).T + bias, budget=0.1
+        )
         peers = {}
         if tmake:
             peers["torch"] = t["torch dynamic int8"] = timeit(tmake(x))
@@ -211,12 +210,13 @@ def bench_shape(out_f: int, in_f: int, batches: list[int], rng, int4: bool) -> N
         if peers:
             best = min(peers.values())
             ok = "yes" if t["qlinear int8"] <= best else "NO"
-            print(f"    -> int8 mode vs faster peer: {t['qlinear int8'] / best:.2f}x (target <= 1: {ok})")
+            ratio = t["qlinear int8"] / best
+            print(f"    -> int8 mode vs faster peer: {ratio:.2f}x (target <= 1: {ok})")
         r = t["numpy f32"] / t["qlinear float"]
         print(f"    -> float mode speed-up over numpy f32: {r:.2f}x")
         if l4 is not None:
-            t4 = timeit(lambda: l4(x))
-            t4i = timeit(lambda: l4(x, activations="int8"))
+            t4 = timeit(lambda x=x: l4(x))
+            t4i = timeit(lambda x=x: l4(x, activations="int8"))
             extra = {}
             if nmake:
                 extra["nbits"] = timeit(nmake(x))
