@@ -11,7 +11,7 @@
 namespace qlinear {
 namespace avx512 {
 
-constexpr int MR_I = 8;
+constexpr int MR_I = 12;
 constexpr int MR_F = 6;
 
 // 32 bytes of nibbles -> 64 unsigned codes (low nibbles first, then high nibbles).
@@ -82,8 +82,63 @@ static void i_micro_b(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_
 
 static inline void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq,
                            int64_t xq_rs, int mr, int32_t* acc) {
-    if (bits == 8) i_micro_b<8>(w, nsteps, xq, xq_rs, mr, acc);
-    else i_micro_b<4>(w, nsteps, xq, xq_rs, mr, acc);
+    for (int m = 0; m < mr; m += 8) {
+        const int part = mr - m < 8 ? mr - m : 8;
+        if (bits == 8) i_micro_b<8>(w, nsteps, xq + m * xq_rs, xq_rs, part, acc + m * NR);
+        else i_micro_b<4>(w, nsteps, xq + m * xq_rs, xq_rs, part, acc + m * NR);
+    }
+}
+
+// Two blocks (32 output rows) per activation broadcast.
+template <int BITS, int MR>
+static void i_micro2N(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
+                      int64_t xq_rs, int32_t* acc0, int32_t* acc1) {
+    __m512i a[MR], b[MR];
+    for (int m = 0; m < MR; ++m) {
+        a[m] = _mm512_loadu_si512(acc0 + m * NR);
+        b[m] = _mm512_loadu_si512(acc1 + m * NR);
+    }
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i v0 = load_step<BITS>(w0, s);
+        const __m512i v1 = load_step<BITS>(w1, s);
+        for (int m = 0; m < MR; ++m) {
+            const __m512i xv = bcast4(xq + m * xq_rs + 4 * s);
+            a[m] = _mm512_dpbusd_epi32(a[m], v0, xv);
+            b[m] = _mm512_dpbusd_epi32(b[m], v1, xv);
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        _mm512_storeu_si512(acc0 + m * NR, a[m]);
+        _mm512_storeu_si512(acc1 + m * NR, b[m]);
+    }
+}
+
+template <int BITS>
+static void i_micro2_b(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
+                       int64_t xq_rs, int mr, int32_t* acc0, int32_t* acc1) {
+    int m = 0;
+    if (mr == 1) {
+        i_micro1<BITS>(w0, nsteps, xq, acc0);
+        i_micro1<BITS>(w1, nsteps, xq, acc1);
+        return;
+    }
+    for (; m + 6 <= mr; m += 6)
+        i_micro2N<BITS, 6>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR);
+    switch (mr - m) {
+        case 1: i_micro2N<BITS, 1>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 2: i_micro2N<BITS, 2>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 3: i_micro2N<BITS, 3>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 4: i_micro2N<BITS, 4>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 5: i_micro2N<BITS, 5>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        default: break;
+    }
+}
+
+static inline void i_micro2(const uint8_t* w0, const uint8_t* w1, int bits, int64_t nsteps,
+                            const int8_t* xq, int64_t xq_rs, int mr, int32_t* acc0,
+                            int32_t* acc1) {
+    if (bits == 8) i_micro2_b<8>(w0, w1, nsteps, xq, xq_rs, mr, acc0, acc1);
+    else i_micro2_b<4>(w0, w1, nsteps, xq, xq_rs, mr, acc0, acc1);
 }
 
 // Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.

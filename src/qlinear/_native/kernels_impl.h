@@ -111,52 +111,78 @@ void i8_quant_task(void* p, int64_t task, int) {
     }
 }
 
+// Output blocks per int8 task: two full blocks share every activation broadcast.
+constexpr int64_t I8_BLOCKS = 2;
+
 template <class T>
 void i8_task(void* p, int64_t task, int) {
     auto& c = *static_cast<I8Ctx*>(p);
     const Layer& L = *c.L;
-    const int64_t bi = task / c.nmchunks, mi = task % c.nmchunks;
-    const int64_t o0 = bi * NR;
+    const int64_t nblocks = (L.out + NR - 1) / NR;
+    const int64_t bp = task / c.nmchunks, mi = task % c.nmchunks;
     const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
     thread_local std::vector<uint8_t> scratch;
-    BlockView v;
-    view_block(L, bi, scratch, v);
+    BlockView vs[I8_BLOCKS];
+    int nb = 0;
+    for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
+        view_block(L, bi, scratch, vs[nb]);
+    const bool pair = nb == 2 && vs[0].rb == NR && vs[1].rb == NR;
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
-    const int64_t sbytes = v.bits == 8 ? 64 : 32;
     T* y = static_cast<T*>(c.C->y);
     for (int64_t m = m0; m < m1; m += MR_I) {
         const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
-        double accd[MR_I * NR] = {};
+        double accd[I8_BLOCKS][MR_I * NR] = {};
         const int8_t* xm = c.xq + m * c.xq_rs;
         for (int64_t g = 0; g < ng; ++g) {
             const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
-            int64_t acc64[MR_I * NR] = {};
+            int64_t acc64[I8_BLOCKS][MR_I * NR] = {};
             for (int64_t ca = sa; ca < sb; ca += INT_CHUNK) {
                 const int64_t ce = std::min(sb, ca + INT_CHUNK);
-                alignas(64) int32_t acc[MR_I * NR] = {};
-                const int64_t de = std::min(ce, v.nd);
-                if (de > ca)
-                    i_micro(v.w + ca * sbytes, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr, acc);
-                if (v.has_tail && ce > v.nd)
-                    i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, acc);
-                for (int i = 0; i < mr * NR; ++i) acc64[i] += acc[i];
+                alignas(64) int32_t acc[I8_BLOCKS][MR_I * NR] = {};
+                if (pair) {
+                    const BlockView& v = vs[0];
+                    const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
+                    if (de > ca)
+                        i_micro2(vs[0].w + ca * sbytes, vs[1].w + ca * sbytes, v.bits, de - ca,
+                                 xm + 4 * ca, c.xq_rs, mr, acc[0], acc[1]);
+                } else {
+                    for (int b = 0; b < nb; ++b) {
+                        const BlockView& v = vs[b];
+                        const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
+                        if (de > ca)
+                            i_micro(v.w + ca * sbytes, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr,
+                                    acc[b]);
+                    }
+                }
+                for (int b = 0; b < nb; ++b) {
+                    const BlockView& v = vs[b];
+                    if (v.has_tail && ce > v.nd)
+                        i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, acc[b]);
+                    for (int i = 0; i < mr * NR; ++i) acc64[b][i] += acc[b][i];
+                }
             }
-            for (int64_t r = 0; r < v.rb; ++r) {
-                const int64_t zp = L.zpu[(o0 + r) * ng + g];
-                const double s = L.scales[(o0 + r) * ng + g];
-                for (int mm = 0; mm < mr; ++mm) {
-                    const int64_t d = acc64[mm * NR + r] - zp * c.rs[(m + mm) * ng + g];
-                    accd[mm * NR + r] += static_cast<double>(d) * s;
+            for (int b = 0; b < nb; ++b) {
+                const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+                for (int64_t r = 0; r < vs[b].rb; ++r) {
+                    const int64_t zp = L.zpu[(o0 + r) * ng + g];
+                    const double s = L.scales[(o0 + r) * ng + g];
+                    for (int mm = 0; mm < mr; ++mm) {
+                        const int64_t d = acc64[b][mm * NR + r] - zp * c.rs[(m + mm) * ng + g];
+                        accd[b][mm * NR + r] += static_cast<double>(d) * s;
+                    }
                 }
             }
         }
-        for (int mm = 0; mm < mr; ++mm) {
-            T* ym = y + (m + mm) * L.out + o0;
-            const double sxm = c.sx[m + mm];
-            for (int64_t r = 0; r < v.rb; ++r) {
-                double val = accd[mm * NR + r] * sxm;
-                if (L.bias) val += L.bias[o0 + r];
-                ym[r] = static_cast<T>(val);
+        for (int b = 0; b < nb; ++b) {
+            const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+            for (int mm = 0; mm < mr; ++mm) {
+                T* ym = y + (m + mm) * L.out + o0;
+                const double sxm = c.sx[m + mm];
+                for (int64_t r = 0; r < vs[b].rb; ++r) {
+                    double val = accd[b][mm * NR + r] * sxm;
+                    if (L.bias) val += L.bias[o0 + r];
+                    ym[r] = static_cast<T>(val);
+                }
             }
         }
     }
@@ -183,9 +209,10 @@ void linear_int8act_t(const Layer& L, const Call& C) {
     const int threads = pick_threads(L, C);
     parallel_for((C.n + 15) / 16, C.n * L.in < (1 << 16) ? 1 : threads, &i8_quant_task<T>, &c);
     const int64_t nblocks = (L.out + NR - 1) / NR;
+    const int64_t ntask_b = (nblocks + I8_BLOCKS - 1) / I8_BLOCKS;
     c.mchunk = C.n <= 256 ? C.n : 128;
     c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
-    parallel_for(nblocks * c.nmchunks, threads, &i8_task<T>, &c);
+    parallel_for(ntask_b * c.nmchunks, threads, &i8_task<T>, &c);
 }
 
 // ------------------------------------------------------------------ float activations
