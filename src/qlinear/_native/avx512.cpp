@@ -29,11 +29,16 @@ static inline __m512i load_step(const uint8_t* w, int64_t s) {
     return load_step4(w + s * 32);
 }
 
+// acc += u8 codes . s8 activations (4 bytes at x4, broadcast). Inline asm: GCC copies
+// every accumulator around the vpdpbusd builtin (its tied operand), doubling the uops,
+typedef int32_t alias_i32 __attribute__((may_alias));
 static inline __m512i bcast4(const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
+    return _mm512_set1_epi32(*reinterpret_cast<const alias_i32*>(p));
 }
+static inline void dpv(__m512i& acc, __m512i w, __m512i x) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+}
+static inline void dp(__m512i& acc, __m512i w, const int8_t* x4) { dpv(acc, w, bcast4(x4)); }
 
 // One row of x: four independent accumulators hide the vpdpbusd latency.
 template <int BITS>
@@ -42,12 +47,12 @@ static void i_micro1(const uint8_t* w, int64_t nsteps, const int8_t* xq, int32_t
     __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
     int64_t s = 0;
     for (; s + 4 <= nsteps; s += 4) {
-        a0 = _mm512_dpbusd_epi32(a0, load_step<BITS>(w, s), bcast4(xq + 4 * s));
-        a1 = _mm512_dpbusd_epi32(a1, load_step<BITS>(w, s + 1), bcast4(xq + 4 * s + 4));
-        a2 = _mm512_dpbusd_epi32(a2, load_step<BITS>(w, s + 2), bcast4(xq + 4 * s + 8));
-        a3 = _mm512_dpbusd_epi32(a3, load_step<BITS>(w, s + 3), bcast4(xq + 4 * s + 12));
+        dp(a0, load_step<BITS>(w, s), xq + 4 * s);
+        dp(a1, load_step<BITS>(w, s + 1), xq + 4 * s + 4);
+        dp(a2, load_step<BITS>(w, s + 2), xq + 4 * s + 8);
+        dp(a3, load_step<BITS>(w, s + 3), xq + 4 * s + 12);
     }
-    for (; s < nsteps; ++s) a0 = _mm512_dpbusd_epi32(a0, load_step<BITS>(w, s), bcast4(xq + 4 * s));
+    for (; s < nsteps; ++s) dp(a0, load_step<BITS>(w, s), xq + 4 * s);
     a0 = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
     _mm512_storeu_si512(acc, a0);
 }
@@ -113,6 +118,37 @@ static void i_micro2N(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, cons
     }
 }
 
+// Six rows x two blocks with named accumulators (arrays would live on the stack once
+// the inline asm takes their address).
+template <int BITS>
+static void i_micro2_6(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
+                       int64_t xq_rs, int32_t* acc0, int32_t* acc1) {
+#define QL_LD(i) __m512i a##i = _mm512_loadu_si512(acc0 + i * NR), b##i = _mm512_loadu_si512(acc1 + i * NR);
+    QL_LD(0) QL_LD(1) QL_LD(2) QL_LD(3) QL_LD(4) QL_LD(5)
+#undef QL_LD
+    const int8_t* x0 = xq;
+    const int8_t* x1 = xq + xq_rs;
+    const int8_t* x2 = xq + 2 * xq_rs;
+    const int8_t* x3 = xq + 3 * xq_rs;
+    const int8_t* x4 = xq + 4 * xq_rs;
+    const int8_t* x5 = xq + 5 * xq_rs;
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i v0 = load_step<BITS>(w0, s);
+        const __m512i v1 = load_step<BITS>(w1, s);
+#define QL_ROW(i)                                  \
+    {                                              \
+        const __m512i xv = bcast4(x##i + 4 * s);   \
+        dpv(a##i, v0, xv);                         \
+        dpv(b##i, v1, xv);                         \
+    }
+        QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+    }
+#define QL_ST(i) _mm512_storeu_si512(acc0 + i * NR, a##i); _mm512_storeu_si512(acc1 + i * NR, b##i);
+    QL_ST(0) QL_ST(1) QL_ST(2) QL_ST(3) QL_ST(4) QL_ST(5)
+#undef QL_ST
+}
+
 template <int BITS>
 static void i_micro2_b(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
                        int64_t xq_rs, int mr, int32_t* acc0, int32_t* acc1) {
@@ -123,7 +159,7 @@ static void i_micro2_b(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, con
         return;
     }
     for (; m + 6 <= mr; m += 6)
-        i_micro2N<BITS, 6>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR);
+        i_micro2_6<BITS>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR);
     switch (mr - m) {
         case 1: i_micro2N<BITS, 1>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
         case 2: i_micro2N<BITS, 2>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;

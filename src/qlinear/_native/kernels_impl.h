@@ -24,7 +24,7 @@ namespace qlinear {
 namespace QL_ISA {
 
 // Steps of one integer chunk: 8192 steps * 4 columns * 255 * 128 < 2^31.
-constexpr int64_t INT_CHUNK = 8192;
+constexpr int64_t INT_CHUNK = 8192;  // a multiple of I8_KC
 // Steps of float weights converted at once (64 lanes each): 32 KiB of float32.
 constexpr int64_t F_CHUNK = 128;
 
@@ -114,6 +114,10 @@ void i8_quant_task(void* p, int64_t task, int) {
 // Output blocks per int8 task: two full blocks share every activation broadcast.
 constexpr int64_t I8_BLOCKS = 2;
 
+// Steps per cache block: the weights of the task's blocks for these steps and the
+// activations of a row tile stay in L1 while every row tile of the task uses them.
+constexpr int64_t I8_KC = 128;
+
 template <class T>
 void i8_task(void* p, int64_t task, int) {
     auto& c = *static_cast<I8Ctx*>(p);
@@ -121,68 +125,89 @@ void i8_task(void* p, int64_t task, int) {
     const int64_t nblocks = (L.out + NR - 1) / NR;
     const int64_t bp = task / c.nmchunks, mi = task % c.nmchunks;
     const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
+    const int64_t rows = m1 - m0;
     thread_local std::vector<uint8_t> scratch;
+    thread_local std::vector<int32_t> acc_v;
+    thread_local std::vector<int64_t> acc64_v;
+    thread_local std::vector<double> accd_v;
+    const size_t nacc = static_cast<size_t>(I8_BLOCKS * rows * NR);
+    if (acc_v.size() < nacc) {
+        acc_v.resize(nacc);
+        acc64_v.resize(nacc);
+        accd_v.resize(nacc);
+    }
     BlockView vs[I8_BLOCKS];
     int nb = 0;
     for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
         view_block(L, bi, scratch, vs[nb]);
     const bool pair = nb == 2 && vs[0].rb == NR && vs[1].rb == NR;
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
-    T* y = static_cast<T*>(c.C->y);
-    for (int64_t m = m0; m < m1; m += MR_I) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
-        double accd[I8_BLOCKS][MR_I * NR] = {};
-        const int8_t* xm = c.xq + m * c.xq_rs;
-        for (int64_t g = 0; g < ng; ++g) {
-            const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
-            int64_t acc64[I8_BLOCKS][MR_I * NR] = {};
-            for (int64_t ca = sa; ca < sb; ca += INT_CHUNK) {
-                const int64_t ce = std::min(sb, ca + INT_CHUNK);
-                alignas(64) int32_t acc[I8_BLOCKS][MR_I * NR] = {};
+    const int64_t bstride = rows * NR;  // accumulators: [block][row][16]
+    int32_t* acc = acc_v.data();
+    int64_t* acc64 = acc64_v.data();
+    double* accd = accd_v.data();
+    std::fill(accd, accd + nacc, 0.0);
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
+        std::fill(acc, acc + nacc, 0);
+        std::fill(acc64, acc64 + nacc, int64_t(0));
+        for (int64_t ca = sa; ca < sb; ca += I8_KC) {
+            const int64_t ce = std::min(sb, ca + I8_KC);
+            for (int64_t m = m0; m < m1; m += MR_I) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
+                const int8_t* xm = c.xq + m * c.xq_rs;
+                int32_t* am = acc + (m - m0) * NR;
                 if (pair) {
                     const BlockView& v = vs[0];
                     const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
                     if (de > ca)
                         i_micro2(vs[0].w + ca * sbytes, vs[1].w + ca * sbytes, v.bits, de - ca,
-                                 xm + 4 * ca, c.xq_rs, mr, acc[0], acc[1]);
+                                 xm + 4 * ca, c.xq_rs, mr, am, am + bstride);
                 } else {
                     for (int b = 0; b < nb; ++b) {
                         const BlockView& v = vs[b];
                         const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
                         if (de > ca)
                             i_micro(v.w + ca * sbytes, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr,
-                                    acc[b]);
+                                    am + b * bstride);
                     }
                 }
                 for (int b = 0; b < nb; ++b) {
                     const BlockView& v = vs[b];
                     if (v.has_tail && ce > v.nd)
-                        i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, acc[b]);
-                    for (int i = 0; i < mr * NR; ++i) acc64[b][i] += acc[b][i];
+                        i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, am + b * bstride);
                 }
             }
-            for (int b = 0; b < nb; ++b) {
-                const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
-                for (int64_t r = 0; r < vs[b].rb; ++r) {
-                    const int64_t zp = L.zpu[(o0 + r) * ng + g];
-                    const double s = L.scales[(o0 + r) * ng + g];
-                    for (int mm = 0; mm < mr; ++mm) {
-                        const int64_t d = acc64[b][mm * NR + r] - zp * c.rs[(m + mm) * ng + g];
-                        accd[b][mm * NR + r] += static_cast<double>(d) * s;
-                    }
-                }
+            // int32 stays exact for INT_CHUNK steps; then move the sums to int64.
+            if ((ce - sa) % INT_CHUNK == 0 || ce == sb) {
+                for (size_t i = 0; i < nacc; ++i) acc64[i] += acc[i];
+                std::fill(acc, acc + nacc, 0);
             }
         }
         for (int b = 0; b < nb; ++b) {
             const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
-            for (int mm = 0; mm < mr; ++mm) {
-                T* ym = y + (m + mm) * L.out + o0;
-                const double sxm = c.sx[m + mm];
-                for (int64_t r = 0; r < vs[b].rb; ++r) {
-                    double val = accd[b][mm * NR + r] * sxm;
-                    if (L.bias) val += L.bias[o0 + r];
-                    ym[r] = static_cast<T>(val);
+            for (int64_t r = 0; r < vs[b].rb; ++r) {
+                const int64_t zp = L.zpu[(o0 + r) * ng + g];
+                const double s = L.scales[(o0 + r) * ng + g];
+                for (int64_t mm = 0; mm < rows; ++mm) {
+                    const int64_t i = b * bstride + mm * NR + r;
+                    const int64_t d = acc64[i] - zp * c.rs[(m0 + mm) * ng + g];
+                    accd[i] += static_cast<double>(d) * s;
                 }
+            }
+        }
+    }
+    T* y = static_cast<T*>(c.C->y);
+    for (int b = 0; b < nb; ++b) {
+        const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+        for (int64_t mm = 0; mm < rows; ++mm) {
+            T* ym = y + (m0 + mm) * L.out + o0;
+            const double sxm = c.sx[m0 + mm];
+            const double* a = accd + b * bstride + mm * NR;
+            for (int64_t r = 0; r < vs[b].rb; ++r) {
+                double val = a[r] * sxm;
+                if (L.bias) val += L.bias[o0 + r];
+                ym[r] = static_cast<T>(val);
             }
         }
     }
