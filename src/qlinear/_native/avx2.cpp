@@ -135,6 +135,11 @@ inline void i_micro2(const uint8_t* w0, const uint8_t* w1, int bits, int64_t nst
     i_micro(w1, bits, nsteps, xq, xq_rs, mr, acc1);
 }
 
+inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
+                     int64_t xq_rs, int mr, int32_t* const* acc) {
+    for (int b = 0; b < 4; ++b) i_micro(w[b], bits, nsteps, xq, xq_rs, mr, acc[b]);
+}
+
 }  // namespace avx2
 }  // namespace qlinear
 

@@ -177,6 +177,91 @@ static inline void i_micro2(const uint8_t* w0, const uint8_t* w1, int bits, int6
     else i_micro2_b<4>(w0, w1, nsteps, xq, xq_rs, mr, acc0, acc1);
 }
 
+// Four blocks (64 output rows) x R <= 6 rows of x: up to 24 accumulators, named (an
+// array would be kept on the stack once the inline asm takes its address).
+template <int BITS, int R>
+static void i_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                       int32_t* const* acc) {
+    const __m512i z = _mm512_setzero_si512();
+#define QL_LD(i)                                                      \
+    __m512i a##i = R > i ? _mm512_loadu_si512(acc[0] + i * NR) : z;   \
+    __m512i b##i = R > i ? _mm512_loadu_si512(acc[1] + i * NR) : z;   \
+    __m512i c##i = R > i ? _mm512_loadu_si512(acc[2] + i * NR) : z;   \
+    __m512i d##i = R > i ? _mm512_loadu_si512(acc[3] + i * NR) : z;   \
+    const int8_t* x##i = xq + (R > i ? i : 0) * xq_rs;
+    QL_LD(0) QL_LD(1) QL_LD(2) QL_LD(3) QL_LD(4) QL_LD(5)
+#undef QL_LD
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i v0 = load_step<BITS>(w0, s);
+        const __m512i v1 = load_step<BITS>(w1, s);
+        const __m512i v2 = load_step<BITS>(w2, s);
+        const __m512i v3 = load_step<BITS>(w3, s);
+#define QL_ROW(i)                                      \
+    if (R > i) {                                       \
+        const __m512i xv = bcast4(x##i + 4 * s);       \
+        dpv(a##i, v0, xv);                             \
+        dpv(b##i, v1, xv);                             \
+        dpv(c##i, v2, xv);                             \
+        dpv(d##i, v3, xv);                             \
+    }
+        QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+    }
+#define QL_ST(i)                                      \
+    if (R > i) {                                      \
+        _mm512_storeu_si512(acc[0] + i * NR, a##i);   \
+        _mm512_storeu_si512(acc[1] + i * NR, b##i);   \
+        _mm512_storeu_si512(acc[2] + i * NR, c##i);   \
+        _mm512_storeu_si512(acc[3] + i * NR, d##i);   \
+    }
+    QL_ST(0) QL_ST(1) QL_ST(2) QL_ST(3) QL_ST(4) QL_ST(5)
+#undef QL_ST
+}
+
+// Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
+static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
+                            int64_t xq_rs, int mr, int32_t* const* acc);
+
+// Per-row activation quantization, as ref.quantize_rows_int8: in double, division (not
+// a reciprocal), round half to even, clamp. Masked loads and stores for the tail.
+static inline __m512d load8d(const float* p, __mmask8 k) {
+    return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p));
+}
+static inline __m512d load8d(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
+
+template <class T>
+static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                                int8_t* q, double* sx, int32_t* rs) {
+    const __m512d sign = _mm512_set1_pd(-0.0);
+    __m512d vmax = _mm512_setzero_pd();
+    for (int64_t k = 0; k < in; k += 8) {
+        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
+        vmax = _mm512_max_pd(vmax, _mm512_andnot_pd(sign, load8d(x + k, m)));
+    }
+    const double amax = _mm512_reduce_max_pd(vmax);
+    const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
+    const __m512d vs = _mm512_set1_pd(scale);
+    const __m512d lo = _mm512_set1_pd(-127.0), hi = _mm512_set1_pd(127.0);
+    for (int64_t k = 0; k < in; k += 8) {
+        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
+        __m512d v = _mm512_div_pd(load8d(x + k, m), vs);
+        v = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_pd(_mm512_max_pd(v, lo), hi);
+        const __m128i b = _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(v));
+        _mm_mask_storeu_epi8(q + k, m, b);
+    }
+    for (int64_t k = in; k < kpad; ++k) q[k] = 0;
+    *sx = scale;
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t a = g * gs, e = in < a + gs ? in : a + gs;
+        int32_t s = 0;
+        for (int64_t k = a; k < e; ++k) s += q[k];
+        rs[g] = s;
+    }
+}
+#define QL_QUANTIZE_ROW quantize_row_avx512
+
 // Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.
 static inline void reduce_rows(const float* lanes, float* part) {
     for (int r = 0; r < NR; ++r)
@@ -250,5 +335,32 @@ static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int
 namespace qlinear {
 namespace avx512 {
 const KernelTable table = {"avx512", &linear_float, &linear_int8act};
+}  // namespace avx512
+}  // namespace qlinear
+
+namespace qlinear {
+namespace avx512 {
+template <int BITS>
+static void i_micro4_b(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                       int mr, int32_t* const* acc) {
+    for (int m = 0; m < mr; m += 6) {
+        int32_t* am[4] = {acc[0] + m * NR, acc[1] + m * NR, acc[2] + m * NR, acc[3] + m * NR};
+        const int8_t* xm = xq + m * xq_rs;
+        switch (mr - m) {
+            case 1: i_micro4_r<BITS, 1>(w, nsteps, xm, xq_rs, am); break;
+            case 2: i_micro4_r<BITS, 2>(w, nsteps, xm, xq_rs, am); break;
+            case 3: i_micro4_r<BITS, 3>(w, nsteps, xm, xq_rs, am); break;
+            case 4: i_micro4_r<BITS, 4>(w, nsteps, xm, xq_rs, am); break;
+            case 5: i_micro4_r<BITS, 5>(w, nsteps, xm, xq_rs, am); break;
+            default: i_micro4_r<BITS, 6>(w, nsteps, xm, xq_rs, am); break;
+        }
+    }
+}
+
+static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
+                            int64_t xq_rs, int mr, int32_t* const* acc) {
+    if (bits == 8) i_micro4_b<8>(w, nsteps, xq, xq_rs, mr, acc);
+    else i_micro4_b<4>(w, nsteps, xq, xq_rs, mr, acc);
+}
 }  // namespace avx512
 }  // namespace qlinear

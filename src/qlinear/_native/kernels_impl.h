@@ -105,18 +105,24 @@ void i8_quant_task(void* p, int64_t task, int) {
     auto& c = *static_cast<I8Ctx*>(p);
     const int64_t m0 = task * 16, m1 = std::min(c.C->n, m0 + 16);
     const int64_t gs = c.L->n_groups == 1 ? c.L->in : c.L->group_size;
+#ifdef QL_QUANTIZE_ROW
+#define QL_QROW QL_QUANTIZE_ROW
+#else
+#define QL_QROW quantize_row
+#endif
     for (int64_t m = m0; m < m1; ++m) {
-        quantize_row<T>(static_cast<const T*>(c.C->x) + m * c.C->x_rs, c.L->in, c.xq_rs, gs,
+        QL_QROW<T>(static_cast<const T*>(c.C->x) + m * c.C->x_rs, c.L->in, c.xq_rs, gs,
                         c.L->n_groups, c.xq + m * c.xq_rs, c.sx + m, c.rs + m * c.L->n_groups);
     }
+#undef QL_QROW
 }
 
 // Output blocks per int8 task: two full blocks share every activation broadcast.
-constexpr int64_t I8_BLOCKS = 2;
+constexpr int64_t I8_BLOCKS = 4;
 
 // Steps per cache block: the weights of the task's blocks for these steps and the
 // activations of a row tile stay in L1 while every row tile of the task uses them.
-constexpr int64_t I8_KC = 128;
+constexpr int64_t I8_KC = 256;
 
 template <class T>
 void i8_task(void* p, int64_t task, int) {
@@ -140,7 +146,7 @@ void i8_task(void* p, int64_t task, int) {
     int nb = 0;
     for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
         view_block(L, bi, scratch, vs[nb]);
-    const bool pair = nb == 2 && vs[0].rb == NR && vs[1].rb == NR;
+    const bool quad = nb == 4 && vs[3].rb == NR;  // only the last block can be partial
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
     const int64_t bstride = rows * NR;  // accumulators: [block][row][16]
     int32_t* acc = acc_v.data();
@@ -157,12 +163,13 @@ void i8_task(void* p, int64_t task, int) {
                 const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
                 const int8_t* xm = c.xq + m * c.xq_rs;
                 int32_t* am = acc + (m - m0) * NR;
-                if (pair) {
+                if (quad) {
                     const BlockView& v = vs[0];
                     const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
-                    if (de > ca)
-                        i_micro2(vs[0].w + ca * sbytes, vs[1].w + ca * sbytes, v.bits, de - ca,
-                                 xm + 4 * ca, c.xq_rs, mr, am, am + bstride);
+                    const uint8_t* w4[4] = {vs[0].w + ca * sbytes, vs[1].w + ca * sbytes,
+                                            vs[2].w + ca * sbytes, vs[3].w + ca * sbytes};
+                    int32_t* a4[4] = {am, am + bstride, am + 2 * bstride, am + 3 * bstride};
+                    if (de > ca) i_micro4(w4, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr, a4);
                 } else {
                     for (int b = 0; b < nb; ++b) {
                         const BlockView& v = vs[b];
