@@ -262,6 +262,106 @@ static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs
 }
 #define QL_QUANTIZE_ROW quantize_row_avx512
 
+// Float mode for a few rows of x: convert codes in registers, no weight buffer.
+static inline void step_pieces(const uint8_t* w, int bits, int64_t s, __m128i* p) {
+    if (bits == 8) {
+        const uint8_t* q = w + s * 64;
+        for (int j = 0; j < 4; ++j) p[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
+    } else {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        const __m256i lo = _mm256_and_si256(b, mask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        p[0] = _mm256_castsi256_si128(lo);
+        p[1] = _mm256_extracti128_si256(lo, 1);
+        p[2] = _mm256_castsi256_si128(hi);
+        p[3] = _mm256_extracti128_si256(hi, 1);
+    }
+}
+
+template <int BITS, int MR>
+static void f_directN(const uint8_t* w, int64_t nsteps, const float* zpl, const float* x,
+                      int64_t x_rs, float* part) {
+    __m512 zp[4], a[MR][4];
+    for (int j = 0; j < 4; ++j) zp[j] = _mm512_loadu_ps(zpl + 16 * j);
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        __m128i p[4];
+        step_pieces(w, BITS, s, p);
+        __m512 wf[4];
+        for (int j = 0; j < 4; ++j)
+            wf[j] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(p[j])), zp[j]);
+        for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * x_rs + 4 * s));
+            for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
+        }
+    }
+    alignas(64) float lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 4; ++j) _mm512_store_ps(lanes + 16 * j, a[m][j]);
+        for (int r = 0; r < NR; ++r)
+            part[m * NR + r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+    }
+}
+
+template <int BITS, int MR>
+static void f_directN(const uint8_t* w, int64_t nsteps, const double* zpl, const double* x,
+                      int64_t x_rs, double* part) {
+    __m512d zp[8], a[MR][8];
+    for (int j = 0; j < 8; ++j) zp[j] = _mm512_loadu_pd(zpl + 8 * j);
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 8; ++j) a[m][j] = _mm512_setzero_pd();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        __m128i p[4];
+        step_pieces(w, BITS, s, p);
+        for (int j = 0; j < 4; ++j) {
+            const __m512i i32 = _mm512_cvtepu8_epi32(p[j]);
+            const __m512d lo = _mm512_sub_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(i32)), zp[2 * j]);
+            const __m512d hi = _mm512_sub_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(i32, 1)), zp[2 * j + 1]);
+            for (int m = 0; m < MR; ++m) {
+                const __m512d xv = _mm512_broadcast_f64x4(_mm256_loadu_pd(x + m * x_rs + 4 * s));
+                a[m][2 * j] = _mm512_fmadd_pd(lo, xv, a[m][2 * j]);
+                a[m][2 * j + 1] = _mm512_fmadd_pd(hi, xv, a[m][2 * j + 1]);
+            }
+        }
+    }
+    alignas(64) double lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 8; ++j) _mm512_store_pd(lanes + 8 * j, a[m][j]);
+        for (int r = 0; r < NR; ++r)
+            part[m * NR + r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+    }
+}
+
+constexpr int F_DIRECT_ROWS = 4;
+
+template <class T>
+static void f_direct(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, const T* x,
+                     int64_t x_rs, int mr, T* part) {
+    constexpr int STEP = sizeof(T) == 4 ? 4 : 2;
+    for (int m = 0; m < mr; m += STEP) {
+        const int r = mr - m < STEP ? mr - m : STEP;
+        const T* xm = x + m * x_rs;
+        T* pm = part + m * NR;
+#define QL_CASE(R)                                                             \
+    case R:                                                                    \
+        if (bits == 8) f_directN<8, (R > STEP ? STEP : R)>(w, nsteps, zpl, xm, x_rs, pm); \
+        else f_directN<4, (R > STEP ? STEP : R)>(w, nsteps, zpl, xm, x_rs, pm);           \
+        break;
+        switch (r) {
+            QL_CASE(1)
+            QL_CASE(2)
+            QL_CASE(3)
+            default:
+                if (bits == 8) f_directN<8, STEP>(w, nsteps, zpl, xm, x_rs, pm);
+                else f_directN<4, STEP>(w, nsteps, zpl, xm, x_rs, pm);
+        }
+#undef QL_CASE
+    }
+}
+#define QL_HAS_F_DIRECT 1
+
 // Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.
 static inline void reduce_rows(const float* lanes, float* part) {
     for (int r = 0; r < NR; ++r)

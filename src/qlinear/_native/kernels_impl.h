@@ -305,8 +305,30 @@ void f_task(void* p, int64_t task, int) {
             const int64_t ce = std::min(sb, ca + F_CHUNK);
             const int64_t de = std::min(ce, v.nd);
             const int64_t nd = de > ca ? de - ca : 0;
-            if (nd) f_convert<T>(v.w + ca * sbytes, v.bits, nd, zpl, wbuf);
             const bool tail = v.has_tail && ce > v.nd;
+#ifdef QL_HAS_F_DIRECT
+            if (m1 - m0 <= F_DIRECT_ROWS) {
+                const bool first = (g == 0 && ca == sa);
+                const bool last = (g == ng - 1 && ce == sb);
+                const int mr = static_cast<int>(m1 - m0);
+                alignas(64) T part[F_DIRECT_ROWS * NR] = {};
+                if (nd)
+                    f_direct<T>(v.w + ca * sbytes, v.bits, nd, zpl, x + m0 * C.x_rs + 4 * ca,
+                                C.x_rs, mr, part);
+                if (tail) f_direct<T>(v.tail64, 8, 1, zpl, c.xt + m0 * 4, 4, mr, part);
+                for (int mm = 0; mm < mr; ++mm) {
+                    T* ym = y + (m0 + mm) * L.out + o0;
+                    for (int64_t r = 0; r < v.rb; ++r) {
+                        T val = sc[r] * part[mm * NR + r];
+                        if (!first) val = ym[r] + val;
+                        if (last && L.bias) val += static_cast<T>(L.bias[o0 + r]);
+                        ym[r] = val;
+                    }
+                }
+                continue;
+            }
+#endif
+            if (nd) f_convert<T>(v.w + ca * sbytes, v.bits, nd, zpl, wbuf);
             if (tail) f_convert<T>(v.tail64, 8, 1, zpl, wbuf + nd * 64);
             const bool first = (g == 0 && ca == sa);
             const bool last = (g == ng - 1 && ce == sb);
