@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_kernels.py                 # all shapes, batch 1, 16, 256
     python benchmarks/bench_kernels.py --shapes 4096x4096 --batches 1,16
 
-For each weight shape ``(out, in)`` and batch size it times (median milliseconds):
+For each weight shape ``(out, in)`` and batch size it times (best of several runs, milliseconds):
 qlinear float mode and int8 mode (int8 per-channel symmetric), NumPy float32 and float64
 matmul against the float weight, the dequantize-everything design (dequantize the whole
 weight on every call, then matmul), PyTorch's dynamic quantized Linear
@@ -18,7 +18,6 @@ skipped with a line saying so. Ratios are qlinear time / peer time (< 1: qlinear
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +30,11 @@ from qlinear import QuantizedLinear, calibrate_linear
 THREADS = 2
 
 
-def timeit(fn: Callable[[], object], budget: float = 0.25, min_reps: int = 3) -> float:
-    """Median wall time of ``fn`` in milliseconds (after one warm-up call)."""
+def timeit(fn: Callable[[], object], budget: float = 0.3, min_reps: int = 5) -> float:
+    """Best wall time of ``fn`` in milliseconds (after one warm-up call).
+
+    The minimum, not the median: on a shared machine other processes only ever add
+    time, so the fastest repetition is the least disturbed one, for every contender."""
     fn()
     times = []
     start = time.perf_counter()
@@ -40,7 +42,7 @@ def timeit(fn: Callable[[], object], budget: float = 0.25, min_reps: int = 3) ->
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def torch_peer(w: np.ndarray, bias: np.ndarray):

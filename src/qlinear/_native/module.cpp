@@ -21,6 +21,7 @@ using namespace qlinear;
 
 const KernelTable* table_for(const std::string& isa) {
     if (isa == "portable") return &generic::table;
+#ifdef QL_HAVE_X86_KERNELS
     if (isa == "avx2") {
         if (!cpu_has_avx2()) throw std::invalid_argument("avx2 kernels need a CPU with AVX2+FMA");
         return &avx2::table;
@@ -30,6 +31,7 @@ const KernelTable* table_for(const std::string& isa) {
             throw std::invalid_argument("avx512 kernels need a CPU with AVX-512 VNNI");
         return &avx512::table;
     }
+#endif
     throw std::invalid_argument("unknown kernel set '" + isa + "'");
 }
 
@@ -139,8 +141,13 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "qlinear native kernels (private; use qlinear.QuantizedLinear)";
     m.def("cpu_features", [] {
         py::dict d;
+#ifdef QL_HAVE_X86_KERNELS
         d["avx2"] = cpu_has_avx2();
         d["avx512vnni"] = cpu_has_avx512vnni();
+#else
+        d["avx2"] = false;  // kernels not compiled for this architecture
+        d["avx512vnni"] = false;
+#endif
         return d;
     });
     m.def("packed_nbytes", [](int bits, int64_t out, int64_t in) { return packed_bytes(bits, out, in); });
