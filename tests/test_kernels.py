@@ -249,3 +249,27 @@ def test_backend_info_reports_native_status():
     assert "native" in info
     if NATIVE:
         assert info["native"] == "ok"
+
+
+def test_missing_extension_falls_back_to_numpy_with_one_warning():
+    src = str(Path(qlinear.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=src)
+    env.pop("QLINEAR_BACKEND", None)
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['qlinear._native'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import qlinear\n"
+        "    import numpy as np\n"
+        "    w = np.eye(3)\n"
+        "    p = qlinear.calibrate_linear(w, 'int8', 'per_channel', 'symmetric')\n"
+        "    y = qlinear.QuantizedLinear.from_fp(w, p)(np.ones(3))\n"
+        "info = qlinear.backend_info()\n"
+        "print(len(caught), info['backend'], info['native'].split(':')[0], y.tolist())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:3] == ["1", "numpy", "unavailable"]
