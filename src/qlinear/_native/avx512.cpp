@@ -362,6 +362,106 @@ static void f_direct(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, c
 }
 #define QL_HAS_F_DIRECT 1
 
+// Float32 mode, a few rows of x, every group of a block in one pass: per group, the
+// codes are converted in registers (u - zp exact in float), multiplied by x, the 4 lanes
+// of each row summed with permutes, then scaled into a 16-row accumulator; bias and the
+// store happen once. zp/scales for 16 rows are gathered once per group.
+static inline __m512 rows16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512 s01 = _mm512_add_ps(_mm512_permutex2var_ps(a0, ev, a1), _mm512_permutex2var_ps(a0, od, a1));
+    const __m512 s23 = _mm512_add_ps(_mm512_permutex2var_ps(a2, ev, a3), _mm512_permutex2var_ps(a2, od, a3));
+    return _mm512_add_ps(_mm512_permutex2var_ps(s01, ev, s23), _mm512_permutex2var_ps(s01, od, s23));
+}
+
+template <int BITS, int MR>
+static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
+                       int64_t sg, int64_t ng, const int32_t* zpu, const double* scales,
+                       int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
+    const __m512i lane_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
+    const __m512i ridx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(ng)));
+    for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        const __m512i gi = _mm512_add_epi32(ridx, _mm512_set1_epi32(static_cast<int>(g)));
+        const __m512i z16 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rmask, gi, zpu, 4);
+        const __m512 sc = _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mask_i32gather_pd(
+                _mm512_setzero_pd(), __mmask8(rmask), _mm512_castsi512_si256(gi), scales, 8))),
+            _mm512_cvtpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(rmask >> 8),
+                                                     _mm512_extracti64x4_epi64(gi, 1), scales, 8)),
+            1);
+        __m512 zp[4];
+        for (int j = 0; j < 4; ++j)
+            zp[j] = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
+                _mm512_add_epi32(lane_row, _mm512_set1_epi32(4 * j)), z16));
+        __m512 a[MR][4];
+        for (int m = 0; m < MR; ++m)
+            for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+        const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        for (int64_t s = sa; s < sb; ++s) {
+            __m128i p[4];
+            const float* xs;
+            int64_t xrs;
+            if (s < nd) {
+                step_pieces(w, BITS, s, p);
+                xs = x + 4 * s;
+                xrs = x_rs;
+            } else {
+                step_pieces(tail64, 8, 0, p);
+                xs = xt;
+                xrs = 4;
+            }
+            __m512 wf[4];
+            for (int j = 0; j < 4; ++j)
+                wf[j] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(p[j])), zp[j]);
+            for (int m = 0; m < MR; ++m) {
+                const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m * xrs));
+                for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
+            }
+        }
+        for (int m = 0; m < MR; ++m)
+            total[m] = _mm512_fmadd_ps(rows16(a[m][0], a[m][1], a[m][2], a[m][3]), sc, total[m]);
+    }
+}
+
+// y[m, o0 + r] = total + bias for r < rb; returns false if this kernel does not apply.
+static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t* tail64,
+                           int64_t kp, int64_t sg, int64_t ng, const int32_t* zpu,
+                           const double* scales, const double* bias, int64_t rb,
+                           const float* x, int64_t x_rs, const float* xt, int mr, float* y,
+                           int64_t y_rs) {
+    const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
+    __m512 bv = _mm512_setzero_ps();
+    if (bias) {
+        bv = _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), bias))),
+            _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), bias + 8)), 1);
+    }
+    for (int m = 0; m < mr; m += 4) {
+        const int r = mr - m < 4 ? mr - m : 4;
+        __m512 total[4];
+        const float* xm = x + m * x_rs;
+        const float* xtm = xt + m * 4;
+#define QL_CALL(R)                                                                             \
+    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total); \
+    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total);
+        switch (r) {
+            case 1: QL_CALL(1) break;
+            case 2: QL_CALL(2) break;
+            case 3: QL_CALL(3) break;
+            default: QL_CALL(4) break;
+        }
+#undef QL_CALL
+        for (int i = 0; i < r; ++i)
+            _mm512_mask_storeu_ps(y + (m + i) * y_rs, rmask, _mm512_add_ps(total[i], bv));
+    }
+    return true;
+}
+#define QL_HAS_F_BLOCK_DIRECT 1
+constexpr int F_BLOCK_DIRECT_ROWS = 16;
+
 // Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.
 static inline void reduce_rows(const float* lanes, float* part) {
     for (int r = 0; r < NR; ++r)

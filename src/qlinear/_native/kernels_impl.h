@@ -292,6 +292,17 @@ void f_task(void* p, int64_t task, int) {
     const int64_t sbytes = v.bits == 8 ? 64 : 32;
     const T* x = static_cast<const T*>(C.x);
     T* y = static_cast<T*>(C.y);
+#ifdef QL_HAS_F_BLOCK_DIRECT
+    if (sizeof(T) == 4 && m1 - m0 <= F_BLOCK_DIRECT_ROWS) {
+        // Scales and zero points of rows beyond rb are never read (masked gathers).
+        f_block_direct(v.w, v.bits, v.nd, v.tail64, kp, sg, ng, L.zpu + o0 * ng,
+                       L.scales + o0 * ng, L.bias ? L.bias + o0 : nullptr, v.rb,
+                       reinterpret_cast<const float*>(x + m0 * C.x_rs), C.x_rs,
+                       reinterpret_cast<const float*>(c.xt) + m0 * 4, static_cast<int>(m1 - m0),
+                       reinterpret_cast<float*>(y + m0 * L.out + o0), L.out);
+        return;
+    }
+#endif
     alignas(64) T zpl[64];
     T sc[NR];
     for (int64_t g = 0; g < ng; ++g) {
