@@ -254,7 +254,11 @@ struct FCtx {
     const Call* C;
     const T* xt;  // (n, 4): x's last in % 4 columns, zero padded
     int64_t mchunk, nmchunks;
+    int64_t direct_rows;  // up to this many rows: one block per task, codes in registers
+    bool grouped;         // more rows: F_BLOCKS blocks per task, codes through wbuf
 };
+
+constexpr int64_t F_BLOCKS = 8;
 
 // wbuf[s*64 + i] = u - zpl[i] for `nsteps` steps of a full block.
 template <class T>
@@ -279,21 +283,23 @@ void f_task(void* p, int64_t task, int) {
     auto& c = *static_cast<FCtx<T>*>(p);
     const Layer& L = *c.L;
     const Call& C = *c.C;
-    const int64_t bi = task / c.nmchunks, mi = task % c.nmchunks;
-    const int64_t o0 = bi * NR;
+    const int64_t ti = task / c.nmchunks, mi = task % c.nmchunks;
     const int64_t m0 = mi * c.mchunk, m1 = std::min(C.n, m0 + c.mchunk);
+    // Few rows: one block per task; many rows: F_BLOCKS blocks per task.
+    const bool grouped = c.grouped;
+    const int64_t bi = ti;  // block index (direct) or block group index (grouped)
+    const int64_t o0 = (grouped ? bi * F_BLOCKS : bi) * NR;
     thread_local std::vector<uint8_t> scratch;
     thread_local std::vector<T> wbuf_v;
     if (wbuf_v.size() < static_cast<size_t>((F_CHUNK + 1) * 64)) wbuf_v.resize((F_CHUNK + 1) * 64);
     T* wbuf = wbuf_v.data();
     BlockView v;
-    view_block(L, bi, scratch, v);
+    view_block(L, o0 / NR, scratch, v);
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
-    const int64_t sbytes = v.bits == 8 ? 64 : 32;
     const T* x = static_cast<const T*>(C.x);
     T* y = static_cast<T*>(C.y);
 #ifdef QL_HAS_F_BLOCK_DIRECT
-    if (sizeof(T) == 4 && m1 - m0 <= F_BLOCK_DIRECT_ROWS) {
+    if (!grouped && sizeof(T) == 4 && m1 - m0 <= F_BLOCK_DIRECT_ROWS) {
         // Scales and zero points of rows beyond rb are never read (masked gathers).
         f_block_direct(v.w, v.bits, v.nd, v.tail64, kp, sg, ng, L.zpu + o0 * ng,
                        L.scales + o0 * ng, L.bias ? L.bias + o0 : nullptr, v.rb,
@@ -303,61 +309,67 @@ void f_task(void* p, int64_t task, int) {
         return;
     }
 #endif
+    // Many rows of x: the task covers F_BLOCKS blocks; for each chunk of steps every
+    // block is converted once into wbuf and used by all row tiles, while the chunk of x
+    // (rows x 512 columns) stays in L2 across the blocks.
+    const int64_t nblocks = (L.out + NR - 1) / NR;
+    const int64_t bstart = o0 / NR;
+    const int64_t bend = grouped ? std::min(nblocks, bstart + F_BLOCKS) : bstart + 1;
+#ifdef QL_HAS_F_DIRECT
+    const bool direct = !grouped;
+#else
+    const bool direct = false;
+#endif
     alignas(64) T zpl[64];
     T sc[NR];
     for (int64_t g = 0; g < ng; ++g) {
-        for (int r = 0; r < NR; ++r) {
-            const T z = r < v.rb ? static_cast<T>(L.zpu[(o0 + r) * ng + g]) : T(0);
-            for (int kk = 0; kk < 4; ++kk) zpl[r * 4 + kk] = z;
-            sc[r] = r < v.rb ? static_cast<T>(L.scales[(o0 + r) * ng + g]) : T(0);
-        }
         const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
         for (int64_t ca = sa; ca < sb; ca += F_CHUNK) {
             const int64_t ce = std::min(sb, ca + F_CHUNK);
-            const int64_t de = std::min(ce, v.nd);
-            const int64_t nd = de > ca ? de - ca : 0;
-            const bool tail = v.has_tail && ce > v.nd;
-#ifdef QL_HAS_F_DIRECT
-            if (m1 - m0 <= F_DIRECT_ROWS) {
-                const bool first = (g == 0 && ca == sa);
-                const bool last = (g == ng - 1 && ce == sb);
-                const int mr = static_cast<int>(m1 - m0);
-                alignas(64) T part[F_DIRECT_ROWS * NR] = {};
-                if (nd)
-                    f_direct<T>(v.w + ca * sbytes, v.bits, nd, zpl, x + m0 * C.x_rs + 4 * ca,
-                                C.x_rs, mr, part);
-                if (tail) f_direct<T>(v.tail64, 8, 1, zpl, c.xt + m0 * 4, 4, mr, part);
-                for (int mm = 0; mm < mr; ++mm) {
-                    T* ym = y + (m0 + mm) * L.out + o0;
-                    for (int64_t r = 0; r < v.rb; ++r) {
-                        T val = sc[r] * part[mm * NR + r];
-                        if (!first) val = ym[r] + val;
-                        if (last && L.bias) val += static_cast<T>(L.bias[o0 + r]);
-                        ym[r] = val;
-                    }
-                }
-                continue;
-            }
-#endif
-            if (nd) f_convert<T>(v.w + ca * sbytes, v.bits, nd, zpl, wbuf);
-            if (tail) f_convert<T>(v.tail64, 8, 1, zpl, wbuf + nd * 64);
             const bool first = (g == 0 && ca == sa);
             const bool last = (g == ng - 1 && ce == sb);
-            for (int64_t m = m0; m < m1; m += MR_F) {
-                const int mr = static_cast<int>(std::min<int64_t>(MR_F, m1 - m));
-                alignas(64) T part[MR_F * NR] = {};
-                if (nd) f_micro<T>(wbuf, nd, x + m * C.x_rs + 4 * ca, C.x_rs, mr, part);
-                if (tail) f_micro<T>(wbuf + nd * 64, 1, c.xt + m * 4, 4, mr, part);
-                for (int mm = 0; mm < mr; ++mm) {
-                    T* ym = y + (m + mm) * L.out + o0;
-                    for (int64_t r = 0; r < v.rb; ++r) {
-                        T val = sc[r] * part[mm * NR + r];
-                        if (!first) val = ym[r] + val;
-                        if (last && L.bias) val += static_cast<T>(L.bias[o0 + r]);
-                        ym[r] = val;
+            for (int64_t b = bstart; b < bend; ++b) {
+                const int64_t ob = b * NR;
+                if (b != bstart) view_block(L, b, scratch, v);
+                for (int r = 0; r < NR; ++r) {
+                    const T z = r < v.rb ? static_cast<T>(L.zpu[(ob + r) * ng + g]) : T(0);
+                    for (int kk = 0; kk < 4; ++kk) zpl[r * 4 + kk] = z;
+                    sc[r] = r < v.rb ? static_cast<T>(L.scales[(ob + r) * ng + g]) : T(0);
+                }
+                const int64_t de = std::min(ce, v.nd);
+                const int64_t nd = de > ca ? de - ca : 0;
+                const bool tail = v.has_tail && ce > v.nd;
+                const int64_t sbytes = v.bits == 8 ? 64 : 32;  // a partial block is int8-style
+                if (!direct) {
+                    if (nd) f_convert<T>(v.w + ca * sbytes, v.bits, nd, zpl, wbuf);
+                    if (tail) f_convert<T>(v.tail64, 8, 1, zpl, wbuf + nd * 64);
+                }
+                for (int64_t m = m0; m < m1; m += MR_F) {
+                    const int mr = static_cast<int>(std::min<int64_t>(MR_F, m1 - m));
+                    alignas(64) T part[MR_F * NR] = {};
+                    const T* xm = x + m * C.x_rs + 4 * ca;
+#ifdef QL_HAS_F_DIRECT
+                    if (direct) {
+                        if (nd) f_direct<T>(v.w + ca * sbytes, v.bits, nd, zpl, xm, C.x_rs, mr, part);
+                        if (tail) f_direct<T>(v.tail64, 8, 1, zpl, c.xt + m * 4, 4, mr, part);
+                    }
+#endif
+                    if (!direct) {
+                        if (nd) f_micro<T>(wbuf, nd, xm, C.x_rs, mr, part);
+                        if (tail) f_micro<T>(wbuf + nd * 64, 1, c.xt + m * 4, 4, mr, part);
+                    }
+                    for (int mm = 0; mm < mr; ++mm) {
+                        T* ym = y + (m + mm) * L.out + ob;
+                        for (int64_t r = 0; r < v.rb; ++r) {
+                            T val = sc[r] * part[mm * NR + r];
+                            if (!first) val = ym[r] + val;
+                            if (last && L.bias) val += static_cast<T>(L.bias[ob + r]);
+                            ym[r] = val;
+                        }
                     }
                 }
             }
+            if (bend - bstart > 1) view_block(L, bstart, scratch, v);
         }
     }
 }
@@ -376,10 +388,20 @@ void linear_float_t(const Layer& L, const Call& C) {
             for (int64_t j = 0; j < t; ++j) xt[m * 4 + j] = x[m * C.x_rs + 4 * k4 + j];
     }
     c.xt = xt.data();
-    c.mchunk = C.n <= 256 ? C.n : 128;
+    c.mchunk = C.n <= 256 ? C.n : 256;
     c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
+    c.direct_rows = 0;
+#ifdef QL_HAS_F_BLOCK_DIRECT
+    if (sizeof(T) == 4) c.direct_rows = F_BLOCK_DIRECT_ROWS;
+#endif
+#ifdef QL_HAS_F_DIRECT
+    c.direct_rows = std::max<int64_t>(c.direct_rows, F_DIRECT_ROWS);
+#endif
     const int64_t nblocks = (L.out + NR - 1) / NR;
-    parallel_for(nblocks * c.nmchunks, pick_threads(L, C), &f_task<T>, &c);
+    const bool grouped = C.n > c.direct_rows;
+    c.grouped = grouped;
+    const int64_t nb = grouped ? (nblocks + F_BLOCKS - 1) / F_BLOCKS : nblocks;
+    parallel_for(nb * c.nmchunks, pick_threads(L, C), &f_task<T>, &c);
 }
 
 inline void linear_float(const Layer& L, const Call& C) {
