@@ -191,16 +191,22 @@ void i8_task(void* p, int64_t task, int) {
                 std::fill(acc, acc + nacc, 0);
             }
         }
+        // dot = sum u*xq - zpu * sum xq, exact in int64; acc += dot * scale (unfused,
+        // in the reference's order). Loops run over the 16 rows of a block: vectorized.
         for (int b = 0; b < nb; ++b) {
             const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
-            for (int64_t r = 0; r < vs[b].rb; ++r) {
-                const int64_t zp = L.zpu[(o0 + r) * ng + g];
-                const double s = L.scales[(o0 + r) * ng + g];
-                for (int64_t mm = 0; mm < rows; ++mm) {
-                    const int64_t i = b * bstride + mm * NR + r;
-                    const int64_t d = acc64[i] - zp * c.rs[(m0 + mm) * ng + g];
-                    accd[i] += static_cast<double>(d) * s;
-                }
+            int64_t zpv[NR];
+            double sv[NR];
+            for (int r = 0; r < NR; ++r) {
+                zpv[r] = r < vs[b].rb ? L.zpu[(o0 + r) * ng + g] : 0;
+                sv[r] = r < vs[b].rb ? L.scales[(o0 + r) * ng + g] : 0.0;
+            }
+            for (int64_t mm = 0; mm < rows; ++mm) {
+                const int64_t rsm = c.rs[(m0 + mm) * ng + g];
+                const int64_t* a = acc64 + b * bstride + mm * NR;
+                double* ad = accd + b * bstride + mm * NR;
+                for (int r = 0; r < NR; ++r)
+                    ad[r] += static_cast<double>(a[r] - zpv[r] * rsm) * sv[r];
             }
         }
     }
