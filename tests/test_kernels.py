@@ -273,3 +273,17 @@ def test_missing_extension_falls_back_to_numpy_with_one_warning():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[:3] == ["1", "numpy", "unavailable"]
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_concurrent_python_threads_get_the_serial_results(backend, rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer = make_layer(rng, 200, 300, FORMATS[4], "asymmetric", backend)
+    xs = [rng.standard_normal((n, 300)).astype(np.float32) for n in (1, 7, 40, 3) * 3]
+    serial = [(layer(x), layer(x, activations="int8")) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        par = list(pool.map(lambda x: (layer(x), layer(x, activations="int8")), xs))
+    for (a, b), (c, d) in zip(serial, par, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
