@@ -490,10 +490,9 @@ static void f_microN(const float* wbuf, int64_t nsteps, const float* x, int64_t 
             a[m][3] = _mm512_fmadd_ps(w3, xv, a[m][3]);
         }
     }
-    alignas(64) float lanes[64];
     for (int m = 0; m < MR; ++m) {
-        for (int j = 0; j < 4; ++j) _mm512_store_ps(lanes + 16 * j, a[m][j]);
-        reduce_rows(lanes, part + m * NR);
+        const __m512 r = rows16(a[m][0], a[m][1], a[m][2], a[m][3]);
+        _mm512_storeu_ps(part + m * NR, _mm512_add_ps(_mm512_loadu_ps(part + m * NR), r));
     }
 }
 

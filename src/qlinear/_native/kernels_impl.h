@@ -284,6 +284,92 @@ void f_convert(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, T* wbuf
     }
 }
 
+// wbuf[s*64 + r*4 + kk] = (u - zp[r, g]) * scale[r, g] for steps s0 .. s0+nsteps of a
+// block (g = step / sg): the weights in x's dtype, rounded once, as ref.dequantize_rows.
+template <class T>
+void f_convert_scaled(const Layer& L, const BlockView& v, int64_t o0, int64_t s0, int64_t nsteps,
+                      int64_t sg, T* wbuf) {
+    const int64_t ng = L.n_groups;
+    const int64_t sbytes = v.bits == 8 ? 64 : 32;
+    alignas(64) T zl[64], sl[64];
+    alignas(64) uint8_t u[64];
+    int64_t gcur = -1;
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const int64_t step = s0 + s;
+        const int64_t g = step / sg;
+        if (g != gcur) {
+            gcur = g;
+            for (int r = 0; r < NR; ++r) {
+                const bool live = r < v.rb;
+                const T z = live ? static_cast<T>(L.zpu[(o0 + r) * ng + g]) : T(0);
+                const T sc = live ? static_cast<T>(L.scales[(o0 + r) * ng + g]) : T(0);
+                for (int kk = 0; kk < 4; ++kk) {
+                    zl[r * 4 + kk] = z;
+                    sl[r * 4 + kk] = sc;
+                }
+            }
+        }
+        const uint8_t* src;
+        if (step < v.nd) {
+            if (v.bits == 8) {
+                src = v.w + step * sbytes;
+            } else {
+                const uint8_t* b = v.w + step * sbytes;
+                for (int i = 0; i < 32; ++i) {
+                    u[i] = b[i] & 0x0F;
+                    u[32 + i] = b[i] >> 4;
+                }
+                src = u;
+            }
+        } else {
+            src = v.tail64;
+        }
+        T* dst = wbuf + s * 64;
+        for (int i = 0; i < 64; ++i) dst[i] = (static_cast<T>(static_cast<int32_t>(src[i])) - zl[i]) * sl[i];
+    }
+}
+
+// Many rows: for each chunk of F_CHUNK steps (groups folded into the converted weights),
+// every block of the task is converted once and used by all row tiles.
+template <class T>
+void f_grouped(const FCtx<T>& c, const Layer& L, const Call& C, BlockView& v,
+               std::vector<uint8_t>& scratch, T* wbuf, int64_t bstart, int64_t bend, int64_t m0,
+               int64_t m1) {
+    const int64_t kp = (L.in + 3) / 4, sg = steps_per_group(L);
+    const T* x = static_cast<const T*>(C.x);
+    T* y = static_cast<T*>(C.y);
+    for (int64_t ca = 0; ca < kp; ca += F_CHUNK) {
+        const int64_t ce = std::min(kp, ca + F_CHUNK);
+        const bool first = ca == 0, last = ce == kp;
+        for (int64_t b = bstart; b < bend; ++b) {
+            const int64_t ob = b * NR;
+            if (b != bstart) view_block(L, b, scratch, v);
+            f_convert_scaled<T>(L, v, ob, ca, ce - ca, sg, wbuf);
+            const int64_t de = std::min(ce, v.nd);
+            const int64_t nd = de > ca ? de - ca : 0;
+            const bool tail = v.has_tail && ce > v.nd;
+            for (int64_t m = m0; m < m1; m += MR_F) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR_F, m1 - m));
+                alignas(64) T part[MR_F * NR] = {};
+                if (nd) f_micro<T>(wbuf, nd, x + m * C.x_rs + 4 * ca, C.x_rs, mr, part);
+                if (tail) f_micro<T>(wbuf + nd * 64, 1, c.xt + m * 4, 4, mr, part);
+                for (int mm = 0; mm < mr; ++mm) {
+                    T* ym = y + (m + mm) * L.out + ob;
+                    const T* pm = part + mm * NR;
+                    if (first) {
+                        for (int64_t r = 0; r < v.rb; ++r) ym[r] = pm[r];
+                    } else {
+                        for (int64_t r = 0; r < v.rb; ++r) ym[r] += pm[r];
+                    }
+                    if (last && L.bias)
+                        for (int64_t r = 0; r < v.rb; ++r) ym[r] += static_cast<T>(L.bias[ob + r]);
+                }
+            }
+        }
+        if (bend - bstart > 1) view_block(L, bstart, scratch, v);
+    }
+}
+
 template <class T>
 void f_task(void* p, int64_t task, int) {
     auto& c = *static_cast<FCtx<T>*>(p);
@@ -326,6 +412,10 @@ void f_task(void* p, int64_t task, int) {
 #else
     const bool direct = false;
 #endif
+    if (grouped) {
+        f_grouped<T>(c, L, C, v, scratch, wbuf, bstart, bend, m0, m1);
+        return;
+    }
     alignas(64) T zpl[64];
     T sc[NR];
     for (int64_t g = 0; g < ng; ++g) {
