@@ -1,6 +1,6 @@
 // AVX2 + FMA kernels. Compiled with -mavx2 -mfma; only called after cpu_has_avx2().
-// Integer products use vpmaddwd on zero-extended codes and sign-extended activations
-// (exact; vpmaddubsw could saturate on 255 * 127 pairs).
+// Integer products: vpmaddubsw on |w| and sign-adjusted activations (exact), vpmaddwd to
+// 32 bits.
 #include <immintrin.h>
 
 #include <cstring>
@@ -12,64 +12,66 @@
 namespace qlinear {
 namespace avx2 {
 
-constexpr int MR_I = 4;
+constexpr int MR_I = 8;
 constexpr int MR_F = 4;
 
-// Codes of one step as 4 vectors of 16 int16 (rows 4j..4j+3 x 4 columns).
-template <int BITS>
-static inline void load_step16(const uint8_t* w, int64_t s, __m256i* out) {
-    if (BITS == 8) {
-        const uint8_t* p = w + s * 64;
-        for (int j = 0; j < 4; ++j)
-            out[j] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
-    } else {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        const __m256i lo = _mm256_and_si256(b, mask);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-        out[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
-        out[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
-        out[2] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
-        out[3] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
-    }
-}
-
-static inline __m256i xpat16(const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    const __m128i x16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(v));
-    return _mm256_broadcastq_epi64(x16);
-}
-
+// int8: stored u = w + 128; vpmaddubsw(|w|, sign(x, w)) gives w*x pairs exactly
+// (|pair| <= 2 * 128 * 127 < 2^15), then sum u*x = sum w*x + 128 * sum x.
+// int4: the nibble u (0..15) is the unsigned operand directly (pairs <= 2 * 15 * 127).
 template <int BITS, int MR>
 static void i_microN(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
                      int32_t* acc) {
-    __m256i a[MR][4];
-    for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < 4; ++j) a[m][j] = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i a[MR][2];
+    for (int m = 0; m < MR; ++m) {
+        a[m][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * NR));
+        a[m][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * NR + 8));
+    }
     for (int64_t s = 0; s < nsteps; ++s) {
-        __m256i wv[4];
-        load_step16<BITS>(w, s, wv);
+        __m256i v[2], av[2];
+        if (BITS == 8) {
+            v[0] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 64)), flip);
+            v[1] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 64 + 32)), flip);
+            av[0] = _mm256_abs_epi8(v[0]);
+            av[1] = _mm256_abs_epi8(v[1]);
+        } else {
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
+            av[0] = _mm256_and_si256(b, mask);
+            av[1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        }
         for (int m = 0; m < MR; ++m) {
-            const __m256i xp = xpat16(xq + m * xq_rs + 4 * s);
-            for (int j = 0; j < 4; ++j)
-                a[m][j] = _mm256_add_epi32(a[m][j], _mm256_madd_epi16(wv[j], xp));
+            int32_t xv;
+            std::memcpy(&xv, xq + m * xq_rs + 4 * s, 4);
+            const __m256i xb = _mm256_set1_epi32(xv);
+            for (int h = 0; h < 2; ++h) {
+                const __m256i xs = BITS == 8 ? _mm256_sign_epi8(xb, v[h]) : xb;
+                const __m256i p = _mm256_maddubs_epi16(av[h], xs);
+                a[m][h] = _mm256_add_epi32(a[m][h], _mm256_madd_epi16(p, ones));
+            }
         }
     }
-    alignas(32) int32_t lanes[32];
     for (int m = 0; m < MR; ++m) {
-        for (int j = 0; j < 4; ++j)
-            _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 8 * j), a[m][j]);
-        for (int r = 0; r < NR; ++r) acc[m * NR + r] += lanes[2 * r] + lanes[2 * r + 1];
+        if (BITS == 8) {
+            int32_t sx = 0;
+            const int8_t* xm = xq + m * xq_rs;
+            for (int64_t k = 0; k < 4 * nsteps; ++k) sx += xm[k];
+            const __m256i corr = _mm256_set1_epi32(128 * sx);
+            a[m][0] = _mm256_add_epi32(a[m][0], corr);
+            a[m][1] = _mm256_add_epi32(a[m][1], corr);
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + m * NR), a[m][0]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + m * NR + 8), a[m][1]);
     }
 }
 
 static inline void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq,
                            int64_t xq_rs, int mr, int32_t* acc) {
     int m = 0;
-    for (; m + 2 <= mr; m += 2) {
-        if (bits == 8) i_microN<8, 2>(w, nsteps, xq + m * xq_rs, xq_rs, acc + m * NR);
-        else i_microN<4, 2>(w, nsteps, xq + m * xq_rs, xq_rs, acc + m * NR);
+    for (; m + 4 <= mr; m += 4) {
+        if (bits == 8) i_microN<8, 4>(w, nsteps, xq + m * xq_rs, xq_rs, acc + m * NR);
+        else i_microN<4, 4>(w, nsteps, xq + m * xq_rs, xq_rs, acc + m * NR);
     }
     for (; m < mr; ++m) {
         if (bits == 8) i_microN<8, 1>(w, nsteps, xq + m * xq_rs, xq_rs, acc + m * NR);
