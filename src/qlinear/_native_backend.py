@@ -20,11 +20,16 @@ from .qtypes import QuantizationType
 
 try:
     from . import _native  # type: ignore[attr-defined]
+
+    if not hasattr(_native, "linear"):
+        # Without the compiled module, the C++ source folder qlinear/_native/ imports
+        # as an empty namespace package.
+        raise ImportError("the compiled extension qlinear._native is not built")
 except ImportError as exc:  # pragma: no cover - depends on the build
     _native = None
     kernels._state["native"] = f"unavailable: {exc}"
     warnings.warn(
-        f"qlinear: native kernels unavailable ({exc}); using the NumPy reference backend",
+        f"qlinear native kernels unavailable ({exc}); using the NumPy reference backend",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -12,7 +12,8 @@
 //         bytes whose low nibbles are elements 0..31 and high nibbles 32..63); then the
 //         tail, ceil(rb*t / 2) bytes, element e = r*t + j in byte e % h, high when e >= h
 //         (h = ceil(rb*t/2)). Nibbles are the stored values 0..15 (code + storage offset).
-// Total: exactly out*in bytes (int8) and out*ceil-ish(in/2) bytes (int4).
+// Total: exactly out*in bytes (int8); int4 blocks take rb*2*K4 + ceil(rb*t/2) bytes,
+// ceil(out*in/2) in all (no per-row padding).
 //
 // Kernels see "unsigned" codes u and an effective zero point zpu (out, n_groups) in the
 // same domain, so that w[o, k] = (u[o, k] - zpu[o, g]) * scale[o, g].
