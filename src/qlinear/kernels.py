@@ -120,7 +120,11 @@ class NumpyBackend:
 
 _BACKENDS: dict[str, Backend] = {}
 _lock = threading.Lock()
-_state: dict[str, Any] = {"active": None, "threads": max(1, os.cpu_count() or 1)}
+_state: dict[str, Any] = {
+    "active": None,
+    "threads": max(1, os.cpu_count() or 1),
+    "native": "not loaded",
+}
 
 
 def register_backend(backend: Backend) -> None:
@@ -184,8 +188,12 @@ def backend_info() -> dict[str, Any]:
         "backend": backend.name,
         "available": available_backends(),
         "threads": get_num_threads(),
+        "native": _state["native"],
         **backend.info(),
     }
 
 
 register_backend(NumpyBackend())
+
+# Native backends register themselves (or record why they cannot) on import.
+from . import _native_backend  # noqa: E402, F401

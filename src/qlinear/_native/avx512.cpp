@@ -1,0 +1,565 @@
+// AVX-512 (F, BW, VL, DQ) + VNNI kernels. Compiled with -mavx512f -mavx512bw -mavx512vl
+// -mavx512dq -mavx512vnni -mfma; only called after cpu_has_avx512vnni() said yes.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common.h"
+
+#define QL_ISA avx512
+
+namespace qlinear {
+namespace avx512 {
+
+constexpr int MR_I = 12;
+constexpr int MR_F = 6;
+
+// 32 bytes of nibbles -> 64 unsigned codes (low nibbles first, then high nibbles).
+static inline __m512i load_step4(const uint8_t* p) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(b, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+template <int BITS>
+static inline __m512i load_step(const uint8_t* w, int64_t s) {
+    if (BITS == 8) return _mm512_loadu_si512(w + s * 64);
+    return load_step4(w + s * 32);
+}
+
+// acc += u8 codes . s8 activations (4 bytes at x4, broadcast). Inline asm: GCC copies
+// every accumulator around the vpdpbusd builtin (its tied operand), doubling the uops,
+typedef int32_t alias_i32 __attribute__((may_alias));
+static inline __m512i bcast4(const int8_t* p) {
+    return _mm512_set1_epi32(*reinterpret_cast<const alias_i32*>(p));
+}
+static inline void dpv(__m512i& acc, __m512i w, __m512i x) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+}
+static inline void dp(__m512i& acc, __m512i w, const int8_t* x4) { dpv(acc, w, bcast4(x4)); }
+
+// One row of x: four independent accumulators hide the vpdpbusd latency.
+template <int BITS>
+static void i_micro1(const uint8_t* w, int64_t nsteps, const int8_t* xq, int32_t* acc) {
+    __m512i a0 = _mm512_loadu_si512(acc), a1 = _mm512_setzero_si512();
+    __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+    int64_t s = 0;
+    for (; s + 4 <= nsteps; s += 4) {
+        dp(a0, load_step<BITS>(w, s), xq + 4 * s);
+        dp(a1, load_step<BITS>(w, s + 1), xq + 4 * s + 4);
+        dp(a2, load_step<BITS>(w, s + 2), xq + 4 * s + 8);
+        dp(a3, load_step<BITS>(w, s + 3), xq + 4 * s + 12);
+    }
+    for (; s < nsteps; ++s) dp(a0, load_step<BITS>(w, s), xq + 4 * s);
+    a0 = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+    _mm512_storeu_si512(acc, a0);
+}
+
+template <int BITS, int MR>
+static void i_microN(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                     int32_t* acc) {
+    __m512i a[MR];
+    for (int m = 0; m < MR; ++m) a[m] = _mm512_loadu_si512(acc + m * NR);
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i wv = load_step<BITS>(w, s);
+        for (int m = 0; m < MR; ++m)
+            a[m] = _mm512_dpbusd_epi32(a[m], wv, bcast4(xq + m * xq_rs + 4 * s));
+    }
+    for (int m = 0; m < MR; ++m) _mm512_storeu_si512(acc + m * NR, a[m]);
+}
+
+template <int BITS>
+static void i_micro_b(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs, int mr,
+                      int32_t* acc) {
+    switch (mr) {
+        case 1: i_micro1<BITS>(w, nsteps, xq, acc); break;
+        case 2: i_microN<BITS, 2>(w, nsteps, xq, xq_rs, acc); break;
+        case 3: i_microN<BITS, 3>(w, nsteps, xq, xq_rs, acc); break;
+        case 4: i_microN<BITS, 4>(w, nsteps, xq, xq_rs, acc); break;
+        case 5: i_microN<BITS, 5>(w, nsteps, xq, xq_rs, acc); break;
+        case 6: i_microN<BITS, 6>(w, nsteps, xq, xq_rs, acc); break;
+        case 7: i_microN<BITS, 7>(w, nsteps, xq, xq_rs, acc); break;
+        default: i_microN<BITS, 8>(w, nsteps, xq, xq_rs, acc); break;
+    }
+}
+
+static inline void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq,
+                           int64_t xq_rs, int mr, int32_t* acc) {
+    for (int m = 0; m < mr; m += 8) {
+        const int part = mr - m < 8 ? mr - m : 8;
+        if (bits == 8) i_micro_b<8>(w, nsteps, xq + m * xq_rs, xq_rs, part, acc + m * NR);
+        else i_micro_b<4>(w, nsteps, xq + m * xq_rs, xq_rs, part, acc + m * NR);
+    }
+}
+
+// Two blocks (32 output rows) per activation broadcast.
+template <int BITS, int MR>
+static void i_micro2N(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
+                      int64_t xq_rs, int32_t* acc0, int32_t* acc1) {
+    __m512i a[MR], b[MR];
+    for (int m = 0; m < MR; ++m) {
+        a[m] = _mm512_loadu_si512(acc0 + m * NR);
+        b[m] = _mm512_loadu_si512(acc1 + m * NR);
+    }
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i v0 = load_step<BITS>(w0, s);
+        const __m512i v1 = load_step<BITS>(w1, s);
+        for (int m = 0; m < MR; ++m) {
+            const __m512i xv = bcast4(xq + m * xq_rs + 4 * s);
+            a[m] = _mm512_dpbusd_epi32(a[m], v0, xv);
+            b[m] = _mm512_dpbusd_epi32(b[m], v1, xv);
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        _mm512_storeu_si512(acc0 + m * NR, a[m]);
+        _mm512_storeu_si512(acc1 + m * NR, b[m]);
+    }
+}
+
+// Six rows x two blocks with named accumulators (arrays would live on the stack once
+// the inline asm takes their address).
+template <int BITS>
+static void i_micro2_6(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
+                       int64_t xq_rs, int32_t* acc0, int32_t* acc1) {
+#define QL_LD(i) __m512i a##i = _mm512_loadu_si512(acc0 + i * NR), b##i = _mm512_loadu_si512(acc1 + i * NR);
+    QL_LD(0) QL_LD(1) QL_LD(2) QL_LD(3) QL_LD(4) QL_LD(5)
+#undef QL_LD
+    const int8_t* x0 = xq;
+    const int8_t* x1 = xq + xq_rs;
+    const int8_t* x2 = xq + 2 * xq_rs;
+    const int8_t* x3 = xq + 3 * xq_rs;
+    const int8_t* x4 = xq + 4 * xq_rs;
+    const int8_t* x5 = xq + 5 * xq_rs;
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i v0 = load_step<BITS>(w0, s);
+        const __m512i v1 = load_step<BITS>(w1, s);
+#define QL_ROW(i)                                  \
+    {                                              \
+        const __m512i xv = bcast4(x##i + 4 * s);   \
+        dpv(a##i, v0, xv);                         \
+        dpv(b##i, v1, xv);                         \
+    }
+        QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+    }
+#define QL_ST(i) _mm512_storeu_si512(acc0 + i * NR, a##i); _mm512_storeu_si512(acc1 + i * NR, b##i);
+    QL_ST(0) QL_ST(1) QL_ST(2) QL_ST(3) QL_ST(4) QL_ST(5)
+#undef QL_ST
+}
+
+template <int BITS>
+static void i_micro2_b(const uint8_t* w0, const uint8_t* w1, int64_t nsteps, const int8_t* xq,
+                       int64_t xq_rs, int mr, int32_t* acc0, int32_t* acc1) {
+    int m = 0;
+    if (mr == 1) {
+        i_micro1<BITS>(w0, nsteps, xq, acc0);
+        i_micro1<BITS>(w1, nsteps, xq, acc1);
+        return;
+    }
+    for (; m + 6 <= mr; m += 6)
+        i_micro2_6<BITS>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR);
+    switch (mr - m) {
+        case 1: i_micro2N<BITS, 1>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 2: i_micro2N<BITS, 2>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 3: i_micro2N<BITS, 3>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 4: i_micro2N<BITS, 4>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        case 5: i_micro2N<BITS, 5>(w0, w1, nsteps, xq + m * xq_rs, xq_rs, acc0 + m * NR, acc1 + m * NR); break;
+        default: break;
+    }
+}
+
+static inline void i_micro2(const uint8_t* w0, const uint8_t* w1, int bits, int64_t nsteps,
+                            const int8_t* xq, int64_t xq_rs, int mr, int32_t* acc0,
+                            int32_t* acc1) {
+    if (bits == 8) i_micro2_b<8>(w0, w1, nsteps, xq, xq_rs, mr, acc0, acc1);
+    else i_micro2_b<4>(w0, w1, nsteps, xq, xq_rs, mr, acc0, acc1);
+}
+
+// Four blocks (64 output rows) x R <= 6 rows of x: up to 24 accumulators, named (an
+// array would be kept on the stack once the inline asm takes its address).
+template <int BITS, int R>
+static void i_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                       int32_t* const* acc) {
+    const __m512i z = _mm512_setzero_si512();
+#define QL_LD(i)                                                      \
+    __m512i a##i = R > i ? _mm512_loadu_si512(acc[0] + i * NR) : z;   \
+    __m512i b##i = R > i ? _mm512_loadu_si512(acc[1] + i * NR) : z;   \
+    __m512i c##i = R > i ? _mm512_loadu_si512(acc[2] + i * NR) : z;   \
+    __m512i d##i = R > i ? _mm512_loadu_si512(acc[3] + i * NR) : z;   \
+    const int8_t* x##i = xq + (R > i ? i : 0) * xq_rs;
+    QL_LD(0) QL_LD(1) QL_LD(2) QL_LD(3) QL_LD(4) QL_LD(5)
+#undef QL_LD
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const __m512i v0 = load_step<BITS>(w0, s);
+        const __m512i v1 = load_step<BITS>(w1, s);
+        const __m512i v2 = load_step<BITS>(w2, s);
+        const __m512i v3 = load_step<BITS>(w3, s);
+#define QL_ROW(i)                                      \
+    if (R > i) {                                       \
+        const __m512i xv = bcast4(x##i + 4 * s);       \
+        dpv(a##i, v0, xv);                             \
+        dpv(b##i, v1, xv);                             \
+        dpv(c##i, v2, xv);                             \
+        dpv(d##i, v3, xv);                             \
+    }
+        QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+    }
+#define QL_ST(i)                                      \
+    if (R > i) {                                      \
+        _mm512_storeu_si512(acc[0] + i * NR, a##i);   \
+        _mm512_storeu_si512(acc[1] + i * NR, b##i);   \
+        _mm512_storeu_si512(acc[2] + i * NR, c##i);   \
+        _mm512_storeu_si512(acc[3] + i * NR, d##i);   \
+    }
+    QL_ST(0) QL_ST(1) QL_ST(2) QL_ST(3) QL_ST(4) QL_ST(5)
+#undef QL_ST
+}
+
+// Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
+static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
+                            int64_t xq_rs, int mr, int32_t* const* acc);
+
+// Per-row activation quantization, as ref.quantize_rows_int8: in double, division (not
+// a reciprocal), round half to even, clamp. Masked loads and stores for the tail.
+static inline __m512d load8d(const float* p, __mmask8 k) {
+    return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p));
+}
+static inline __m512d load8d(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
+
+template <class T>
+static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                                int8_t* q, double* sx, int32_t* rs) {
+    const __m512d sign = _mm512_set1_pd(-0.0);
+    __m512d vmax = _mm512_setzero_pd();
+    for (int64_t k = 0; k < in; k += 8) {
+        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
+        vmax = _mm512_max_pd(vmax, _mm512_andnot_pd(sign, load8d(x + k, m)));
+    }
+    const double amax = _mm512_reduce_max_pd(vmax);
+    const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
+    const __m512d vs = _mm512_set1_pd(scale);
+    const __m512d lo = _mm512_set1_pd(-127.0), hi = _mm512_set1_pd(127.0);
+    for (int64_t k = 0; k < in; k += 8) {
+        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
+        __m512d v = _mm512_div_pd(load8d(x + k, m), vs);
+        v = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_pd(_mm512_max_pd(v, lo), hi);
+        const __m128i b = _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(v));
+        _mm_mask_storeu_epi8(q + k, m, b);
+    }
+    for (int64_t k = in; k < kpad; ++k) q[k] = 0;
+    *sx = scale;
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t a = g * gs, e = in < a + gs ? in : a + gs;
+        int32_t s = 0;
+        for (int64_t k = a; k < e; ++k) s += q[k];
+        rs[g] = s;
+    }
+}
+#define QL_QUANTIZE_ROW quantize_row_avx512
+
+// Float mode for a few rows of x: convert codes in registers, no weight buffer.
+static inline void step_pieces(const uint8_t* w, int bits, int64_t s, __m128i* p) {
+    if (bits == 8) {
+        const uint8_t* q = w + s * 64;
+        for (int j = 0; j < 4; ++j) p[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
+    } else {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        const __m256i lo = _mm256_and_si256(b, mask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        p[0] = _mm256_castsi256_si128(lo);
+        p[1] = _mm256_extracti128_si256(lo, 1);
+        p[2] = _mm256_castsi256_si128(hi);
+        p[3] = _mm256_extracti128_si256(hi, 1);
+    }
+}
+
+template <int BITS, int MR>
+static void f_directN(const uint8_t* w, int64_t nsteps, const float* zpl, const float* x,
+                      int64_t x_rs, float* part) {
+    __m512 zp[4], a[MR][4];
+    for (int j = 0; j < 4; ++j) zp[j] = _mm512_loadu_ps(zpl + 16 * j);
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        __m128i p[4];
+        step_pieces(w, BITS, s, p);
+        __m512 wf[4];
+        for (int j = 0; j < 4; ++j)
+            wf[j] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(p[j])), zp[j]);
+        for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * x_rs + 4 * s));
+            for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
+        }
+    }
+    alignas(64) float lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 4; ++j) _mm512_store_ps(lanes + 16 * j, a[m][j]);
+        for (int r = 0; r < NR; ++r)
+            part[m * NR + r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+    }
+}
+
+template <int BITS, int MR>
+static void f_directN(const uint8_t* w, int64_t nsteps, const double* zpl, const double* x,
+                      int64_t x_rs, double* part) {
+    __m512d zp[8], a[MR][8];
+    for (int j = 0; j < 8; ++j) zp[j] = _mm512_loadu_pd(zpl + 8 * j);
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 8; ++j) a[m][j] = _mm512_setzero_pd();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        __m128i p[4];
+        step_pieces(w, BITS, s, p);
+        for (int j = 0; j < 4; ++j) {
+            const __m512i i32 = _mm512_cvtepu8_epi32(p[j]);
+            const __m512d lo = _mm512_sub_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(i32)), zp[2 * j]);
+            const __m512d hi = _mm512_sub_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(i32, 1)), zp[2 * j + 1]);
+            for (int m = 0; m < MR; ++m) {
+                const __m512d xv = _mm512_broadcast_f64x4(_mm256_loadu_pd(x + m * x_rs + 4 * s));
+                a[m][2 * j] = _mm512_fmadd_pd(lo, xv, a[m][2 * j]);
+                a[m][2 * j + 1] = _mm512_fmadd_pd(hi, xv, a[m][2 * j + 1]);
+            }
+        }
+    }
+    alignas(64) double lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 8; ++j) _mm512_store_pd(lanes + 8 * j, a[m][j]);
+        for (int r = 0; r < NR; ++r)
+            part[m * NR + r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+    }
+}
+
+constexpr int F_DIRECT_ROWS = 4;
+
+template <class T>
+static void f_direct(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, const T* x,
+                     int64_t x_rs, int mr, T* part) {
+    constexpr int STEP = sizeof(T) == 4 ? 4 : 2;
+    for (int m = 0; m < mr; m += STEP) {
+        const int r = mr - m < STEP ? mr - m : STEP;
+        const T* xm = x + m * x_rs;
+        T* pm = part + m * NR;
+#define QL_CASE(R)                                                             \
+    case R:                                                                    \
+        if (bits == 8) f_directN<8, (R > STEP ? STEP : R)>(w, nsteps, zpl, xm, x_rs, pm); \
+        else f_directN<4, (R > STEP ? STEP : R)>(w, nsteps, zpl, xm, x_rs, pm);           \
+        break;
+        switch (r) {
+            QL_CASE(1)
+            QL_CASE(2)
+            QL_CASE(3)
+            default:
+                if (bits == 8) f_directN<8, STEP>(w, nsteps, zpl, xm, x_rs, pm);
+                else f_directN<4, STEP>(w, nsteps, zpl, xm, x_rs, pm);
+        }
+#undef QL_CASE
+    }
+}
+#define QL_HAS_F_DIRECT 1
+
+// Float32 mode, a few rows of x, every group of a block in one pass: per group, the
+// codes are converted in registers (u - zp exact in float), multiplied by x, the 4 lanes
+// of each row summed with permutes, then scaled into a 16-row accumulator; bias and the
+// store happen once. zp/scales for 16 rows are gathered once per group.
+static inline __m512 rows16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512 s01 = _mm512_add_ps(_mm512_permutex2var_ps(a0, ev, a1), _mm512_permutex2var_ps(a0, od, a1));
+    const __m512 s23 = _mm512_add_ps(_mm512_permutex2var_ps(a2, ev, a3), _mm512_permutex2var_ps(a2, od, a3));
+    return _mm512_add_ps(_mm512_permutex2var_ps(s01, ev, s23), _mm512_permutex2var_ps(s01, od, s23));
+}
+
+template <int BITS, int MR>
+static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
+                       int64_t sg, int64_t ng, const int32_t* zpu, const double* scales,
+                       int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
+    const __m512i lane_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
+    const __m512i ridx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(ng)));
+    for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        const __m512i gi = _mm512_add_epi32(ridx, _mm512_set1_epi32(static_cast<int>(g)));
+        const __m512i z16 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rmask, gi, zpu, 4);
+        const __m512 sc = _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mask_i32gather_pd(
+                _mm512_setzero_pd(), __mmask8(rmask), _mm512_castsi512_si256(gi), scales, 8))),
+            _mm512_cvtpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(rmask >> 8),
+                                                     _mm512_extracti64x4_epi64(gi, 1), scales, 8)),
+            1);
+        __m512 zp[4];
+        for (int j = 0; j < 4; ++j)
+            zp[j] = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
+                _mm512_add_epi32(lane_row, _mm512_set1_epi32(4 * j)), z16));
+        __m512 a[MR][4];
+        for (int m = 0; m < MR; ++m)
+            for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+        const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        for (int64_t s = sa; s < sb; ++s) {
+            __m128i p[4];
+            const float* xs;
+            int64_t xrs;
+            if (s < nd) {
+                step_pieces(w, BITS, s, p);
+                xs = x + 4 * s;
+                xrs = x_rs;
+            } else {
+                step_pieces(tail64, 8, 0, p);
+                xs = xt;
+                xrs = 4;
+            }
+            __m512 wf[4];
+            for (int j = 0; j < 4; ++j)
+                wf[j] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(p[j])), zp[j]);
+            for (int m = 0; m < MR; ++m) {
+                const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m * xrs));
+                for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
+            }
+        }
+        for (int m = 0; m < MR; ++m)
+            total[m] = _mm512_fmadd_ps(rows16(a[m][0], a[m][1], a[m][2], a[m][3]), sc, total[m]);
+    }
+}
+
+// y[m, o0 + r] = total + bias for r < rb; returns false if this kernel does not apply.
+static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t* tail64,
+                           int64_t kp, int64_t sg, int64_t ng, const int32_t* zpu,
+                           const double* scales, const double* bias, int64_t rb,
+                           const float* x, int64_t x_rs, const float* xt, int mr, float* y,
+                           int64_t y_rs) {
+    const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
+    __m512 bv = _mm512_setzero_ps();
+    if (bias) {
+        bv = _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), bias))),
+            _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), bias + 8)), 1);
+    }
+    for (int m = 0; m < mr; m += 4) {
+        const int r = mr - m < 4 ? mr - m : 4;
+        __m512 total[4];
+        const float* xm = x + m * x_rs;
+        const float* xtm = xt + m * 4;
+#define QL_CALL(R)                                                                             \
+    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total); \
+    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total);
+        switch (r) {
+            case 1: QL_CALL(1) break;
+            case 2: QL_CALL(2) break;
+            case 3: QL_CALL(3) break;
+            default: QL_CALL(4) break;
+        }
+#undef QL_CALL
+        for (int i = 0; i < r; ++i)
+            _mm512_mask_storeu_ps(y + (m + i) * y_rs, rmask, _mm512_add_ps(total[i], bv));
+    }
+    return true;
+}
+#define QL_HAS_F_BLOCK_DIRECT 1
+constexpr int F_BLOCK_DIRECT_ROWS = 16;
+
+// Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.
+static inline void reduce_rows(const float* lanes, float* part) {
+    for (int r = 0; r < NR; ++r)
+        part[r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+}
+static inline void reduce_rows(const double* lanes, double* part) {
+    for (int r = 0; r < NR; ++r)
+        part[r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+}
+
+template <int MR>
+static void f_microN(const float* wbuf, int64_t nsteps, const float* x, int64_t x_rs,
+                     float* part) {
+    __m512 a[MR][4];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const float* ws = wbuf + s * 64;
+        const __m512 w0 = _mm512_loadu_ps(ws), w1 = _mm512_loadu_ps(ws + 16);
+        const __m512 w2 = _mm512_loadu_ps(ws + 32), w3 = _mm512_loadu_ps(ws + 48);
+        for (int m = 0; m < MR; ++m) {
+            const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * x_rs + 4 * s));
+            a[m][0] = _mm512_fmadd_ps(w0, xv, a[m][0]);
+            a[m][1] = _mm512_fmadd_ps(w1, xv, a[m][1]);
+            a[m][2] = _mm512_fmadd_ps(w2, xv, a[m][2]);
+            a[m][3] = _mm512_fmadd_ps(w3, xv, a[m][3]);
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        const __m512 r = rows16(a[m][0], a[m][1], a[m][2], a[m][3]);
+        _mm512_storeu_ps(part + m * NR, _mm512_add_ps(_mm512_loadu_ps(part + m * NR), r));
+    }
+}
+
+template <int MR>
+static void f_microN(const double* wbuf, int64_t nsteps, const double* x, int64_t x_rs,
+                     double* part) {
+    __m512d a[MR][8];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < 8; ++j) a[m][j] = _mm512_setzero_pd();
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const double* ws = wbuf + s * 64;
+        __m512d wv[8];
+        for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_pd(ws + 8 * j);
+        for (int m = 0; m < MR; ++m) {
+            const __m512d xv = _mm512_broadcast_f64x4(_mm256_loadu_pd(x + m * x_rs + 4 * s));
+            for (int j = 0; j < 8; ++j) a[m][j] = _mm512_fmadd_pd(wv[j], xv, a[m][j]);
+        }
+    }
+    alignas(64) double lanes[64];
+    for (int m = 0; m < MR; ++m) {
+        for (int j = 0; j < 8; ++j) _mm512_store_pd(lanes + 8 * j, a[m][j]);
+        reduce_rows(lanes, part + m * NR);
+    }
+}
+
+template <class T>
+static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int mr, T* part) {
+    constexpr int STEP = sizeof(T) == 4 ? 6 : 2;
+    int m = 0;
+    for (; m + STEP <= mr; m += STEP) f_microN<STEP>(wbuf, nsteps, x + m * x_rs, x_rs, part + m * NR);
+    for (; m < mr; ++m) f_microN<1>(wbuf, nsteps, x + m * x_rs, x_rs, part + m * NR);
+}
+
+}  // namespace avx512
+}  // namespace qlinear
+
+#include "kernels_impl.h"
+
+namespace qlinear {
+namespace avx512 {
+const KernelTable table = {"avx512", &linear_float, &linear_int8act};
+}  // namespace avx512
+}  // namespace qlinear
+
+namespace qlinear {
+namespace avx512 {
+template <int BITS>
+static void i_micro4_b(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                       int mr, int32_t* const* acc) {
+    for (int m = 0; m < mr; m += 6) {
+        int32_t* am[4] = {acc[0] + m * NR, acc[1] + m * NR, acc[2] + m * NR, acc[3] + m * NR};
+        const int8_t* xm = xq + m * xq_rs;
+        switch (mr - m) {
+            case 1: i_micro4_r<BITS, 1>(w, nsteps, xm, xq_rs, am); break;
+            case 2: i_micro4_r<BITS, 2>(w, nsteps, xm, xq_rs, am); break;
+            case 3: i_micro4_r<BITS, 3>(w, nsteps, xm, xq_rs, am); break;
+            case 4: i_micro4_r<BITS, 4>(w, nsteps, xm, xq_rs, am); break;
+            case 5: i_micro4_r<BITS, 5>(w, nsteps, xm, xq_rs, am); break;
+            default: i_micro4_r<BITS, 6>(w, nsteps, xm, xq_rs, am); break;
+        }
+    }
+}
+
+static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
+                            int64_t xq_rs, int mr, int32_t* const* acc) {
+    if (bits == 8) i_micro4_b<8>(w, nsteps, xq, xq_rs, mr, acc);
+    else i_micro4_b<4>(w, nsteps, xq, xq_rs, mr, acc);
+}
+}  // namespace avx512
+}  // namespace qlinear

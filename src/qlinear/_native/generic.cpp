@@ -1,0 +1,70 @@
+// Portable kernels: plain C++, no ISA flags beyond the compiler's baseline.
+#include "common.h"
+
+#define QL_ISA generic
+
+namespace qlinear {
+namespace generic {
+
+constexpr int MR_I = 4;
+constexpr int MR_F = 4;
+
+inline void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                    int mr, int32_t* acc) {
+    uint8_t u[64];
+    for (int64_t s = 0; s < nsteps; ++s) {
+        if (bits == 8) {
+            for (int i = 0; i < 64; ++i) u[i] = w[s * 64 + i];
+        } else {
+            for (int i = 0; i < 32; ++i) {
+                u[i] = w[s * 32 + i] & 0x0F;
+                u[32 + i] = w[s * 32 + i] >> 4;
+            }
+        }
+        for (int m = 0; m < mr; ++m) {
+            const int8_t* xs = xq + m * xq_rs + 4 * s;
+            for (int r = 0; r < NR; ++r) {
+                int32_t a = 0;
+                for (int kk = 0; kk < 4; ++kk) a += int32_t(u[r * 4 + kk]) * int32_t(xs[kk]);
+                acc[m * NR + r] += a;
+            }
+        }
+    }
+}
+
+template <class T>
+void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int mr, T* part) {
+    for (int m = 0; m < mr; ++m) {
+        T lanes[64] = {};
+        const T* xm = x + m * x_rs;
+        for (int64_t s = 0; s < nsteps; ++s) {
+            const T* ws = wbuf + s * 64;
+            const T* xs = xm + 4 * s;
+            for (int i = 0; i < 64; ++i) lanes[i] += ws[i] * xs[i & 3];
+        }
+        for (int r = 0; r < NR; ++r)
+            part[m * NR + r] += (lanes[r * 4] + lanes[r * 4 + 1]) + (lanes[r * 4 + 2] + lanes[r * 4 + 3]);
+    }
+}
+
+inline void i_micro2(const uint8_t* w0, const uint8_t* w1, int bits, int64_t nsteps,
+                     const int8_t* xq, int64_t xq_rs, int mr, int32_t* acc0, int32_t* acc1) {
+    i_micro(w0, bits, nsteps, xq, xq_rs, mr, acc0);
+    i_micro(w1, bits, nsteps, xq, xq_rs, mr, acc1);
+}
+
+inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
+                     int64_t xq_rs, int mr, int32_t* const* acc) {
+    for (int b = 0; b < 4; ++b) i_micro(w[b], bits, nsteps, xq, xq_rs, mr, acc[b]);
+}
+
+}  // namespace generic
+}  // namespace qlinear
+
+#include "kernels_impl.h"
+
+namespace qlinear {
+namespace generic {
+const KernelTable table = {"portable", &linear_float, &linear_int8act};
+}  // namespace generic
+}  // namespace qlinear

@@ -1,0 +1,157 @@
+// Python bindings of the native kernel core. Python (qlinear._native_backend) validates
+// every argument; this file only re-checks what guards memory safety (sizes, dtypes).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace qlinear {
+void pack_weights(int bits, const uint8_t* canon, int64_t out, int64_t in, uint8_t* dst);
+void unpack_weights(int bits, const uint8_t* src, int64_t out, int64_t in, uint8_t* canon);
+}  // namespace qlinear
+
+namespace {
+
+using namespace qlinear;
+
+const KernelTable* table_for(const std::string& isa) {
+    if (isa == "portable") return &generic::table;
+#ifdef QL_HAVE_X86_KERNELS
+    if (isa == "avx2") {
+        if (!cpu_has_avx2()) throw std::invalid_argument("avx2 kernels need a CPU with AVX2+FMA");
+        return &avx2::table;
+    }
+    if (isa == "avx512") {
+        if (!cpu_has_avx512vnni())
+            throw std::invalid_argument("avx512 kernels need a CPU with AVX-512 VNNI");
+        return &avx512::table;
+    }
+#endif
+    throw std::invalid_argument("unknown kernel set '" + isa + "'");
+}
+
+void check(bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(what);
+}
+
+int64_t canon_row_bytes(int bits, int64_t in) { return bits == 8 ? in : (in + 1) / 2; }
+
+py::array_t<uint8_t> pack(py::array_t<uint8_t, py::array::c_style> canon, int bits, int64_t out,
+                          int64_t in) {
+    check(bits == 8 || bits == 4, "bits must be 8 or 4");
+    check(out > 0 && in > 0, "out and in must be positive");
+    check(canon.size() == out * canon_row_bytes(bits, in), "canonical codes have the wrong size");
+    py::array_t<uint8_t> dst(packed_bytes(bits, out, in));
+    const uint8_t* src = canon.data();
+    uint8_t* d = dst.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        pack_weights(bits, src, out, in, d);
+    }
+    return dst;
+}
+
+py::array_t<uint8_t> unpack(py::array_t<uint8_t, py::array::c_style> packed, int bits, int64_t out,
+                            int64_t in) {
+    check(bits == 8 || bits == 4, "bits must be 8 or 4");
+    check(packed.size() == packed_bytes(bits, out, in), "packed codes have the wrong size");
+    py::array_t<uint8_t> dst({out, canon_row_bytes(bits, in)});
+    const uint8_t* src = packed.data();
+    uint8_t* d = dst.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        unpack_weights(bits, src, out, in, d);
+    }
+    return dst;
+}
+
+template <class T>
+py::array run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act, int threads) {
+    check(x.ndim() == 2 && x.shape(1) == L.in, "x must be (n, in_features)");
+    check(x.strides(1) == static_cast<py::ssize_t>(sizeof(T)), "x must have unit column stride");
+    check(x.strides(0) % static_cast<py::ssize_t>(sizeof(T)) == 0 && x.strides(0) >= 0,
+          "x row stride must be a non-negative multiple of the item size");
+    Call C;
+    C.n = x.shape(0);
+    C.x = x.data();
+    C.x_rs = x.strides(0) / static_cast<py::ssize_t>(sizeof(T));
+    C.f64 = sizeof(T) == 8;
+    C.threads = threads < 1 ? 1 : threads;
+    py::array_t<T> y({C.n, L.out});
+    C.y = y.mutable_data();
+    if (C.n > 0) {
+        py::gil_scoped_release nogil;
+        if (int8act) tab->linear_int8act(L, C);
+        else tab->linear_float(L, C);
+    }
+    return std::move(y);
+}
+
+py::array linear(const std::string& isa, py::array_t<uint8_t, py::array::c_style> packed, int bits,
+                 int64_t out, int64_t in, int64_t group_size,
+                 py::array_t<double, py::array::c_style> scales,
+                 py::array_t<int32_t, py::array::c_style> zpu, py::object bias, py::array x,
+                 bool int8act, int threads) {
+    const KernelTable* tab = table_for(isa);
+    check(bits == 8 || bits == 4, "bits must be 8 or 4");
+    check(out > 0 && in > 0, "out and in must be positive");
+    check(packed.size() == packed_bytes(bits, out, in), "packed codes have the wrong size");
+    check(scales.ndim() == 2 && scales.shape(0) == out, "scales must be (out, n_groups)");
+    const int64_t ng = scales.shape(1);
+    check(zpu.ndim() == 2 && zpu.shape(0) == out && zpu.shape(1) == ng,
+          "zero points must match scales");
+    check(ng >= 1, "n_groups must be >= 1");
+    if (ng == 1) {
+        check(group_size >= in, "one group must span the row");
+    } else {
+        check(group_size > 0 && group_size % 4 == 0, "group_size must be a multiple of 4");
+        check((in + group_size - 1) / group_size == ng, "n_groups != ceil(in / group_size)");
+    }
+    py::array_t<double, py::array::c_style> b;
+    Layer L;
+    L.w = packed.data();
+    L.bits = bits;
+    L.out = out;
+    L.in = in;
+    L.group_size = ng == 1 ? in : group_size;
+    L.n_groups = ng;
+    L.scales = scales.data();
+    L.zpu = zpu.data();
+    L.bias = nullptr;
+    if (!bias.is_none()) {
+        b = py::array_t<double, py::array::c_style>::ensure(bias);
+        check(b && b.ndim() == 1 && b.shape(0) == out, "bias must be float64 (out,)");
+        L.bias = b.data();
+    }
+    if (x.dtype().is(py::dtype::of<double>()))
+        return run<double>(tab, L, py::array_t<double>::ensure(x), int8act, threads);
+    if (x.dtype().is(py::dtype::of<float>()))
+        return run<float>(tab, L, py::array_t<float>::ensure(x), int8act, threads);
+    throw std::invalid_argument("x must be float32 or float64");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "qlinear native kernels (private; use qlinear.QuantizedLinear)";
+    m.def("cpu_features", [] {
+        py::dict d;
+#ifdef QL_HAVE_X86_KERNELS
+        d["avx2"] = cpu_has_avx2();
+        d["avx512vnni"] = cpu_has_avx512vnni();
+#else
+        d["avx2"] = false;  // kernels not compiled for this architecture
+        d["avx512vnni"] = false;
+#endif
+        return d;
+    });
+    m.def("packed_nbytes", [](int bits, int64_t out, int64_t in) { return packed_bytes(bits, out, in); });
+    m.def("pack", &pack);
+    m.def("unpack", &unpack);
+    m.def("linear", &linear);
+}

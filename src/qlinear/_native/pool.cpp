@@ -1,0 +1,139 @@
+// A small persistent thread pool. Workers spin briefly after a job (so back-to-back
+// calls pay no wake-up), then sleep on a condition variable. Tasks are taken from an
+// atomic counter; a task's result never depends on which thread runs it.
+#include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QL_PAUSE() _mm_pause()
+#else
+#define QL_PAUSE() std::this_thread::yield()
+#endif
+
+namespace qlinear {
+namespace {
+
+struct Pool {
+    std::mutex m;
+    std::condition_variable cv;
+    std::mutex call;  // one job at a time; a second caller runs its job alone
+    std::atomic<uint64_t> gen{0};
+    std::atomic<int64_t> next{0};
+    std::atomic<int> running{0};
+    std::atomic<bool> failed{false};
+    void (*fn)(void*, int64_t, int) = nullptr;
+    void* ctx = nullptr;
+    int64_t ntasks = 0;
+    int want = 0;     // workers (by index) that join the current job
+    int nworkers = 0;
+
+    void run_tasks(int tid) {
+        for (;;) {
+            const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= ntasks) break;
+            try {
+                fn(ctx, i, tid);
+            } catch (...) {
+                failed.store(true);
+            }
+        }
+    }
+
+    // `seen`: the job generation when the worker was started (a job published before
+    // the thread gets to run must still be picked up).
+    void worker(int idx, uint64_t seen) {
+        for (;;) {
+            uint64_t g = gen.load(std::memory_order_acquire);
+            for (int spin = 0; g == seen && spin < 20000; ++spin) {
+                QL_PAUSE();
+                g = gen.load(std::memory_order_acquire);
+            }
+            if (g == seen) {
+                std::unique_lock<std::mutex> lk(m);
+                cv.wait(lk, [&] { return gen.load(std::memory_order_acquire) != seen; });
+                g = gen.load(std::memory_order_acquire);
+            }
+            seen = g;
+            if (idx < want) {
+                run_tasks(idx + 1);
+                running.fetch_sub(1, std::memory_order_acq_rel);
+            }
+        }
+    }
+};
+
+Pool* g_pool = nullptr;
+std::mutex g_pool_mutex;
+
+void reset_after_fork() {
+    // The child has none of the parent's worker threads: start a fresh pool on demand
+    // (the old one is leaked on purpose; its mutexes may be held by vanished threads).
+    g_pool = nullptr;
+    new (&g_pool_mutex) std::mutex();
+}
+
+Pool* get_pool() {
+    std::lock_guard<std::mutex> lk(g_pool_mutex);
+    if (!g_pool) {
+        static bool registered = false;
+        if (!registered) {
+            pthread_atfork(nullptr, nullptr, &reset_after_fork);
+            registered = true;
+        }
+        g_pool = new Pool();  // never deleted: workers may outlive static destructors
+    }
+    return g_pool;
+}
+
+}  // namespace
+
+void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), void* ctx) {
+    if (ntasks <= 0) return;
+    if (threads > ntasks) threads = static_cast<int>(ntasks);
+    if (threads <= 1) {
+        for (int64_t i = 0; i < ntasks; ++i) fn(ctx, i, 0);
+        return;
+    }
+    Pool* p = get_pool();
+    std::unique_lock<std::mutex> call(p->call, std::try_to_lock);
+    if (!call.owns_lock()) {
+        for (int64_t i = 0; i < ntasks; ++i) fn(ctx, i, 0);
+        return;
+    }
+    const int helpers = threads - 1;
+    while (p->nworkers < helpers) {
+        const int idx = p->nworkers;
+        std::thread(&Pool::worker, p, idx, p->gen.load()).detach();
+        ++p->nworkers;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    p->ntasks = ntasks;
+    p->next.store(0);
+    p->failed.store(false);
+    p->running.store(helpers);
+    {
+        std::lock_guard<std::mutex> lk(p->m);
+        p->want = helpers;
+        p->gen.fetch_add(1, std::memory_order_acq_rel);
+    }
+    p->cv.notify_all();
+    p->run_tasks(0);
+    for (int spin = 0; p->running.load(std::memory_order_acquire) > 0; ++spin) {
+        if (spin < 4000) QL_PAUSE();
+        else std::this_thread::yield();
+    }
+    if (p->failed.load()) throw std::runtime_error("qlinear native kernel task failed");
+}
+
+}  // namespace qlinear
