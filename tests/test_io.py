@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -202,6 +203,46 @@ def test_load_does_not_copy_the_codes(tmp_path, rng):
         base = base.obj
     assert isinstance(base, mmap.mmap)
     assert not got.stored_weight.flags.writeable
+
+
+def _mmap_base(a):
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+@pytest.mark.parametrize("backend", qlinear.kernels.available_backends())
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_loaded_layers_map_codes_until_first_forward_on_every_backend(
+    tmp_path, rng, backend, qtype
+):
+    # native backends repack lazily: load maps the file, the first forward packs once
+    gs = 16 if qtype == "int4" else None
+    gran = "per_group" if gs else "per_channel"
+    layer = _layer(rng, qtype, "asymmetric", gran, gs, shape=(37, 96))
+    path = tmp_path / "lazy.safetensors"
+    qlinear.save(path, {"l": layer})
+    got = qlinear.load(path, backend=backend)["l"]
+    assert got.backend == backend
+    assert isinstance(_mmap_base(got.stored_weight), mmap.mmap)
+    eager = QuantizedLinear.from_codes(
+        layer.qweight, layer.params, bias=layer.bias, backend=backend
+    )
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    results = {}
+
+    def run(i):
+        results[i] = (got(x), got(x, activations="int8"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for y, y8 in results.values():
+        np.testing.assert_array_equal(y, eager(x))
+        np.testing.assert_array_equal(y8, eager(x, activations="int8"))
+    np.testing.assert_array_equal(got.qweight, layer.qweight)
 
 
 def test_load_directory_with_index_merges_shards(tmp_path, rng):

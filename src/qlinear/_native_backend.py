@@ -9,6 +9,7 @@ backend, warns once and :func:`qlinear.backend_info` says why.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -40,14 +41,35 @@ _FEATURES: dict[str, bool] = dict(_native.cpu_features()) if _native is not None
 
 
 class _Packed:
-    """Packed codes plus a cache of the kernel zero points derived from a layer's."""
+    """Packed codes plus a cache of the kernel zero points derived from a layer's.
 
-    __slots__ = ("bits", "codes", "zpu_cache")
+    A lazy instance holds the canonical codes (for a loaded file: memory-mapped, not
+    copied) until the first forward packs them, once, under a lock.
+    """
 
-    def __init__(self, codes: np.ndarray, bits: int) -> None:
+    __slots__ = ("_canon", "_lock", "bits", "codes", "zpu_cache")
+
+    def __init__(self, codes: np.ndarray | None, bits: int, canon: np.ndarray | None = None):
         self.codes = codes
         self.bits = bits
         self.zpu_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._canon = canon
+        self._lock = threading.Lock() if codes is None else None
+
+    def packed(self, out: int, in_features: int) -> np.ndarray:
+        if self.codes is None:
+            with self._lock:  # type: ignore[union-attr]
+                if self.codes is None:
+                    codes = _native.pack(self._canon, self.bits, out, in_features)
+                    codes.setflags(write=False)
+                    self.codes, self._canon = codes, None
+        return self.codes
+
+
+def _readonly_copy(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.setflags(write=False)
+    return a
 
 
 class NativeBackend:
@@ -63,10 +85,14 @@ class NativeBackend:
         # CPUID traps to the hypervisor on virtual machines: ask once.
         return _native is not None and (self._feature is None or _FEATURES[self._feature])
 
-    def pack(self, stored: np.ndarray, qtype: QuantizationType, in_features: int):
+    def pack(self, stored: np.ndarray, qtype: QuantizationType, in_features: int, *, lazy=False):
         bits = 4 if qtype is QuantizationType.INT4 else 8
         canon = np.ascontiguousarray(stored).view(np.uint8)
         out = canon.shape[0]
+        if lazy:
+            return kernels.PackedWeight(
+                self.name, qtype, out, in_features, _Packed(None, bits, canon), canon.nbytes
+            )
         codes = _native.pack(canon, bits, out, in_features)
         codes.setflags(write=False)
         return kernels.PackedWeight(
@@ -75,7 +101,12 @@ class NativeBackend:
 
     def unpack(self, pw) -> np.ndarray:
         d: _Packed = pw.data
-        canon = _native.unpack(d.codes, d.bits, pw.out_features, pw.in_features)
+        lazy_canon = d._canon  # read before codes: packing sets codes first, then clears it
+        codes = d.codes
+        if codes is None:  # still lazy: the canonical codes are at hand
+            canon = lazy_canon.view(np.int8) if d.bits == 8 else lazy_canon
+            return canon if not canon.flags.writeable else _readonly_copy(canon)
+        canon = _native.unpack(codes, d.bits, pw.out_features, pw.in_features)
         if d.bits == 8:
             canon = canon.view(np.int8)
         canon.setflags(write=False)
@@ -107,7 +138,7 @@ class NativeBackend:
             x = np.ascontiguousarray(x)
         return _native.linear(
             self.name,
-            d.codes,
+            d.packed(pw.out_features, pw.in_features),
             d.bits,
             pw.out_features,
             pw.in_features,

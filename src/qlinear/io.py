@@ -412,7 +412,8 @@ def _build_layer(
     stored = t.array(wname)
     if verify:
         _verify_codes(wname, stored, qtype, scheme, in_f)
-    return QuantizedLinear._from_stored(stored, params, in_f, bias, backend), used
+    layer = QuantizedLinear._from_stored(stored, params, in_f, bias, backend, lazy=True)
+    return layer, used
 
 
 def _verify_codes(

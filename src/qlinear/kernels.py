@@ -66,8 +66,11 @@ class Backend(Protocol):
     def supported(self) -> bool: ...
 
     def pack(
-        self, stored: np.ndarray, qtype: QuantizationType, in_features: int
-    ) -> PackedWeight: ...
+        self, stored: np.ndarray, qtype: QuantizationType, in_features: int, *, lazy: bool = False
+    ) -> PackedWeight:
+        """``lazy``: the backend may keep ``stored`` (not copied) and build its own layout
+        at the first forward, thread-safely."""
+        ...
 
     def unpack(self, pw: PackedWeight) -> np.ndarray: ...
 
@@ -94,8 +97,10 @@ class NumpyBackend:
     def supported(self) -> bool:
         return True
 
-    def pack(self, stored: np.ndarray, qtype: QuantizationType, in_features: int) -> PackedWeight:
-        data = np.ascontiguousarray(stored)
+    def pack(
+        self, stored: np.ndarray, qtype: QuantizationType, in_features: int, *, lazy: bool = False
+    ) -> PackedWeight:
+        data = np.ascontiguousarray(stored)  # the canonical layout: nothing to defer
         data.setflags(write=False)
         return PackedWeight(self.name, qtype, data.shape[0], in_features, data, data.nbytes)
 

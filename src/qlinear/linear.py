@@ -162,10 +162,13 @@ class QuantizedLinear:
         in_features: int,
         bias: np.ndarray | None = None,
         backend: str | None = None,
+        *,
+        lazy: bool = False,
     ) -> QuantizedLinear:
         """A layer from canonical stored codes (int8 ``(out, in)`` or packed int4
         ``uint8 (out, ceil(in/2))``), used by loaders; the array is not copied when the
-        backend can use it as is."""
+        backend can use it as is. ``lazy``: a backend with its own layout may defer
+        repacking to the first forward (loaders of memory-mapped files ask for this)."""
         params = cls._check_params(params)
         stored = np.asarray(stored)
         int4 = params.qtype is QuantizationType.INT4
@@ -180,7 +183,7 @@ class QuantizedLinear:
             )
         params.check_weight_shape(stored.shape[0], in_features)
         b = kernels.get_backend(backend)
-        packed = b.pack(stored, params.qtype, in_features)
+        packed = b.pack(stored, params.qtype, in_features, lazy=lazy)
         return cls(packed, params, cls._check_bias(bias, stored.shape[0]), _token=_PRIVATE)
 
     @classmethod
