@@ -125,6 +125,24 @@ def test_int8_mode_integer_accumulation_is_exact(backend, qtype, scheme, rng):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+def test_int8_mode_long_rows_do_not_overflow_int32(backend, rng):
+    # 70001 columns of u = code + 128 = 255 times 127: sum u * xq is above 2^31, so the
+    # kernels must carry the integer sums in int64 past 8192 steps.
+    out_f, in_f = 3, 70001
+    codes = np.full((out_f, in_f), 127)
+    codes[1, ::3] = -127
+    zp = np.array([0, -5, 9])
+    ones = np.ones(out_f)
+    p = QuantizationParams("int8", "asymmetric", "per_channel", ones, zp, ones, ones)
+    layer = QuantizedLinear.from_codes(codes, p, backend=backend)
+    xi = np.full((2, in_f), 127)
+    xi[1, 1::2] = -127
+    expected = xi.astype(np.int64) @ (codes.astype(np.int64) - zp[:, None]).T
+    y = layer(xi.astype(np.float64), activations="int8")
+    np.testing.assert_array_equal(y, expected.astype(np.float64))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 def test_int8_mode_error_bound_on_large_layer(backend, rng):
     layer = make_layer(rng, 256, 1024, FORMATS[1], "symmetric", backend, bias=False)
     x = rng.standard_normal((8, 1024)).astype(np.float32)
@@ -174,6 +192,28 @@ def test_extreme_inputs(backend, rng):
         y0 = layer(x[1:2], activations="int8")
         b = layer.bias
         np.testing.assert_array_equal(y0[0], b)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_int8_mode_activation_ties_round_like_the_reference(backend, rng):
+    # x / scale exactly on a half-integer with a scale whose reciprocal is inexact (3,
+    # 0.1 * 7, ...), just off a half-integer, and scales too tiny or huge for a normal
+    # reciprocal: every row must quantize exactly as ref.quantize_rows_int8.
+    in_f = 256
+    layer = make_layer(rng, 40, in_f, FORMATS[1], "asymmetric", backend)
+    ref = reference_of(layer)
+    k = rng.integers(-127, 127, size=in_f) + 0.5
+    rows = []
+    for s in (3.0, 0.7, 1 / 3, 5e-7, 123.456):
+        r = k * s
+        r[0] = 127 * s  # the row maximum: scale == s (up to one rounding)
+        rows += [r, np.nextafter(r, np.inf), np.nextafter(r, -np.inf)]
+    rows += [k * 1e-303, k * 1e303]
+    x = np.array(rows)
+    np.testing.assert_array_equal(layer(x, activations="int8"), ref(x, activations="int8"))
+    x32 = (k * 3.0).astype(np.float32)[None, :]
+    x32[0, 0] = 381.0
+    np.testing.assert_array_equal(layer(x32, activations="int8"), ref(x32, activations="int8"))
 
 
 @pytest.mark.parametrize("backend", NATIVE)

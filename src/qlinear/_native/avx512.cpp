@@ -242,11 +242,25 @@ static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs
     const double amax = _mm512_reduce_max_pd(vmax);
     const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
     const __m512d vs = _mm512_set1_pd(scale);
+    // x * (1 / scale) is within 3e-14 of the correctly rounded x / scale (|x / scale| <=
+    // 127.x, two roundings of 2^-53 relative each): rounding to an integer agrees unless
+    // the product is within 1e-12 of a half-integer; only then is the division done.
+    // Tiny or huge scales (reciprocal not normal) always divide.
+    const bool fast = scale >= 1e-300 && scale <= 1e300;
+    const __m512d vinv = _mm512_set1_pd(fast ? 1.0 / scale : 0.0);
+    const __m512d half_lo = _mm512_set1_pd(0.5 - 1e-12);
     const __m512d lo = _mm512_set1_pd(-127.0), hi = _mm512_set1_pd(127.0);
     for (int64_t k = 0; k < in; k += 8) {
         const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
-        __m512d v = _mm512_div_pd(load8d(x + k, m), vs);
-        v = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512d xv = load8d(x + k, m);
+        __m512d v = _mm512_mul_pd(xv, vinv);
+        __m512d r = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512d d = _mm512_andnot_pd(sign, _mm512_sub_pd(v, r));
+        if (!fast || _mm512_cmp_pd_mask(d, half_lo, _CMP_GT_OQ)) {
+            v = _mm512_div_pd(xv, vs);
+            r = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        v = r;
         v = _mm512_min_pd(_mm512_max_pd(v, lo), hi);
         const __m128i b = _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(v));
         _mm_mask_storeu_epi8(q + k, m, b);

@@ -98,12 +98,13 @@ struct I8Ctx {
     double* sx;
     int32_t* rs;
     int64_t mchunk, nmchunks;
+    int64_t qrows;  // rows of x per quantization task
 };
 
 template <class T>
 void i8_quant_task(void* p, int64_t task, int) {
     auto& c = *static_cast<I8Ctx*>(p);
-    const int64_t m0 = task * 16, m1 = std::min(c.C->n, m0 + 16);
+    const int64_t m0 = task * c.qrows, m1 = std::min(c.C->n, m0 + c.qrows);
     const int64_t gs = c.L->n_groups == 1 ? c.L->in : c.L->group_size;
 #ifdef QL_QUANTIZE_ROW
 #define QL_QROW QL_QUANTIZE_ROW
@@ -156,7 +157,9 @@ void i8_task(void* p, int64_t task, int) {
     for (int64_t g = 0; g < ng; ++g) {
         const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
         std::fill(acc, acc + nacc, 0);
-        std::fill(acc64, acc64 + nacc, int64_t(0));
+        // A group of at most INT_CHUNK steps is read from the int32 sums directly.
+        const bool wide = sb - sa > INT_CHUNK;
+        if (wide) std::fill(acc64, acc64 + nacc, int64_t(0));
         for (int64_t ca = sa; ca < sb; ca += I8_KC) {
             const int64_t ce = std::min(sb, ca + I8_KC);
             for (int64_t m = m0; m < m1; m += MR_I) {
@@ -186,7 +189,7 @@ void i8_task(void* p, int64_t task, int) {
                 }
             }
             // int32 stays exact for INT_CHUNK steps; then move the sums to int64.
-            if ((ce - sa) % INT_CHUNK == 0 || ce == sb) {
+            if (wide && ((ce - sa) % INT_CHUNK == 0 || ce == sb)) {
                 for (size_t i = 0; i < nacc; ++i) acc64[i] += acc[i];
                 std::fill(acc, acc + nacc, 0);
             }
@@ -203,10 +206,16 @@ void i8_task(void* p, int64_t task, int) {
             }
             for (int64_t mm = 0; mm < rows; ++mm) {
                 const int64_t rsm = c.rs[(m0 + mm) * ng + g];
-                const int64_t* a = acc64 + b * bstride + mm * NR;
                 double* ad = accd + b * bstride + mm * NR;
-                for (int r = 0; r < NR; ++r)
-                    ad[r] += static_cast<double>(a[r] - zpv[r] * rsm) * sv[r];
+                if (wide) {
+                    const int64_t* a = acc64 + b * bstride + mm * NR;
+                    for (int r = 0; r < NR; ++r)
+                        ad[r] += static_cast<double>(a[r] - zpv[r] * rsm) * sv[r];
+                } else {
+                    const int32_t* a = acc + b * bstride + mm * NR;
+                    for (int r = 0; r < NR; ++r)
+                        ad[r] += static_cast<double>(static_cast<int64_t>(a[r]) - zpv[r] * rsm) * sv[r];
+                }
             }
         }
     }
@@ -245,7 +254,9 @@ void linear_int8act_t(const Layer& L, const Call& C) {
     c.sx = sx.data();
     c.rs = rs.data();
     const int threads = pick_threads(L, C);
-    parallel_for((C.n + 15) / 16, C.n * L.in < (1 << 16) ? 1 : threads, &i8_quant_task<T>, &c);
+    const int qthreads = C.n * L.in < (1 << 16) ? 1 : threads;
+    c.qrows = std::min<int64_t>(16, (C.n + qthreads - 1) / qthreads);
+    parallel_for((C.n + c.qrows - 1) / c.qrows, qthreads, &i8_quant_task<T>, &c);
     const int64_t nblocks = (L.out + NR - 1) / NR;
     const int64_t ntask_b = (nblocks + I8_BLOCKS - 1) / I8_BLOCKS;
     c.mchunk = C.n <= 256 ? C.n : 128;
