@@ -123,7 +123,7 @@ constexpr int64_t I8_BLOCKS = 4;
 
 // Steps per cache block: the weights of the task's blocks for these steps and the
 // activations of a row tile stay in L1 while every row tile of the task uses them.
-constexpr int64_t I8_KC = 256;
+constexpr int64_t I8_KC = 128;
 
 template <class T>
 void i8_task(void* p, int64_t task, int) {
