@@ -125,6 +125,19 @@ def test_int8_mode_integer_accumulation_is_exact(backend, qtype, scheme, rng):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("fmt", [FORMATS[1], FORMATS[2], FORMATS[3]], ids=lambda f: f[0] + f[1])
+def test_int8_mode_batch_tails_match_the_reference(backend, fmt, rng):
+    # Row tiles (6 and 12 rows on AVX-512, 8 on AVX2), chunks of 128/256 rows, four-block
+    # tasks followed by a partial task and a partial block (149 = 2 * 64 + 16 + 5 rows),
+    # and a 3-column tail, for batch sizes around every tile boundary.
+    layer = make_layer(rng, 149, 131, fmt, "asymmetric", backend)
+    ref = reference_of(layer)
+    for n in (1, 3, 5, 6, 7, 11, 12, 13, 15, 16, 17, 31, 128, 129, 255, 256, 257):
+        x = rng.standard_normal((n, 131)).astype(np.float32)
+        np.testing.assert_array_equal(layer(x, activations="int8"), ref(x, activations="int8"))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 def test_int8_mode_long_rows_do_not_overflow_int32(backend, rng):
     # 70001 columns of u = code + 128 = 255 times 127: sum u * xq is above 2^31, so the
     # kernels must carry the integer sums in int64 past 8192 steps.

@@ -24,7 +24,7 @@ namespace qlinear {
 namespace QL_ISA {
 
 // Steps of one integer chunk: 8192 steps * 4 columns * 255 * 128 < 2^31.
-constexpr int64_t INT_CHUNK = 8192;  // a multiple of I8_KC
+constexpr int64_t INT_CHUNK = 8192;
 // Steps of float weights converted at once (64 lanes each): 32 KiB of float32.
 constexpr int64_t F_CHUNK = 128;
 
@@ -121,10 +121,6 @@ void i8_quant_task(void* p, int64_t task, int) {
 // Output blocks per int8 task: two full blocks share every activation broadcast.
 constexpr int64_t I8_BLOCKS = 4;
 
-// Steps per cache block: the weights of the task's blocks for these steps and the
-// activations of a row tile stay in L1 while every row tile of the task uses them.
-constexpr int64_t I8_KC = 128;
-
 template <class T>
 void i8_task(void* p, int64_t task, int) {
     auto& c = *static_cast<I8Ctx*>(p);
@@ -132,104 +128,103 @@ void i8_task(void* p, int64_t task, int) {
     const int64_t nblocks = (L.out + NR - 1) / NR;
     const int64_t bp = task / c.nmchunks, mi = task % c.nmchunks;
     const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
-    const int64_t rows = m1 - m0;
     thread_local std::vector<uint8_t> scratch;
-    thread_local std::vector<int32_t> acc_v;
-    thread_local std::vector<int64_t> acc64_v;
-    thread_local std::vector<double> accd_v;
-    const size_t nacc = static_cast<size_t>(I8_BLOCKS * rows * NR);
-    if (acc_v.size() < nacc) {
-        acc_v.resize(nacc);
-        acc64_v.resize(nacc);
-        accd_v.resize(nacc);
-    }
     BlockView vs[I8_BLOCKS];
     int nb = 0;
     for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
         view_block(L, bi, scratch, vs[nb]);
     const bool quad = nb == 4 && vs[3].rb == NR;  // only the last block can be partial
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
-    const int64_t bstride = rows * NR;  // accumulators: [block][row][16]
-    int32_t* acc = acc_v.data();
-    int64_t* acc64 = acc64_v.data();
-    double* accd = accd_v.data();
-    std::fill(accd, accd + nacc, 0.0);
-    for (int64_t g = 0; g < ng; ++g) {
-        const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
-        std::fill(acc, acc + nacc, 0);
-        // A group of at most INT_CHUNK steps is read from the int32 sums directly.
-        const bool wide = sb - sa > INT_CHUNK;
-        if (wide) std::fill(acc64, acc64 + nacc, int64_t(0));
-        for (int64_t ca = sa; ca < sb; ca += I8_KC) {
-            const int64_t ce = std::min(sb, ca + I8_KC);
-            for (int64_t m = m0; m < m1; m += MR_I) {
-                const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
-                const int8_t* xm = c.xq + m * c.xq_rs;
-                int32_t* am = acc + (m - m0) * NR;
+    // One tile of MR_I rows at a time runs through every step (the weights of the task's
+    // blocks stay in L2), so its accumulators stay in L1: [block][row][16].
+    constexpr int64_t bstride = MR_I * NR;
+    alignas(64) int32_t acc[I8_BLOCKS * bstride];
+    alignas(64) int64_t acc64[I8_BLOCKS * bstride];
+    alignas(64) double accd[I8_BLOCKS * bstride];
+    T* y = static_cast<T*>(c.C->y);
+    for (int64_t m = m0; m < m1; m += MR_I) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
+        const int8_t* xm = c.xq + m * c.xq_rs;
+        const size_t nacc = static_cast<size_t>(I8_BLOCKS * bstride);
+        for (int64_t g = 0; g < ng; ++g) {
+            const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
+            // int32 stays exact for INT_CHUNK steps; longer groups carry int64 sums.
+            const bool wide = sb - sa > INT_CHUNK;
+            if (wide) std::fill(acc64, acc64 + nacc, int64_t(0));
+            for (int64_t ca = sa; ca < sb; ca += INT_CHUNK) {
+                const int64_t ce = std::min(sb, ca + INT_CHUNK);
+                std::fill(acc, acc + nacc, 0);
                 if (quad) {
-                    const BlockView& v = vs[0];
-                    const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
-                    const uint8_t* w4[4] = {vs[0].w + ca * sbytes, vs[1].w + ca * sbytes,
-                                            vs[2].w + ca * sbytes, vs[3].w + ca * sbytes};
-                    int32_t* a4[4] = {am, am + bstride, am + 2 * bstride, am + 3 * bstride};
-                    if (de > ca) i_micro4(w4, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr, a4);
+                    const int64_t de = std::min(ce, vs[0].nd), sb4 = vs[0].bits == 8 ? 64 : 32;
+                    const uint8_t* w4[4] = {vs[0].w + ca * sb4, vs[1].w + ca * sb4,
+                                            vs[2].w + ca * sb4, vs[3].w + ca * sb4};
+                    int32_t* a4[4] = {acc, acc + bstride, acc + 2 * bstride, acc + 3 * bstride};
+                    if (de > ca) i_micro4(w4, vs[0].bits, de - ca, xm + 4 * ca, c.xq_rs, mr, a4);
                 } else {
                     for (int b = 0; b < nb; ++b) {
                         const BlockView& v = vs[b];
-                        const int64_t de = std::min(ce, v.nd), sbytes = v.bits == 8 ? 64 : 32;
+                        const int64_t de = std::min(ce, v.nd), sbb = v.bits == 8 ? 64 : 32;
                         if (de > ca)
-                            i_micro(v.w + ca * sbytes, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr,
-                                    am + b * bstride);
+                            i_micro(v.w + ca * sbb, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr,
+                                    acc + b * bstride);
                     }
                 }
                 for (int b = 0; b < nb; ++b) {
                     const BlockView& v = vs[b];
                     if (v.has_tail && ce > v.nd)
-                        i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, am + b * bstride);
+                        i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, acc + b * bstride);
+                }
+                if (wide)
+                    for (size_t i = 0; i < nacc; ++i) acc64[i] += acc[i];
+            }
+            // dot = sum u*xq - zpu * sum xq, exact in int64; accd += dot * scale (unfused,
+            // in the reference's order; accd starts at +0.0 and 0.0 + v == v).
+            for (int b = 0; b < nb; ++b) {
+                const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+                int64_t zpv[NR];
+                double sv[NR];
+                for (int r = 0; r < NR; ++r) {
+                    zpv[r] = r < vs[b].rb ? L.zpu[(o0 + r) * ng + g] : 0;
+                    sv[r] = r < vs[b].rb ? L.scales[(o0 + r) * ng + g] : 0.0;
+                }
+                for (int mm = 0; mm < mr; ++mm) {
+                    const int64_t rsm = c.rs[(m + mm) * ng + g];
+                    double* ad = accd + b * bstride + mm * NR;
+                    if (wide) {
+                        const int64_t* a = acc64 + b * bstride + mm * NR;
+                        for (int r = 0; r < NR; ++r) {
+                            const double v = static_cast<double>(a[r] - zpv[r] * rsm) * sv[r];
+                            ad[r] = g == 0 ? 0.0 + v : ad[r] + v;
+                        }
+                    } else {
+                        const int32_t* a = acc + b * bstride + mm * NR;
+                        for (int r = 0; r < NR; ++r) {
+                            const double v =
+                                static_cast<double>(static_cast<int64_t>(a[r]) - zpv[r] * rsm) * sv[r];
+                            ad[r] = g == 0 ? 0.0 + v : ad[r] + v;
+                        }
+                    }
                 }
             }
-            // int32 stays exact for INT_CHUNK steps; then move the sums to int64.
-            if (wide && ((ce - sa) % INT_CHUNK == 0 || ce == sb)) {
-                for (size_t i = 0; i < nacc; ++i) acc64[i] += acc[i];
-                std::fill(acc, acc + nacc, 0);
-            }
         }
-        // dot = sum u*xq - zpu * sum xq, exact in int64; acc += dot * scale (unfused,
-        // in the reference's order). Loops run over the 16 rows of a block: vectorized.
         for (int b = 0; b < nb; ++b) {
             const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
-            int64_t zpv[NR];
-            double sv[NR];
-            for (int r = 0; r < NR; ++r) {
-                zpv[r] = r < vs[b].rb ? L.zpu[(o0 + r) * ng + g] : 0;
-                sv[r] = r < vs[b].rb ? L.scales[(o0 + r) * ng + g] : 0.0;
-            }
-            for (int64_t mm = 0; mm < rows; ++mm) {
-                const int64_t rsm = c.rs[(m0 + mm) * ng + g];
-                double* ad = accd + b * bstride + mm * NR;
-                if (wide) {
-                    const int64_t* a = acc64 + b * bstride + mm * NR;
-                    for (int r = 0; r < NR; ++r)
-                        ad[r] += static_cast<double>(a[r] - zpv[r] * rsm) * sv[r];
+            const double* bias = L.bias ? L.bias + o0 : nullptr;
+            for (int mm = 0; mm < mr; ++mm) {
+                T* ym = y + (m + mm) * L.out + o0;
+                const double sxm = c.sx[m + mm];
+                const double* a = accd + b * bstride + mm * NR;
+                if (vs[b].rb == NR && bias) {
+                    for (int r = 0; r < NR; ++r) ym[r] = static_cast<T>(a[r] * sxm + bias[r]);
+                } else if (vs[b].rb == NR) {
+                    for (int r = 0; r < NR; ++r) ym[r] = static_cast<T>(a[r] * sxm);
                 } else {
-                    const int32_t* a = acc + b * bstride + mm * NR;
-                    for (int r = 0; r < NR; ++r)
-                        ad[r] += static_cast<double>(static_cast<int64_t>(a[r]) - zpv[r] * rsm) * sv[r];
+                    for (int64_t r = 0; r < vs[b].rb; ++r) {
+                        double val = a[r] * sxm;
+                        if (bias) val += bias[r];
+                        ym[r] = static_cast<T>(val);
+                    }
                 }
-            }
-        }
-    }
-    T* y = static_cast<T*>(c.C->y);
-    for (int b = 0; b < nb; ++b) {
-        const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
-        for (int64_t mm = 0; mm < rows; ++mm) {
-            T* ym = y + (m0 + mm) * L.out + o0;
-            const double sxm = c.sx[m0 + mm];
-            const double* a = accd + b * bstride + mm * NR;
-            for (int64_t r = 0; r < vs[b].rb; ++r) {
-                double val = a[r] * sxm;
-                if (L.bias) val += L.bias[o0 + r];
-                ym[r] = static_cast<T>(val);
             }
         }
     }
@@ -246,7 +241,11 @@ void linear_int8act_t(const Layer& L, const Call& C) {
     I8Ctx c;
     c.L = &L;
     c.C = &C;
-    c.xq_rs = kp * 4;
+    // Rows of xq 64-byte aligned in length and, when that is a multiple of 4 KiB, one
+    // line longer: rows a power-of-two apart would share L1 sets with each other and with
+    // the weight panel (blocks are 16 * in bytes apart).
+    c.xq_rs = (kp * 4 + 63) / 64 * 64;
+    if (c.xq_rs % 4096 == 0) c.xq_rs += 64;
     std::vector<int8_t> xq(static_cast<size_t>(C.n * c.xq_rs));
     std::vector<double> sx(static_cast<size_t>(C.n));
     std::vector<int32_t> rs(static_cast<size_t>(C.n * L.n_groups));
