@@ -224,8 +224,11 @@ def test_int8_mode_activation_ties_round_like_the_reference(backend, rng):
     rows += [k * 1e-303, k * 1e303]
     x = np.array(rows)
     np.testing.assert_array_equal(layer(x, activations="int8"), ref(x, activations="int8"))
-    x32 = (k * 3.0).astype(np.float32)[None, :]
-    x32[0, 0] = 381.0
+    t32 = (k * 3.0).astype(np.float32)
+    x32 = np.stack(
+        [t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(-np.inf))]
+    )
+    x32[:, 0] = 381.0
     np.testing.assert_array_equal(layer(x32, activations="int8"), ref(x32, activations="int8"))
 
 
