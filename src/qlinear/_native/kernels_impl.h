@@ -177,6 +177,38 @@ void i8_task(void* p, int64_t task, int) {
                 if (wide)
                     for (size_t i = 0; i < nacc; ++i) acc64[i] += acc[i];
             }
+            if (ng == 1 && !wide) {
+                // One group: y = (dot * scale) * sx + bias straight from the int32 sums.
+                // dot = u.xq - zpu * sum xq is an integer below 2^53 and so are both
+                // terms: the double subtraction is exact, as the reference's int64 one.
+                for (int b = 0; b < nb; ++b) {
+                    const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+                    const int64_t rb = vs[b].rb;
+                    double zpd[NR], sv[NR], bv[NR];
+                    for (int r = 0; r < NR; ++r) {
+                        zpd[r] = r < rb ? static_cast<double>(L.zpu[o0 + r]) : 0.0;
+                        sv[r] = r < rb ? L.scales[o0 + r] : 0.0;
+                        bv[r] = r < rb && L.bias ? L.bias[o0 + r] : 0.0;
+                    }
+                    for (int mm = 0; mm < mr; ++mm) {
+                        const double rsm = static_cast<double>(c.rs[m + mm]);
+                        const double sxm = c.sx[m + mm];
+                        const int32_t* a = acc + b * bstride + mm * NR;
+                        T* ym = y + (m + mm) * L.out + o0;
+                        alignas(64) T tmp[NR];
+                        if (L.bias) {
+                            for (int r = 0; r < NR; ++r)
+                                tmp[r] = static_cast<T>(((static_cast<double>(a[r]) - zpd[r] * rsm) * sv[r]) * sxm + bv[r]);
+                        } else {
+                            for (int r = 0; r < NR; ++r)
+                                tmp[r] = static_cast<T>(((static_cast<double>(a[r]) - zpd[r] * rsm) * sv[r]) * sxm);
+                        }
+                        if (rb == NR) std::memcpy(ym, tmp, sizeof(tmp));
+                        else std::memcpy(ym, tmp, static_cast<size_t>(rb) * sizeof(T));
+                    }
+                }
+                continue;
+            }
             // dot = sum u*xq - zpu * sum xq, exact in int64; accd += dot * scale (unfused,
             // in the reference's order; accd starts at +0.0 and 0.0 + v == v).
             for (int b = 0; b < nb; ++b) {
@@ -207,6 +239,7 @@ void i8_task(void* p, int64_t task, int) {
                 }
             }
         }
+        if (ng == 1 && kp <= INT_CHUNK) continue;  // written above
         for (int b = 0; b < nb; ++b) {
             const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
             const double* bias = L.bias ? L.bias + o0 : nullptr;
