@@ -19,6 +19,7 @@ import pytest
 
 import qlinear
 from qlinear import QuantizationParams, QuantizedLinear, calibrate_linear, kernels
+from qlinear.errors import InvalidInputError
 
 BACKENDS = kernels.available_backends()
 NATIVE = [b for b in BACKENDS if b != "numpy"]
@@ -230,6 +231,30 @@ def test_int8_mode_activation_ties_round_like_the_reference(backend, rng):
     )
     x32[:, 0] = 381.0
     np.testing.assert_array_equal(layer(x32, activations="int8"), ref(x32, activations="int8"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", [FORMATS[1], ("int8", "per_group", 6)], ids=["g1", "g6"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_int8_mode_rejects_non_finite_x_naming_the_first(backend, fmt, bad, rng):
+    # Native int8 mode finds NaN/Inf while quantizing (no separate pass over x); the
+    # error names the first bad element as the float mode and the NumPy backend do.
+    in_f = 70
+    w = rng.standard_normal((33, in_f))
+    p = calibrate_linear(w, fmt[0], fmt[1], "symmetric", group_size=fmt[2])
+    layer = QuantizedLinear.from_fp(w, p, backend=backend)
+    for dtype in (np.float32, np.float64):
+        for n, (i, j) in ((1, (0, 69)), (20, (13, 5)), (40, (39, 0))):
+            x = rng.standard_normal((n, in_f)).astype(dtype)
+            x[i, j] = bad
+            x[i, min(j + 1, in_f - 1)] = np.nan  # a later bad value is not the one named
+            for mode in ("int8", "float"):
+                with pytest.raises(InvalidInputError, match=rf"index \({i}, {j}\)"):
+                    layer(x, activations=mode)
+    x = rng.standard_normal((3, in_f))
+    np.testing.assert_array_equal(
+        layer(x, activations="int8"), reference_of(layer)(x, activations="int8")
+    )
 
 
 @pytest.mark.parametrize("backend", NATIVE)

@@ -230,37 +230,54 @@ static inline __m512d load8d(const float* p, __mmask8 k) {
 }
 static inline __m512d load8d(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
 
-// max |x[k]| for k < in, 64 bytes at a time with four independent accumulators.
+// max |x[k]| for k < in, 64 bytes at a time with four independent accumulators; NaN if
+// the row holds a NaN or an infinity (max alone would drop a NaN).
 static double row_absmax(const float* x, int64_t in) {
-    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512 sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
     __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+    __mmask16 bad = 0;
     int64_t k = 0;
-    for (; k + 64 <= in; k += 64) {
-        m0 = _mm512_max_ps(m0, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)));
-        m1 = _mm512_max_ps(m1, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 16)));
-        m2 = _mm512_max_ps(m2, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 32)));
-        m3 = _mm512_max_ps(m3, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 48)));
+#define QL_ABS(j, mm)                                                            \
+    {                                                                            \
+        const __m512 v = _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 16 * j)); \
+        bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);                          \
+        mm = _mm512_max_ps(mm, v);                                               \
     }
+    for (; k + 64 <= in; k += 64) {
+        QL_ABS(0, m0) QL_ABS(1, m1) QL_ABS(2, m2) QL_ABS(3, m3)
+    }
+#undef QL_ABS
     for (; k < in; k += 16) {
         const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1);
-        m0 = _mm512_max_ps(m0, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k)));
+        const __m512 v = _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k));
+        bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);
+        m0 = _mm512_max_ps(m0, v);
     }
+    if (bad) return __builtin_nan("");
     return static_cast<double>(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3))));
 }
 static double row_absmax(const double* x, int64_t in) {
-    const __m512d sign = _mm512_set1_pd(-0.0);
+    const __m512d sign = _mm512_set1_pd(-0.0), inf = _mm512_set1_pd(__builtin_inf());
     __m512d m0 = _mm512_setzero_pd(), m1 = m0, m2 = m0, m3 = m0;
+    __mmask8 bad = 0;
     int64_t k = 0;
-    for (; k + 32 <= in; k += 32) {
-        m0 = _mm512_max_pd(m0, _mm512_andnot_pd(sign, _mm512_loadu_pd(x + k)));
-        m1 = _mm512_max_pd(m1, _mm512_andnot_pd(sign, _mm512_loadu_pd(x + k + 8)));
-        m2 = _mm512_max_pd(m2, _mm512_andnot_pd(sign, _mm512_loadu_pd(x + k + 16)));
-        m3 = _mm512_max_pd(m3, _mm512_andnot_pd(sign, _mm512_loadu_pd(x + k + 24)));
+#define QL_ABS(j, mm)                                                           \
+    {                                                                           \
+        const __m512d v = _mm512_andnot_pd(sign, _mm512_loadu_pd(x + k + 8 * j)); \
+        bad |= _mm512_cmp_pd_mask(v, inf, _CMP_NLT_UQ);                         \
+        mm = _mm512_max_pd(mm, v);                                              \
     }
+    for (; k + 32 <= in; k += 32) {
+        QL_ABS(0, m0) QL_ABS(1, m1) QL_ABS(2, m2) QL_ABS(3, m3)
+    }
+#undef QL_ABS
     for (; k < in; k += 8) {
         const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
-        m0 = _mm512_max_pd(m0, _mm512_andnot_pd(sign, _mm512_maskz_loadu_pd(m, x + k)));
+        const __m512d v = _mm512_andnot_pd(sign, _mm512_maskz_loadu_pd(m, x + k));
+        bad |= _mm512_cmp_pd_mask(v, inf, _CMP_NLT_UQ);
+        m0 = _mm512_max_pd(m0, v);
     }
+    if (bad) return __builtin_nan("");
     return _mm512_reduce_max_pd(_mm512_max_pd(_mm512_max_pd(m0, m1), _mm512_max_pd(m2, m3)));
 }
 
@@ -289,6 +306,10 @@ template <class T>
 static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
                                 int8_t* q, double* sx, int32_t* rs) {
     const double amax = row_absmax(x, in);
+    if (amax != amax) {  // a NaN or an infinity: reported through sx, nothing computed
+        *sx = amax;
+        return;
+    }
     const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
     QuantConsts c;
     c.fast = scale >= 1e-300 && scale <= 1e300;

@@ -70,9 +70,15 @@ template <class T>
 void quantize_row(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng, int8_t* q,
                   double* sx, int32_t* rs) {
     double amax = 0.0;
+    bool bad = false;
     for (int64_t k = 0; k < in; ++k) {
         const double a = std::fabs(static_cast<double>(x[k]));
+        bad |= !(a <= 1.7976931348623157e308);  // NaN or infinity
         amax = a > amax ? a : amax;
+    }
+    if (bad) {  // reported through sx, nothing computed
+        *sx = std::nan("");
+        return;
     }
     const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
     for (int64_t k = 0; k < in; ++k) {
@@ -268,8 +274,9 @@ inline int pick_threads(const Layer& L, const Call& C) {
     return work < (1 << 20) ? 1 : std::max(1, C.threads);
 }
 
+// Returns false (y untouched) if x holds a NaN or an infinity.
 template <class T>
-void linear_int8act_t(const Layer& L, const Call& C) {
+bool linear_int8act_t(const Layer& L, const Call& C) {
     const int64_t kp = (L.in + 3) / 4;
     I8Ctx c;
     c.L = &L;
@@ -289,11 +296,14 @@ void linear_int8act_t(const Layer& L, const Call& C) {
     const int qthreads = C.n * L.in < (1 << 16) ? 1 : threads;
     c.qrows = std::min<int64_t>(16, (C.n + qthreads - 1) / qthreads);
     parallel_for((C.n + c.qrows - 1) / c.qrows, qthreads, &i8_quant_task<T>, &c);
+    for (int64_t m = 0; m < C.n; ++m)
+        if (std::isnan(c.sx[m])) return false;  // x holds a NaN or an infinity
     const int64_t nblocks = (L.out + NR - 1) / NR;
     const int64_t ntask_b = (nblocks + I8_BLOCKS - 1) / I8_BLOCKS;
     c.mchunk = C.n <= 256 ? C.n : 128;
     c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
     parallel_for(ntask_b * c.nmchunks, threads, &i8_task<T>, &c);
+    return true;
 }
 
 // ------------------------------------------------------------------ float activations
@@ -548,9 +558,9 @@ inline void linear_float(const Layer& L, const Call& C) {
     else linear_float_t<float>(L, C);
 }
 
-inline void linear_int8act(const Layer& L, const Call& C) {
-    if (C.f64) linear_int8act_t<double>(L, C);
-    else linear_int8act_t<float>(L, C);
+inline bool linear_int8act(const Layer& L, const Call& C) {
+    if (C.f64) return linear_int8act_t<double>(L, C);
+    return linear_int8act_t<float>(L, C);
 }
 
 }  // namespace QL_ISA
