@@ -286,12 +286,21 @@ bool linear_int8act_t(const Layer& L, const Call& C) {
     // the weight panel (blocks are 16 * in bytes apart).
     c.xq_rs = (kp * 4 + 63) / 64 * 64;
     if (c.xq_rs % 4096 == 0) c.xq_rs += 64;
-    std::vector<int8_t> xq(static_cast<size_t>(C.n * c.xq_rs));
-    std::vector<double> sx(static_cast<size_t>(C.n));
-    std::vector<int32_t> rs(static_cast<size_t>(C.n * L.n_groups));
-    c.xq = xq.data();
-    c.sx = sx.data();
-    c.rs = rs.data();
+    // Quantized x, its scales and row sums: every byte is written by the quantization
+    // (padding included), so a buffer kept by the calling thread is reused without
+    // clearing; calls above 64 MiB use a temporary one.
+    const size_t nxq = static_cast<size_t>(C.n * c.xq_rs);
+    const size_t nsx = static_cast<size_t>(C.n) * sizeof(double);
+    const size_t nrs = static_cast<size_t>(C.n * L.n_groups) * sizeof(int32_t);
+    const size_t need = (nxq + 63) / 64 * 64 + (nsx + 63) / 64 * 64 + nrs + 64;
+    thread_local std::vector<uint8_t> keep;
+    std::vector<uint8_t> temp;
+    std::vector<uint8_t>& buf = need <= (size_t(64) << 20) ? keep : temp;
+    if (buf.size() < need) buf.resize(need);
+    uint8_t* base = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64;
+    c.xq = reinterpret_cast<int8_t*>(base);
+    c.sx = reinterpret_cast<double*>(base + (nxq + 63) / 64 * 64);
+    c.rs = reinterpret_cast<int32_t*>(base + (nxq + 63) / 64 * 64 + (nsx + 63) / 64 * 64);
     const int threads = pick_threads(L, C);
     const int qthreads = C.n * L.in < (1 << 16) ? 1 : threads;
     c.qrows = std::min<int64_t>(16, (C.n + qthreads - 1) / qthreads);
