@@ -19,6 +19,7 @@ import pytest
 
 import qlinear
 from qlinear import QuantizationParams, QuantizedLinear, calibrate_linear, kernels
+from qlinear.errors import InvalidInputError
 
 BACKENDS = kernels.available_backends()
 NATIVE = [b for b in BACKENDS if b != "numpy"]
@@ -125,6 +126,37 @@ def test_int8_mode_integer_accumulation_is_exact(backend, qtype, scheme, rng):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("fmt", [FORMATS[1], FORMATS[2], FORMATS[3]], ids=lambda f: f[0] + f[1])
+def test_int8_mode_batch_tails_match_the_reference(backend, fmt, rng):
+    # Row tiles (6 and 12 rows on AVX-512, 8 on AVX2), chunks of 128/256 rows, four-block
+    # tasks followed by a partial task and a partial block (149 = 2 * 64 + 16 + 5 rows),
+    # and a 3-column tail, for batch sizes around every tile boundary.
+    layer = make_layer(rng, 149, 131, fmt, "asymmetric", backend)
+    ref = reference_of(layer)
+    for n in (1, 3, 5, 6, 7, 11, 12, 13, 15, 16, 17, 31, 128, 129, 255, 256, 257):
+        x = rng.standard_normal((n, 131)).astype(np.float32)
+        np.testing.assert_array_equal(layer(x, activations="int8"), ref(x, activations="int8"))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_int8_mode_long_rows_do_not_overflow_int32(backend, rng):
+    # 70001 columns of u = code + 128 = 255 times 127: sum u * xq is above 2^31, so the
+    # kernels must carry the integer sums in int64 past 8192 steps.
+    out_f, in_f = 3, 70001
+    codes = np.full((out_f, in_f), 127)
+    codes[1, ::3] = -127
+    zp = np.array([0, -5, 9])
+    ones = np.ones(out_f)
+    p = QuantizationParams("int8", "asymmetric", "per_channel", ones, zp, ones, ones)
+    layer = QuantizedLinear.from_codes(codes, p, backend=backend)
+    xi = np.full((2, in_f), 127)
+    xi[1, 1::2] = -127
+    expected = xi.astype(np.int64) @ (codes.astype(np.int64) - zp[:, None]).T
+    y = layer(xi.astype(np.float64), activations="int8")
+    np.testing.assert_array_equal(y, expected.astype(np.float64))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 def test_int8_mode_error_bound_on_large_layer(backend, rng):
     layer = make_layer(rng, 256, 1024, FORMATS[1], "symmetric", backend, bias=False)
     x = rng.standard_normal((8, 1024)).astype(np.float32)
@@ -174,6 +206,55 @@ def test_extreme_inputs(backend, rng):
         y0 = layer(x[1:2], activations="int8")
         b = layer.bias
         np.testing.assert_array_equal(y0[0], b)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_int8_mode_activation_ties_round_like_the_reference(backend, rng):
+    # x / scale exactly on a half-integer with a scale whose reciprocal is inexact (3,
+    # 0.1 * 7, ...), just off a half-integer, and scales too tiny or huge for a normal
+    # reciprocal: every row must quantize exactly as ref.quantize_rows_int8.
+    in_f = 256
+    layer = make_layer(rng, 40, in_f, FORMATS[1], "asymmetric", backend)
+    ref = reference_of(layer)
+    k = rng.integers(-127, 127, size=in_f) + 0.5
+    rows = []
+    for s in (3.0, 0.7, 1 / 3, 5e-7, 123.456):
+        r = k * s
+        r[0] = 127 * s  # the row maximum: scale == s (up to one rounding)
+        rows += [r, np.nextafter(r, np.inf), np.nextafter(r, -np.inf)]
+    rows += [k * 1e-303, k * 1e303]
+    x = np.array(rows)
+    np.testing.assert_array_equal(layer(x, activations="int8"), ref(x, activations="int8"))
+    t32 = (k * 3.0).astype(np.float32)
+    x32 = np.stack(
+        [t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(-np.inf))]
+    )
+    x32[:, 0] = 381.0
+    np.testing.assert_array_equal(layer(x32, activations="int8"), ref(x32, activations="int8"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", [FORMATS[1], ("int8", "per_group", 6)], ids=["g1", "g6"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_int8_mode_rejects_non_finite_x_naming_the_first(backend, fmt, bad, rng):
+    # Native int8 mode finds NaN/Inf while quantizing (no separate pass over x); the
+    # error names the first bad element as the float mode and the NumPy backend do.
+    in_f = 70
+    w = rng.standard_normal((33, in_f))
+    p = calibrate_linear(w, fmt[0], fmt[1], "symmetric", group_size=fmt[2])
+    layer = QuantizedLinear.from_fp(w, p, backend=backend)
+    for dtype in (np.float32, np.float64):
+        for n, (i, j) in ((1, (0, 69)), (20, (13, 5)), (40, (39, 0))):
+            x = rng.standard_normal((n, in_f)).astype(dtype)
+            x[i, j] = bad
+            x[i, min(j + 1, in_f - 1)] = np.nan  # a later bad value is not the one named
+            for mode in ("int8", "float"):
+                with pytest.raises(InvalidInputError, match=rf"index \({i}, {j}\)"):
+                    layer(x, activations=mode)
+    x = rng.standard_normal((3, in_f))
+    np.testing.assert_array_equal(
+        layer(x, activations="int8"), reference_of(layer)(x, activations="int8")
+    )
 
 
 @pytest.mark.parametrize("backend", NATIVE)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels, ref
+from ._checks import check_finite
 from .packing import unpack_int4
 from .qtypes import QuantizationType
 
@@ -75,6 +76,10 @@ def _readonly_copy(a: np.ndarray) -> np.ndarray:
 class NativeBackend:
     """One ISA level of the native kernels."""
 
+    # int8 mode: the kernels find NaN/Inf in x while quantizing it (the caller skips
+    # its own pass over x); float mode relies on the caller's check.
+    checks_int8_input = True
+
     def __init__(self, name: str, priority: int, feature: str | None, describe: str) -> None:
         self.name = name
         self.priority = priority
@@ -132,11 +137,13 @@ class NativeBackend:
             codes = self.unpack(pw)
             if d.bits == 4:
                 codes = unpack_int4(codes, pw.in_features)
+            if activations == "int8":
+                check_finite("x", x)
             fn = ref.linear_int8act if activations == "int8" else ref.linear_float
             return fn(codes, pw.out_features, scales, zp, group_size, x, bias)
         if x.strides[1] != x.itemsize or x.strides[0] < 0:
             x = np.ascontiguousarray(x)
-        return _native.linear(
+        y = _native.linear(
             self.name,
             d.packed(pw.out_features, pw.in_features),
             d.bits,
@@ -150,6 +157,9 @@ class NativeBackend:
             activations == "int8",
             kernels.get_num_threads(),
         )
+        if y is None:  # int8 mode found a NaN or an infinity in x: name the first one
+            check_finite("x", x)
+        return y
 
     def info(self) -> dict[str, Any]:
         return {"kernels": self._describe}

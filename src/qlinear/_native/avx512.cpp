@@ -223,41 +223,141 @@ static void i_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq
 static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
                             int64_t xq_rs, int mr, int32_t* const* acc);
 
-// Per-row activation quantization, as ref.quantize_rows_int8: in double, division (not
-// a reciprocal), round half to even, clamp. Masked loads and stores for the tail.
+// Per-row activation quantization, as ref.quantize_rows_int8: max|x| (exact in x's
+// dtype), scale = max / 127 in double, round(x / scale) half to even, clamp to +-127.
 static inline __m512d load8d(const float* p, __mmask8 k) {
     return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p));
 }
 static inline __m512d load8d(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
 
+// max |x[k]| for k < in, 64 bytes at a time with four independent accumulators; NaN if
+// the row holds a NaN or an infinity (max alone would drop a NaN).
+static double row_absmax(const float* x, int64_t in) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), inf = _mm512_set1_ps(__builtin_inff());
+    __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+    __mmask16 bad = 0;
+    int64_t k = 0;
+#define QL_ABS(j, mm)                                                            \
+    {                                                                            \
+        const __m512 v = _mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 16 * j)); \
+        bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);                          \
+        mm = _mm512_max_ps(mm, v);                                               \
+    }
+    for (; k + 64 <= in; k += 64) {
+        QL_ABS(0, m0) QL_ABS(1, m1) QL_ABS(2, m2) QL_ABS(3, m3)
+    }
+#undef QL_ABS
+    for (; k < in; k += 16) {
+        const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1);
+        const __m512 v = _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k));
+        bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);
+        m0 = _mm512_max_ps(m0, v);
+    }
+    if (bad) return __builtin_nan("");
+    return static_cast<double>(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3))));
+}
+static double row_absmax(const double* x, int64_t in) {
+    const __m512d sign = _mm512_set1_pd(-0.0), inf = _mm512_set1_pd(__builtin_inf());
+    __m512d m0 = _mm512_setzero_pd(), m1 = m0, m2 = m0, m3 = m0;
+    __mmask8 bad = 0;
+    int64_t k = 0;
+#define QL_ABS(j, mm)                                                           \
+    {                                                                           \
+        const __m512d v = _mm512_andnot_pd(sign, _mm512_loadu_pd(x + k + 8 * j)); \
+        bad |= _mm512_cmp_pd_mask(v, inf, _CMP_NLT_UQ);                         \
+        mm = _mm512_max_pd(mm, v);                                              \
+    }
+    for (; k + 32 <= in; k += 32) {
+        QL_ABS(0, m0) QL_ABS(1, m1) QL_ABS(2, m2) QL_ABS(3, m3)
+    }
+#undef QL_ABS
+    for (; k < in; k += 8) {
+        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
+        const __m512d v = _mm512_andnot_pd(sign, _mm512_maskz_loadu_pd(m, x + k));
+        bad |= _mm512_cmp_pd_mask(v, inf, _CMP_NLT_UQ);
+        m0 = _mm512_max_pd(m0, v);
+    }
+    if (bad) return __builtin_nan("");
+    return _mm512_reduce_max_pd(_mm512_max_pd(_mm512_max_pd(m0, m1), _mm512_max_pd(m2, m3)));
+}
+
+// x * (1 / scale) is within 3e-14 of the correctly rounded x / scale (|x / scale| <=
+// 127.x, two roundings of 2^-53 relative each): rounding to an integer agrees unless the
+// product is within 1e-12 of a half-integer; only then (or when 1 / scale is not a normal
+// number: fast == false) is the division done. |x / scale| rounds to at most 127, so the
+// saturating narrowing is the reference's clamp.
+struct QuantConsts {
+    __m512d vs, vinv, half_lo, sign;
+    bool fast;
+};
+
+template <class T>
+static inline __m256i quant8(const T* x, __mmask8 m, const QuantConsts& c) {
+    const __m512d xv = load8d(x, m);
+    const __m512d v = _mm512_mul_pd(xv, c.vinv);
+    __m512d r = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512d d = _mm512_andnot_pd(c.sign, _mm512_sub_pd(v, r));
+    if (!c.fast || _mm512_cmp_pd_mask(d, c.half_lo, _CMP_GT_OQ))
+        r = _mm512_roundscale_pd(_mm512_div_pd(xv, c.vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtpd_epi32(r);
+}
+
 template <class T>
 static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
                                 int8_t* q, double* sx, int32_t* rs) {
-    const __m512d sign = _mm512_set1_pd(-0.0);
-    __m512d vmax = _mm512_setzero_pd();
-    for (int64_t k = 0; k < in; k += 8) {
-        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
-        vmax = _mm512_max_pd(vmax, _mm512_andnot_pd(sign, load8d(x + k, m)));
+    const double amax = row_absmax(x, in);
+    if (amax != amax) {  // a NaN or an infinity: reported through sx, nothing computed
+        *sx = amax;
+        return;
     }
-    const double amax = _mm512_reduce_max_pd(vmax);
     const double scale = amax > 0.0 ? amax / 127.0 : 1.0;
-    const __m512d vs = _mm512_set1_pd(scale);
-    const __m512d lo = _mm512_set1_pd(-127.0), hi = _mm512_set1_pd(127.0);
-    for (int64_t k = 0; k < in; k += 8) {
-        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
-        __m512d v = _mm512_div_pd(load8d(x + k, m), vs);
-        v = _mm512_roundscale_pd(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm512_min_pd(_mm512_max_pd(v, lo), hi);
-        const __m128i b = _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(v));
-        _mm_mask_storeu_epi8(q + k, m, b);
+    QuantConsts c;
+    c.fast = scale >= 1e-300 && scale <= 1e300;
+    c.vs = _mm512_set1_pd(scale);
+    c.vinv = _mm512_set1_pd(c.fast ? 1.0 / scale : 0.0);
+    c.half_lo = _mm512_set1_pd(0.5 - 1e-12);
+    c.sign = _mm512_set1_pd(-0.0);
+    int64_t k = 0;
+    if (sizeof(T) == 4 && scale >= 1e-30 && scale <= 1e30) {
+        // float32 x: the product in float32 is within 127 * 2.4e-7 of x / scale, so it
+        // rounds like the double quotient unless within 1e-4 of a half-integer; such
+        // 16-element pieces (rare, or every piece for exact ties) take the double path.
+        const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / scale));
+        const __m512 lim = _mm512_set1_ps(0.5f - 1e-4f), sgn = _mm512_set1_ps(-0.0f);
+        for (; k + 16 <= in; k += 16) {
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(x + k)), inv);
+            const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 d = _mm512_andnot_ps(sgn, _mm512_sub_ps(v, r));
+            __m512i iv;
+            if (_mm512_cmp_ps_mask(d, lim, _CMP_GT_OQ))
+                iv = _mm512_inserti64x4(_mm512_castsi256_si512(quant8(x + k, 0xFF, c)),
+                                        quant8(x + k + 8, 0xFF, c), 1);
+            else
+                iv = _mm512_cvtps_epi32(r);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(iv));
+        }
     }
-    for (int64_t k = in; k < kpad; ++k) q[k] = 0;
+    for (; k + 16 <= in; k += 16) {
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(quant8(x + k, 0xFF, c)),
+                                             quant8(x + k + 8, 0xFF, c), 1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(v));
+    }
+    for (; k < in; k += 8) {
+        const __mmask8 m = in - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (in - k)) - 1);
+        _mm_mask_storeu_epi8(q + k, m, _mm256_cvtsepi32_epi8(quant8(x + k, m, c)));
+    }
+    for (int64_t j = in; j < kpad; ++j) q[j] = 0;
     *sx = scale;
+    // Row sums per group: vpdpbusd with all-ones unsigned bytes sums 4 signed bytes a lane.
+    const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t g = 0; g < ng; ++g) {
         const int64_t a = g * gs, e = in < a + gs ? in : a + gs;
-        int32_t s = 0;
-        for (int64_t k = a; k < e; ++k) s += q[k];
-        rs[g] = s;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t j = a; j < e; j += 64) {
+            const __mmask64 m = e - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (e - j)) - 1;
+            dpv(acc, ones, _mm512_maskz_loadu_epi8(m, q + j));
+        }
+        rs[g] = _mm512_reduce_add_epi32(acc);
     }
 }
 #define QL_QUANTIZE_ROW quantize_row_avx512

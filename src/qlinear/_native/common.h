@@ -60,7 +60,7 @@ struct Call {
 struct KernelTable {
     const char* name;
     void (*linear_float)(const Layer&, const Call&);
-    void (*linear_int8act)(const Layer&, const Call&);
+    bool (*linear_int8act)(const Layer&, const Call&);  // false: x not finite
 };
 
 namespace generic { extern const KernelTable table; }

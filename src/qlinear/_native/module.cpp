@@ -70,8 +70,9 @@ py::array_t<uint8_t> unpack(py::array_t<uint8_t, py::array::c_style> packed, int
     return dst;
 }
 
+// int8 mode checks x while quantizing it: None if x holds a NaN or an infinity.
 template <class T>
-py::array run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act, int threads) {
+py::object run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act, int threads) {
     check(x.ndim() == 2 && x.shape(1) == L.in, "x must be (n, in_features)");
     check(x.strides(1) == static_cast<py::ssize_t>(sizeof(T)), "x must have unit column stride");
     check(x.strides(0) % static_cast<py::ssize_t>(sizeof(T)) == 0 && x.strides(0) >= 0,
@@ -84,15 +85,17 @@ py::array run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act, 
     C.threads = threads < 1 ? 1 : threads;
     py::array_t<T> y({C.n, L.out});
     C.y = y.mutable_data();
+    bool finite = true;
     if (C.n > 0) {
         py::gil_scoped_release nogil;
-        if (int8act) tab->linear_int8act(L, C);
+        if (int8act) finite = tab->linear_int8act(L, C);
         else tab->linear_float(L, C);
     }
+    if (!finite) return py::none();
     return std::move(y);
 }
 
-py::array linear(const std::string& isa, py::array_t<uint8_t, py::array::c_style> packed, int bits,
+py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_style> packed, int bits,
                  int64_t out, int64_t in, int64_t group_size,
                  py::array_t<double, py::array::c_style> scales,
                  py::array_t<int32_t, py::array::c_style> zpu, py::object bias, py::array x,

@@ -23,13 +23,20 @@
 namespace qlinear {
 namespace {
 
+// Job protocol: `gen` is odd while the caller sets a job up and even once it is published.
+// A worker enters a job by incrementing `active` and re-reading `gen` (both seq_cst): if
+// the job is no longer the one it saw, it backs out without touching it. The caller
+// waits only for its tasks to complete (`done`), not for sleeping or descheduled workers
+// to show up; before setting up the next job it makes `gen` odd and waits for `active`
+// to drop to 0, so no late worker can claim a task of the new job with the old state.
 struct Pool {
     std::mutex m;
     std::condition_variable cv;
     std::mutex call;  // one job at a time; a second caller runs its job alone
     std::atomic<uint64_t> gen{0};
     std::atomic<int64_t> next{0};
-    std::atomic<int> running{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int> active{0};
     std::atomic<bool> failed{false};
     void (*fn)(void*, int64_t, int) = nullptr;
     void* ctx = nullptr;
@@ -46,6 +53,7 @@ struct Pool {
             } catch (...) {
                 failed.store(true);
             }
+            done.fetch_add(1, std::memory_order_acq_rel);
         }
     }
 
@@ -54,19 +62,23 @@ struct Pool {
     void worker(int idx, uint64_t seen) {
         for (;;) {
             uint64_t g = gen.load(std::memory_order_acquire);
-            for (int spin = 0; g == seen && spin < 20000; ++spin) {
+            for (int spin = 0; (g == seen || (g & 1)) && spin < 20000; ++spin) {
                 QL_PAUSE();
                 g = gen.load(std::memory_order_acquire);
             }
-            if (g == seen) {
+            if (g == seen || (g & 1)) {
                 std::unique_lock<std::mutex> lk(m);
-                cv.wait(lk, [&] { return gen.load(std::memory_order_acquire) != seen; });
+                cv.wait(lk, [&] {
+                    const uint64_t v = gen.load(std::memory_order_acquire);
+                    return v != seen && !(v & 1);
+                });
                 g = gen.load(std::memory_order_acquire);
             }
             seen = g;
             if (idx < want) {
-                run_tasks(idx + 1);
-                running.fetch_sub(1, std::memory_order_acq_rel);
+                active.fetch_add(1, std::memory_order_seq_cst);
+                if (gen.load(std::memory_order_seq_cst) == g) run_tasks(idx + 1);
+                active.fetch_sub(1, std::memory_order_seq_cst);
             }
         }
     }
@@ -116,20 +128,26 @@ void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), 
         std::thread(&Pool::worker, p, idx, p->gen.load()).detach();
         ++p->nworkers;
     }
+    // Close the previous job: late workers back out, those inside leave.
+    p->gen.fetch_add(1, std::memory_order_seq_cst);  // odd: setting up
+    for (int spin = 0; p->active.load(std::memory_order_seq_cst) > 0; ++spin) {
+        if (spin < 4000) QL_PAUSE();
+        else std::this_thread::yield();
+    }
     p->fn = fn;
     p->ctx = ctx;
     p->ntasks = ntasks;
     p->next.store(0);
+    p->done.store(0);
     p->failed.store(false);
-    p->running.store(helpers);
     {
         std::lock_guard<std::mutex> lk(p->m);
         p->want = helpers;
-        p->gen.fetch_add(1, std::memory_order_acq_rel);
+        p->gen.fetch_add(1, std::memory_order_seq_cst);  // even: published
     }
     p->cv.notify_all();
     p->run_tasks(0);
-    for (int spin = 0; p->running.load(std::memory_order_acquire) > 0; ++spin) {
+    for (int spin = 0; p->done.load(std::memory_order_acquire) < ntasks; ++spin) {
         if (spin < 4000) QL_PAUSE();
         else std::this_thread::yield();
     }
