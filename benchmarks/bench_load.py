@@ -46,6 +46,7 @@ if which == "qlinear":
         layer.forward(x)
 r2 = rss()
 print(json.dumps({"seconds": dt, "rss_load": r1 - r0, "rss_after_forward": r2 - r0,
+                  "backend": qlinear.backend_info()["backend"],
                   "n": len(m)}))
 """
 
@@ -76,7 +77,10 @@ def make_file(path: Path, gb: float) -> int:
 
 
 def run(path: Path, which: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    import qlinear
+
+    # the child runs the same qlinear as this process (installed build or source tree)
+    env = {**os.environ, "PYTHONPATH": str(Path(qlinear.__file__).resolve().parents[1])}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(path), which],
         env=env,
@@ -102,6 +106,7 @@ def main() -> None:
     q = run(path, "qlinear")
     s = run(path, "safetensors")
     mib = 2**20
+    print(f"qlinear backend in the child: {q['backend']}")
     print(f"{'reader':<28}{'load time':>12}{'RSS +load':>12}{'RSS +forward':>14}")
     print(
         f"{'qlinear.load (mmap)':<28}{q['seconds'] * 1e3:>10.1f}ms{q['rss_load'] / mib:>10.1f}MiB"
