@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(SRC))
+import qlinear
+from qlinear._safetensors import SafetensorsWriter, atomic_write
 
-from qlinear._safetensors import SafetensorsWriter, atomic_write  # noqa: E402
+# children run the same qlinear as this process (installed build or source tree)
+SRC = Path(qlinear.__file__).resolve().parents[1]
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:
