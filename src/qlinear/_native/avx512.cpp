@@ -496,6 +496,10 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
         for (int j = 0; j < 4; ++j)
             zp[j] = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
                 _mm512_add_epi32(lane_row, _mm512_set1_epi32(4 * j)), z16));
+        // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
+        // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
+        const __m512i magic = _mm512_set1_epi32(0x4B000000);
+        for (int j = 0; j < 4; ++j) zp[j] = _mm512_add_ps(zp[j], _mm512_set1_ps(8388608.0f));
         __m512 a[MR][4];
         for (int m = 0; m < MR; ++m)
             for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
@@ -515,7 +519,7 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
             }
             __m512 wf[4];
             for (int j = 0; j < 4; ++j)
-                wf[j] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(p[j])), zp[j]);
+                wf[j] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_cvtepu8_epi32(p[j]), magic)), zp[j]);
             for (int m = 0; m < MR; ++m) {
                 const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m * xrs));
                 for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
