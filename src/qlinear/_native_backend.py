@@ -77,8 +77,14 @@ class NativeBackend:
     """One ISA level of the native kernels."""
 
     # int8 mode: the kernels find NaN/Inf in x while quantizing it (the caller skips
-    # its own pass over x); float mode relies on the caller's check.
+    # its own pass over x).
     checks_int8_input = True
+    # float mode: a NaN/Inf in x always reaches the output (no x element is skipped), so
+    # the caller checks x only when the output is not all finite.
+    checks_float_input_via_output = True
+    # The caller needs no np.errstate: the compiled kernels raise no NumPy warnings and
+    # the reference fallback below sets its own.
+    fp_warnings_silenced = True
 
     def __init__(self, name: str, priority: int, feature: str | None, describe: str) -> None:
         self.name = name
@@ -137,10 +143,10 @@ class NativeBackend:
             codes = self.unpack(pw)
             if d.bits == 4:
                 codes = unpack_int4(codes, pw.in_features)
-            if activations == "int8":
-                check_finite("x", x)
+            check_finite("x", x)  # the reference path: checked up front in both modes
             fn = ref.linear_int8act if activations == "int8" else ref.linear_float
-            return fn(codes, pw.out_features, scales, zp, group_size, x, bias)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return fn(codes, pw.out_features, scales, zp, group_size, x, bias)
         if x.strides[1] != x.itemsize or x.strides[0] < 0:
             x = np.ascontiguousarray(x)
         y = _native.linear(

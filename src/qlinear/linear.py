@@ -393,21 +393,32 @@ class QuantizedLinear:
         if x2.shape[0] == 0:
             return np.zeros((*lead, self.out_features), dtype=a.dtype)
         backend = kernels.get_backend(self._packed.backend)
-        if activations != "int8" or not getattr(backend, "checks_int8_input", False):
-            check_finite("x", x2)  # native int8 mode checks x while quantizing it
+        # Native int8 mode checks x while quantizing it. In native float mode a NaN/Inf
+        # in x makes its output rows NaN/Inf (every x element meets every weight, and
+        # Inf * 0 is NaN), so x is only checked when the result is not all finite.
+        flag = "checks_int8_input" if activations == "int8" else "checks_float_input_via_output"
+        x_checked = not getattr(backend, flag, False)
+        if x_checked:
+            check_finite("x", x2)
         # Finite x can still overflow x's dtype (float32 x near 1e38, or weights beyond
         # float32's range): checked once on the result, with an error instead of Inf/NaN.
-        with np.errstate(over="ignore", invalid="ignore"):
-            y = backend.linear(
-                self._packed,
-                x2,
-                self._s2,
-                self._zp2,
-                self.group_size or self.in_features,
-                self._bias,
-                activations,
-            )
+        args = (
+            self._packed,
+            x2,
+            self._s2,
+            self._zp2,
+            self.group_size or self.in_features,
+            self._bias,
+            activations,
+        )
+        if getattr(backend, "fp_warnings_silenced", False):
+            y = backend.linear(*args)  # compiled kernels: NumPy never sees their overflow
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                y = backend.linear(*args)
         if not np.isfinite(y).all():
+            if not x_checked:
+                check_finite("x", x2)
             raise InvalidInputError(
                 f"the output overflowed {y.dtype} to Inf/NaN (largest |x| is "
                 f"{float(np.abs(x2).max()):.3g}, largest weight scale "

@@ -496,10 +496,41 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
         for (int j = 0; j < 4; ++j)
             zp[j] = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
                 _mm512_add_epi32(lane_row, _mm512_set1_epi32(4 * j)), z16));
+        // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
+        // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
+        const __m512i magic = _mm512_set1_epi32(0x4B000000);
+        for (int j = 0; j < 4; ++j) zp[j] = _mm512_add_ps(zp[j], _mm512_set1_ps(8388608.0f));
         __m512 a[MR][4];
         for (int m = 0; m < MR; ++m)
             for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        if (BITS == 8) {
+            // int8: lanes = the 16 rows, one vector per column kk of the step: byte kk of
+            // each 32-bit lane taken out by a shift and masked under 2^23's exponent (no
+            // shuffles). The same sums as below in the same order: lane r of a[m][kk]
+            // accumulates row r's products of columns 4s + kk, then (k0+k1)+(k2+k3).
+            const __m512 zr = _mm512_add_ps(_mm512_cvtepi32_ps(z16), _mm512_set1_ps(8388608.0f));
+            const __m512i lo8 = _mm512_set1_epi32(0xFF);
+            for (int64_t s = sa; s < sb; ++s) {
+                const __m512i v = _mm512_loadu_si512((s < nd ? w + s * 64 : tail64));
+                const float* xs = s < nd ? x + 4 * s : xt;
+                const int64_t xrs = s < nd ? x_rs : 4;
+                __m512 wf[4];
+                wf[0] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, lo8, magic, 0xEA));
+                wf[1] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8), lo8, magic, 0xEA));
+                wf[2] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 16), lo8, magic, 0xEA));
+                wf[3] = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 24), magic));
+                for (int j = 0; j < 4; ++j) wf[j] = _mm512_sub_ps(wf[j], zr);
+                for (int m = 0; m < MR; ++m)
+                    for (int j = 0; j < 4; ++j)
+                        a[m][j] = _mm512_fmadd_ps(wf[j], _mm512_set1_ps(xs[m * xrs + j]), a[m][j]);
+            }
+            for (int m = 0; m < MR; ++m)
+                total[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]),
+                                                         _mm512_add_ps(a[m][2], a[m][3])),
+                                           sc, total[m]);
+            continue;
+        }
         for (int64_t s = sa; s < sb; ++s) {
             __m128i p[4];
             const float* xs;
@@ -515,7 +546,7 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
             }
             __m512 wf[4];
             for (int j = 0; j < 4; ++j)
-                wf[j] = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(p[j])), zp[j]);
+                wf[j] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_cvtepu8_epi32(p[j]), magic)), zp[j]);
             for (int m = 0; m < MR; ++m) {
                 const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m * xrs));
                 for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
