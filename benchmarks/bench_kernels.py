@@ -79,10 +79,33 @@ def _ort_session(model, threads: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _ort_single_node(node, inits, in_f: int, out_f: int):
+    """A session running one com.microsoft node ``Y = f(A)``; returns ``make(x) -> call``."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [node],
+        node.op_type,
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["n", in_f])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", out_f])],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    sess = _ort_session(model, THREADS)
+
+    def make(x: np.ndarray):
+        return lambda: sess.run(None, {"A": x})
+
+    return make
+
+
 def ort_dynamic_peer(layer: QuantizedLinear, bias: np.ndarray):
     try:
         import onnxruntime  # noqa: F401
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
     except ImportError:
         return None, "onnxruntime/onnx not installed"
     out_f, in_f = layer.shape
@@ -100,29 +123,13 @@ def ort_dynamic_peer(layer: QuantizedLinear, bias: np.ndarray):
         ["Y"],
         domain="com.microsoft",
     )
-    graph = helper.make_graph(
-        [node],
-        "dqmm",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["n", in_f])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", out_f])],
-        inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-    )
-    sess = _ort_session(model, THREADS)
-
-    def make(x: np.ndarray):
-        return lambda: sess.run(None, {"A": x})
-
-    return make, None
+    return _ort_single_node(node, inits, in_f, out_f), None
 
 
 def ort_nbits_peer(layer: QuantizedLinear, block: int = 128):
     try:
         import onnxruntime  # noqa: F401
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
     except ImportError:
         return None, "onnxruntime/onnx not installed"
     out_f, in_f = layer.shape
@@ -145,23 +152,7 @@ def ort_nbits_peer(layer: QuantizedLinear, block: int = 128):
         bits=4,
         block_size=block,
     )
-    graph = helper.make_graph(
-        [node],
-        "nbits",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["n", in_f])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", out_f])],
-        inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-    )
-    sess = _ort_session(model, THREADS)
-
-    def make(x: np.ndarray):
-        return lambda: sess.run(None, {"A": x})
-
-    return make, None
+    return _ort_single_node(node, inits, in_f, out_f), None
 
 
 def row(label: str, ms: float, ref_ms: dict[str, float]) -> str:
