@@ -234,7 +234,7 @@ class CausalLM:
         for layer in self.layers:
             for lin in layer.linears.values():
                 total += _nbytes(lin, seen)
-            for arr in layer._norms.values():
+            for arr in layer.norms.values():
                 total += _nbytes(arr, seen)
         if self._lm_head is not None:
             total += _nbytes(self._lm_head, seen)

@@ -17,7 +17,7 @@ from .decoder_config import DecoderConfig
 from .decoder_moe import MoEBlock
 from .decoder_ops import Getter, fuse_linears, need_array, need_linear, rms_norm, swiglu
 from .kv_cache import KVCache
-from .ops import LinearLike
+from .ops import FloatLinear, LinearLike
 from .rope import apply_rope, inverse_frequencies, rope_tables
 
 __all__ = ["Capture", "DecoderLayer"]
@@ -72,11 +72,24 @@ class DecoderLayer:
         self._moe = moe
         self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
         q, k, v, _ = _attention_names(self.prefix)
-        self._qkv = fuse_linears([self._lin[q], self._lin[k], self._lin[v]])
+        self._qkv = self._fuse([q, k, v])
         self._gate_up = None
         if moe is None:
             g, u, _ = _mlp_names(self.prefix)
-            self._gate_up = fuse_linears([self._lin[g], self._lin[u]])
+            self._gate_up = self._fuse([g, u])
+
+    def _fuse(self, names: list[str]) -> LinearLike | None:
+        """The fused layer of ``names``; float parts become row views of the fused weight
+        (so the float weights are held once, not twice)."""
+        fused = fuse_linears([self._lin[n] for n in names])
+        if isinstance(fused, FloatLinear):
+            start = 0
+            for n in names:
+                stop = start + self._lin[n].out_features  # type: ignore[attr-defined]
+                b = None if self._lin[n].bias is None else fused.bias[start:stop]  # type: ignore[attr-defined,index]
+                self._lin[n] = FloatLinear(fused.weight[start:stop], b)
+                start = stop
+        return fused
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -137,6 +150,11 @@ class DecoderLayer:
         if self._moe is not None:
             out.update(self._moe.linears)
         return out
+
+    @property
+    def norms(self) -> dict[str, np.ndarray]:
+        """The RMSNorm weights: ``"input"``, ``"post"`` and, with q/k norms, ``"q"``, ``"k"``."""
+        return dict(self._norms)
 
     def linear_names(self) -> list[str]:
         return [n for g in self.linear_groups() for n in g]
