@@ -152,7 +152,7 @@ def test_token_and_context_errors(tiny_dir):
         model(np.zeros((1, 1, 2), dtype=np.int64))
     with pytest.raises(InvalidInputError, match="non-empty"):
         model(np.array([], dtype=np.int64))
-    with pytest.raises(InvalidInputError, match="9 tokens.*max_position_embeddings 8"):
+    with pytest.raises(InvalidInputError, match=r"9 tokens.*max_position_embeddings 8"):
         model(np.arange(9) % 32)
     cache = model.new_cache()
     model.forward(np.arange(6), cache=cache)
@@ -194,13 +194,13 @@ def test_missing_and_misshaped_tensors(tiny_dir):
     cfg = {**BASE, "tie_word_embeddings": False}
     (d / "config.json").write_text(json.dumps(cfg))
     _rewrite(d, tensors)
-    with pytest.raises(FormatError, match="'lm_head.weight' is missing"):
+    with pytest.raises(FormatError, match=r"'lm_head.weight' is missing"):
         load_causal_lm(d)
     (d / "config.json").write_text(json.dumps({**BASE, "model_type": "bert"}))
-    with pytest.raises(FormatError, match="model_type 'bert' is not supported.*qwen3_moe"):
+    with pytest.raises(FormatError, match=r"model_type 'bert' is not supported.*qwen3_moe"):
         load_causal_lm(d)
     (d / "config.json").unlink()
-    with pytest.raises(FormatError, match="no config.json"):
+    with pytest.raises(FormatError, match=r"no config\.json"):
         load_causal_lm(d)
     with pytest.raises(FileNotFoundError):
         load_causal_lm(d / "nowhere")

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from _decoder_models import VARIANTS, build, max_rel_diff
 
 torch = pytest.importorskip("torch")
