@@ -167,8 +167,7 @@ class CausalLM:
         out: dict[str, LinearLike] = {}
         for layer in self.layers:
             out.update(layer.linears)
-        if self._lm_head is not None:
-            out["lm_head"] = self._lm_head
+        out["lm_head"] = self._head  # tied: a FloatLinear over the embedding
         return out
 
     def linear_names(self) -> list[str]:
@@ -178,7 +177,8 @@ class CausalLM:
         return names + (["lm_head"] if self._lm_head is not None else [])
 
     def linear(self, name: str) -> LinearLike:
-        """The LinearLike in use for ``name`` (FloatLinear or QuantizedLinear)."""
+        """The LinearLike in use for ``name`` (FloatLinear or QuantizedLinear);
+        ``"lm_head"`` of a tied model is a FloatLinear viewing the embedding."""
         lin = self._all_linears().get(name)
         if lin is None:
             raise InvalidParamsError(
