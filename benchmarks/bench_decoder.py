@@ -129,7 +129,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     if llama_cmd:
         results["llama.cpp Q4_1"] = []
-    for name, m in variants.items():  # warm-up: touch every page once
+    for m in variants.values():  # warm-up: touch every page once
         measure(m, ids[:64], 16, 2)
     for _ in range(args.reps):
         for name, m in variants.items():
