@@ -82,6 +82,29 @@ def quantized(model, qtype: str, granularity: str, scheme: str, group_size: int 
     return model.with_linears(mapping)
 
 
+class _NoMatmul:
+    """A LinearLike that skips the matrix product: a model made of these measures what a
+    decoded token costs besides the linear layers (Python, attention, norms, RoPE)."""
+
+    def __init__(self, out_features: int) -> None:
+        self.out_features = out_features
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros((x.shape[0], self.out_features), np.float32)
+
+
+def overhead_ms(model, n_prompt: int, n_decode: int) -> float:
+    """Milliseconds per decoded token spent outside the linear layers."""
+    names = [*model.linear_names(), "lm_head"]
+    hollow = model.with_linears({n: _NoMatmul(model.linear(n).out_features) for n in names})
+    cache = hollow.new_cache()
+    hollow.forward(np.arange(n_prompt), cache=cache)
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        hollow.forward(np.array([1]), cache=cache)
+    return (time.perf_counter() - t0) / n_decode * 1e3
+
+
 def measure(model, ids: np.ndarray, n_prompt: int, n_decode: int) -> dict[str, float]:
     t0 = time.perf_counter()
     model(ids)
@@ -148,6 +171,8 @@ def main() -> None:
     print(f"SmolLM2-135M, {args.threads} threads, backend {qlinear.backend_info()['backend']}; "
           f"prefill {args.prefill} tokens (all logits), decode {args.decode} tokens after "
           f"{args.prompt}; median of {args.reps}; ratios vs {peer}")  # fmt: skip
+    over = statistics.median(overhead_ms(base, args.prompt, args.decode) for _ in range(3))
+    print(f"outside the linear layers (Python, attention, norms): {over:.2f} ms per decoded token")
     if not llama_cmd:
         print("llama.cpp: skipped (llama_cpp not importable; pass --llama-python)")
     print(f"{'variant':<18} {'MB':>7} {'prefill tok/s':>14} {'x':>6} {'decode tok/s':>13} {'x':>6}")

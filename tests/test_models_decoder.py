@@ -150,7 +150,7 @@ def test_layer_api_composes_to_the_model(model_dirs, name):
 
         h = layer.forward(h, capture=capture)
         assert sorted(calls) == sorted(names)  # every linear offered exactly once
-    assert max_rel_diff(model.head(h), model(ids)) <= 1e-6
+    assert max_rel_diff(model.head(h), model(ids)) <= 1e-5  # MoE: another summation order
     if model.config.is_moe:  # experts see only their tokens; together top_k per token
         rows = sum(
             s[0]

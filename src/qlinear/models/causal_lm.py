@@ -15,6 +15,7 @@ from .decoder_layer import DecoderLayer
 from .decoder_ops import Getter, linear_dims, need_array, need_linear, rms_norm
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
+from .rope import inverse_frequencies, rope_tables
 
 __all__ = ["CausalLM"]
 
@@ -76,6 +77,7 @@ class CausalLM:
         self._head = FloatLinear(embed_tokens) if lm_head is None else lm_head
         self.tokenizer = tokenizer
         self.source = source
+        self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
 
     @classmethod
     def from_tensors(
@@ -153,8 +155,11 @@ class CausalLM:
         """
         a = self._check_ids(ids, cache)
         h = self._embed[a].astype(np.float32, copy=False)
+        start = 0 if cache is None else cache.length
+        positions = np.arange(start, start + a.shape[1])
+        rope = rope_tables(self._inv_freq, positions)  # shared by every layer
         for layer in self.layers:
-            h = layer.forward(h, cache=cache)
+            h = layer.run(h, positions, cache, None, rope)
         if last_only:
             h = h[:, -1:]
         logits = self.head(h)

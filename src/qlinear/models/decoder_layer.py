@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from .decoder_config import DecoderConfig
 from .decoder_moe import MoEBlock
 from .decoder_ops import Getter, fuse_linears, need_array, need_linear, rms_norm, swiglu
@@ -176,13 +177,42 @@ class DecoderLayer:
         cache: KVCache | None = None,
         capture: Capture | None = None,
     ) -> np.ndarray:
-        b, t, hid = h.shape
+        hid = self.config.hidden_size
+        a = np.asarray(h)
+        if a.ndim != 3 or a.shape[2] != hid or a.dtype.kind != "f":
+            raise InvalidInputError(
+                f"h must be a float (batch, seq, {hid}) array; got {a.dtype} {a.shape}"
+            )
+        a = a.astype(np.float32, copy=False)
         if positions is None:
             start = 0 if cache is None else cache.layer_length(self.index)
-            positions = np.arange(start, start + t)
+            positions = np.arange(start, start + a.shape[1])
+        positions = np.asarray(positions)
+        if positions.shape != (a.shape[1],) or positions.dtype.kind not in "iu":
+            raise InvalidInputError(
+                f"positions must be {a.shape[1]} integers (one per token); got "
+                f"{positions.dtype} {positions.shape}"
+            )
+        return self.run(a, positions, cache, capture, None)
+
+    def run(
+        self,
+        h: np.ndarray,
+        positions: np.ndarray,
+        cache: KVCache | None,
+        capture: Capture | None,
+        rope: tuple[np.ndarray, np.ndarray] | None,
+    ) -> np.ndarray:
+        """:meth:`forward` without its checks, for callers that made them once (the
+        model): ``h`` float32 ``(B, T, hidden)``, ``positions`` int ``(T,)``, ``rope`` the
+        ``(cos, sin)`` tables of ``positions`` (or None to compute them)."""
+        b, t, hid = h.shape
+        if rope is None:
+            rope = rope_tables(self._inv_freq, positions)
         eps = self.config.rms_norm_eps
         x = rms_norm(h, self._norms["input"], eps).reshape(b * t, hid)
-        out = h + self._attention(x, b, t, positions, cache, capture).reshape(b, t, hid)
+        att = self._attention(x, b, t, positions, rope, cache, capture)
+        out = h + att.reshape(b, t, hid)
         x = rms_norm(out, self._norms["post"], eps).reshape(b * t, hid)
         out += self._mlp(x, capture).reshape(b, t, hid)
         return out
@@ -201,6 +231,7 @@ class DecoderLayer:
         b: int,
         t: int,
         positions: np.ndarray,
+        rope: tuple[np.ndarray, np.ndarray],
         cache: KVCache | None,
         capture: Capture | None,
     ) -> np.ndarray:
@@ -209,7 +240,11 @@ class DecoderLayer:
         qn, kn, vn, on = _attention_names(self.prefix)
         if capture is None and self._qkv is not None:
             qkv = np.asarray(self._qkv.forward(x), dtype=np.float32)
-            q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd], axis=1)
+            q, k, v = (
+                qkv[:, : nh * hd],
+                qkv[:, nh * hd : (nh + nkv) * hd],
+                qkv[:, (nh + nkv) * hd :],
+            )
         else:
             q, k, v = (self._apply(n, x, capture) for n in (qn, kn, vn))
         if c.qk_norm == "full":
@@ -222,7 +257,7 @@ class DecoderLayer:
         if c.qk_norm == "head":
             q = rms_norm(q, self._norms["q"], c.rms_norm_eps)
             k = rms_norm(k, self._norms["k"], c.rms_norm_eps)
-        cos, sin = rope_tables(self._inv_freq, positions)
+        cos, sin = rope
         q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # (b, nh, t, hd)
         k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # (b, nkv, t, hd)
         v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)

@@ -32,7 +32,8 @@ Getter = Callable[[str], Any]
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """float32 ``(..., d)`` -> float32 ``(..., d)``: ``weight * x / sqrt(mean(x^2) + eps)``
     (mean over the last axis, in float32 as transformers' LlamaRMSNorm computes it)."""
-    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    var = np.einsum("...i,...i->...", x, x)[..., None]
+    var *= np.float32(1.0 / x.shape[-1])
     var += np.float32(eps)
     out = x / np.sqrt(var)
     out *= weight
