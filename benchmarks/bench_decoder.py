@@ -171,6 +171,9 @@ def main() -> None:
     print(f"SmolLM2-135M, {args.threads} threads, backend {qlinear.backend_info()['backend']}; "
           f"prefill {args.prefill} tokens (all logits), decode {args.decode} tokens after "
           f"{args.prompt}; median of {args.reps}; ratios vs {peer}")  # fmt: skip
+    print(
+        f"load average during the run: {os.getloadavg()[0]:.1f} (machine has {os.cpu_count()} CPUs)"
+    )
     over = statistics.median(overhead_ms(base, args.prompt, args.decode) for _ in range(3))
     print(f"outside the linear layers (Python, attention, norms): {over:.2f} ms per decoded token")
     if not llama_cmd:

@@ -65,6 +65,8 @@ class DecoderLayer:
         linears: Mapping[str, LinearLike],
         norms: Mapping[str, np.ndarray],
         moe: MoEBlock | None = None,
+        *,
+        _fused: Mapping[str, LinearLike | None] | None = None,
     ) -> None:
         self.config, self.index = config, index
         self.prefix = f"model.layers.{index}."
@@ -73,11 +75,12 @@ class DecoderLayer:
         self._moe = moe
         self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
         q, k, v, _ = _attention_names(self.prefix)
-        self._qkv = self._fuse([q, k, v])
+        reuse = _fused or {}  # groups with_linears left unchanged keep their fused layer
+        self._qkv = reuse["qkv"] if "qkv" in reuse else self._fuse([q, k, v])
         self._gate_up = None
         if moe is None:
             g, u, _ = _mlp_names(self.prefix)
-            self._gate_up = self._fuse([g, u])
+            self._gate_up = reuse["gate_up"] if "gate_up" in reuse else self._fuse([g, u])
 
     def _fuse(self, names: list[str]) -> LinearLike | None:
         """The fused layer of ``names``; float parts become row views of the fused weight
@@ -138,10 +141,23 @@ class DecoderLayer:
 
     def with_linears(self, mapping: Mapping[str, LinearLike]) -> DecoderLayer:
         """A new layer with the named linears replaced (names from :meth:`linear_names`;
-        others are ignored); this one is unchanged."""
-        lin = {**self._lin, **{k: v for k, v in mapping.items() if k in self._lin}}
-        moe = None if self._moe is None else self._moe.with_linears(mapping)
-        return DecoderLayer(self.config, self.index, lin, self._norms, moe)
+        others are ignored); this one is unchanged. Unchanged fused groups (q/k/v,
+        gate/up) are shared with this layer, not rebuilt."""
+        touched = set(mapping) & set(self.linears)
+        if not touched:
+            return self
+        lin = {**self._lin, **{k: mapping[k] for k in touched if k in self._lin}}
+        moe = self._moe
+        if moe is not None and touched - set(self._lin):
+            moe = moe.with_linears(mapping)
+        q, k, v, _ = _attention_names(self.prefix)
+        g, u, _ = _mlp_names(self.prefix)
+        fused: dict[str, LinearLike | None] = {}
+        if not touched & {q, k, v}:
+            fused["qkv"] = self._qkv
+        if not touched & {g, u}:
+            fused["gate_up"] = self._gate_up
+        return DecoderLayer(self.config, self.index, lin, self._norms, moe, _fused=fused)
 
     # ------------------------------------------------------------ introspection
     @property
