@@ -244,3 +244,23 @@ def test_numpy_reference_of_one_layer(tiny_dir):
     logits = norm(x, t["model.norm.weight"]) @ t["model.embed_tokens.weight"].T
     got = model(ids)
     assert np.abs(got - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def test_cache_and_non_finite_errors(tiny_dir):
+    from qlinear.models import FloatLinear, KVCache
+
+    model = load_causal_lm(tiny_dir[0])
+    with pytest.raises(InvalidInputError, match="KVCache"):
+        model.forward([1, 2], cache={})
+    with pytest.raises(InvalidInputError, match=r"\(3, 2, 4\).*\(1, 2, 4\)"):
+        model.forward([1, 2], cache=KVCache(3, 1, 2, 4, 8))
+    with pytest.raises(InvalidInputError, match="does not fit layer 0"):
+        model.layers[0].forward(np.zeros((2, 1, 16), np.float32), cache=model.new_cache())
+    with pytest.raises(InvalidInputError, match=r"float \(batch, seq, 16\)"):
+        model.layers[0].forward(np.zeros((1, 16), np.float32))
+    with pytest.raises(InvalidInputError, match="positions"):
+        model.layers[0].forward(np.zeros((1, 2, 16), np.float32), positions=[0.5, 1.5])
+    down = "model.layers.0.mlp.down_proj"
+    huge = FloatLinear(np.full((16, 24), 3e38, np.float32))
+    with pytest.raises(InvalidInputError, match="not all finite"):
+        model.with_linears({down: huge})([1, 2, 3])

@@ -108,6 +108,8 @@ class CausalLM:
                 f"token ids must lie in [0, {v - 1}] (vocab_size {v}); got values from {lo} to {hi}"
             )
         a2 = a.reshape(-1, a.shape[-1])
+        if cache is not None:
+            self.check_cache(cache)
         past = 0 if cache is None else cache.length
         limit = self.config.max_position_embeddings
         if past + a2.shape[1] > limit:
@@ -120,6 +122,20 @@ class CausalLM:
                 f"the cache holds batch {cache.batch}; got ids of batch {a2.shape[0]}"
             )
         return a2.astype(np.int64, copy=False)
+
+    def check_cache(self, cache: Any) -> None:
+        """InvalidInputError unless ``cache`` is a KVCache made for this model's shape."""
+        c = self.config
+        want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        if not isinstance(cache, KVCache):
+            raise InvalidInputError(
+                f"cache must be a KVCache from model.new_cache(); got {type(cache).__name__}"
+            )
+        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
+        if got != want:
+            raise InvalidInputError(
+                f"the cache has (layers, kv_heads, head_dim) = {got}; this model needs {want}"
+            )
 
     # ------------------------------------------------------------ compute
     def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
@@ -158,11 +174,20 @@ class CausalLM:
         start = 0 if cache is None else cache.length
         positions = np.arange(start, start + a.shape[1])
         rope = rope_tables(self._inv_freq, positions)  # shared by every layer
-        for layer in self.layers:
-            h = layer.run(h, positions, cache, None, rope)
-        if last_only:
-            h = h[:, -1:]
-        logits = self.head(h)
+        # Overflow shows up as Inf/NaN in the logits, checked once below (no warnings).
+        with np.errstate(over="ignore", invalid="ignore"):
+            for layer in self.layers:
+                h = layer.run(h, positions, cache, None, rope)
+            if last_only:
+                h = h[:, -1:]
+            logits = self.head(h)
+        if not np.isfinite(logits).all():
+            # Checked once here, not inside every layer: finite weights and ids cannot give
+            # Inf/NaN short of an overflow, so this names a bad replacement layer or weight.
+            raise InvalidInputError(
+                "the logits are not all finite (Inf/NaN); a layer's weights or a replacement "
+                "layer produced values beyond float32's range"
+            )
         return logits if np.ndim(ids) == 2 else logits[0]
 
     __call__ = forward

@@ -200,6 +200,16 @@ class DecoderLayer:
                 f"h must be a float (batch, seq, {hid}) array; got {a.dtype} {a.shape}"
             )
         a = a.astype(np.float32, copy=False)
+        if cache is not None and not (
+            isinstance(cache, KVCache)
+            and cache.num_layers > self.index
+            and (cache.num_kv_heads, cache.head_dim, cache.batch)
+            == (self.config.num_key_value_heads, self.config.head_dim, a.shape[0])
+        ):
+            raise InvalidInputError(
+                f"cache {cache!r} does not fit layer {self.index} of this model with batch "
+                f"{a.shape[0]}; expected a KVCache from model.new_cache(batch={a.shape[0]})"
+            )
         if positions is None:
             start = 0 if cache is None else cache.layer_length(self.index)
             positions = np.arange(start, start + a.shape[1])
