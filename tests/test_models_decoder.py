@@ -216,3 +216,13 @@ def test_with_linears_shares_what_it_does_not_replace(model_dirs):
         model.layers[0].forward(model.embed(ids)), capture=lambda n, x: q if n == down else None
     )
     assert max_rel_diff(swapped.head(expect), swapped(ids)) <= 1e-5
+
+
+def test_attention_in_query_blocks_equals_one_block(model_dirs, monkeypatch):
+    from qlinear.models import decoder_layer
+
+    model = load_causal_lm(model_dirs["mistral_window"])
+    ids = _ids(10)
+    whole = model(ids)
+    monkeypatch.setattr(decoder_layer, "_SCORE_ELEMENTS", 2 * 4 * 13 * 3)  # 3 query rows
+    assert max_rel_diff(model(ids), whole) <= 1e-6

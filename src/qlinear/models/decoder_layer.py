@@ -34,6 +34,43 @@ def _mlp_names(prefix: str) -> list[str]:
     return [f"{prefix}mlp.{n}_proj" for n in ("gate", "up", "down")]
 
 
+_SCORE_ELEMENTS = 1 << 23  # attention scores held at once (32 MiB of float32)
+
+
+def _attend(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    nkv: int,
+    mask_of: Callable[[np.ndarray], np.ndarray | None],
+    positions: np.ndarray,
+) -> np.ndarray:
+    """``softmax(q k^T / sqrt(d) + mask) v`` for q ``(b, nh, t, d)``, k, v
+    ``(b, nkv, s, d)`` -> ``(b, nh, t, d)`` float32. The query heads of one KV head are
+    stacked into one matmul (GQA); queries go in blocks so that the scores never exceed
+    ``_SCORE_ELEMENTS`` floats, whatever the context length."""
+    b, nh, t, d = q.shape
+    s, g = k.shape[2], nh // nkv
+    q5 = q.reshape(b, nkv, g, t, d)
+    kt = k.transpose(0, 1, 3, 2)
+    out = np.empty((b, nkv, g, t, d), dtype=np.float32)
+    rows = max(1, _SCORE_ELEMENTS // (b * nh * s))
+    for i0 in range(0, t, rows):
+        i1 = min(t, i0 + rows)
+        c = i1 - i0
+        scores = q5[:, :, :, i0:i1].reshape(b, nkv, g * c, d) @ kt  # (b, nkv, g*c, s)
+        scores *= np.float32(d**-0.5)
+        scores = scores.reshape(b, nkv, g, c, s)
+        mask = mask_of(positions[i0:i1])
+        if mask is not None:
+            scores = np.where(mask, scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[:, :, :, i0:i1] = (scores.reshape(b, nkv, g * c, s) @ v).reshape(b, nkv, g, c, d)
+    return out.reshape(b, nh, t, d)
+
+
 class DecoderLayer:
     """One decoder block; immutable. Build with :meth:`from_tensors`.
 
@@ -289,20 +326,8 @@ class DecoderLayer:
         v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.append(self.index, k, v)
-        s = k.shape[2]
-        g = nh // nkv
-        qg = q.reshape(b, nkv, g * t, hd)  # query heads of one kv group, stacked
-        scores = qg @ k.transpose(0, 1, 3, 2)  # (b, nkv, g*t, s)
-        scores *= np.float32(hd**-0.5)
-        scores = scores.reshape(b, nkv, g, t, s)
-        mask = self._mask(positions, s)
-        if mask is not None:
-            scores = np.where(mask, scores, np.float32(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        att = scores.reshape(b, nkv, g * t, s) @ v  # (b, nkv, g*t, hd)
-        att = att.reshape(b, nh, t, hd).transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
+        att = _attend(q, k, v, nkv, lambda pos: self._mask(pos, k.shape[2]), positions)
+        att = att.transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
         return self._apply(on, np.ascontiguousarray(att), capture)
 
     def _mask(self, positions: np.ndarray, s: int) -> np.ndarray | None:
