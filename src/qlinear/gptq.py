@@ -54,7 +54,7 @@ from .qtypes import (
     code_range,
 )
 
-__all__ = ["HessianAccumulator", "gptq_quantize", "hessian"]
+__all__ = ["HessianAccumulator", "PreparedHessian", "gptq_quantize", "hessian"]
 
 # Rows of X multiplied at once when accumulating X^T X (bounds the float64 copy).
 _ROWS = 4096
@@ -217,8 +217,9 @@ def gptq_quantize(
         backend: kernel backend of the returned layer (default: the active one).
         hessian: float ``(in_features, in_features)``, symmetric positive semi-definite:
             ``2 / n * X^T X`` of the inputs, as :func:`hessian` or
-            :class:`HessianAccumulator` compute it, passed instead of ``x_calib`` (layers
-            that share one input, such as q/k/v, then share one Hessian). Not modified.
+            :class:`HessianAccumulator` compute it, passed instead of ``x_calib`` (not
+            modified); or a :class:`PreparedHessian` made with the same ``damp`` and
+            ``act_order``, so that layers sharing one input (q/k/v) factor it once.
 
     Returns:
         A :class:`QuantizedLinear` whose codes are chosen greedily, column by column, to
@@ -261,13 +262,19 @@ def gptq_quantize(
         col_scale = np.broadcast_to(params.scale.astype(np.float64), (out_f,))
         col_zero = np.broadcast_to(params.zero_point.astype(np.float64), (out_f,))
 
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    if isinstance(h, PreparedHessian):
+        if h.damp != float(damp) or h.act_order != bool(act_order):
+            raise InvalidParamsError(
+                f"the PreparedHessian was made with damp={h.damp}, act_order={h.act_order}; "
+                f"got damp={damp}, act_order={act_order}"
+            )
+        prep = h
+    else:
+        prep = PreparedHessian(h, damp=float(damp), act_order=bool(act_order), _checked=True)
+    dead, perm, u = prep.dead, prep.perm, prep.u
     w[:, dead] = 0.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(in_f)
     inv_perm = np.argsort(perm)
     wt = np.ascontiguousarray(w[:, perm].T)  # (in, out): a column is a contiguous row
-    u = _upper_cholesky_of_inverse(h[perm][:, perm], float(damp))
 
     if per_group:
         ng = -(-in_f // gs)
@@ -299,8 +306,42 @@ def gptq_quantize(
     return QuantizedLinear.from_codes(codes.T[:, inv_perm], params, bias=bias, backend=backend)
 
 
-def _calibration_hessian(x_calib: object, h: object, in_f: int) -> np.ndarray:
-    """A float64 copy of the Hessian given, or the Hessian of ``x_calib``."""
+class PreparedHessian:
+    """The part of GPTQ that depends on the Hessian alone, computed once and shared by
+    every weight with the same inputs (q, k and v of an attention layer): dead inputs
+    (``H[i, i] == 0``), the processing order (by decreasing ``H[i, i]`` with
+    ``act_order``) and ``U``, the upper Cholesky factor of ``(H_perm + damp *
+    mean(diag H) I)^-1``. Pass it as ``gptq_quantize(..., hessian=prepared)`` with the same
+    ``damp`` and ``act_order``. Read-only after construction."""
+
+    __slots__ = ("act_order", "damp", "dead", "in_features", "perm", "u")
+
+    def __init__(
+        self,
+        hessian: np.ndarray,
+        *,
+        damp: float = 0.01,
+        act_order: bool = False,
+        _checked: bool = False,
+    ) -> None:
+        if not _checked:
+            _check_options(damp, 1, act_order)
+            hessian = _checked_hessian(hessian, np.shape(hessian)[0] if np.ndim(hessian) else 0)
+        h = hessian
+        in_f = h.shape[0]
+        dead = np.diag(h) == 0
+        h[dead, dead] = 1.0
+        perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(in_f)
+        self.u = _upper_cholesky_of_inverse(h[perm][:, perm], float(damp))
+        self.dead, self.perm = dead, perm
+        for a in (self.u, self.dead, self.perm):
+            a.setflags(write=False)
+        self.in_features, self.damp, self.act_order = in_f, float(damp), bool(act_order)
+
+
+def _calibration_hessian(x_calib: object, h: object, in_f: int) -> np.ndarray | PreparedHessian:
+    """A float64 copy of the Hessian given, the Hessian of ``x_calib``, or the
+    PreparedHessian given."""
     if (x_calib is None) == (h is None):
         raise InvalidParamsError(
             "pass exactly one of x_calib (calibration inputs) and hessian (their 2/n X^T X); "
@@ -308,6 +349,16 @@ def _calibration_hessian(x_calib: object, h: object, in_f: int) -> np.ndarray:
         )
     if h is None:
         return hessian(_check_x(x_calib, in_f))
+    if isinstance(h, PreparedHessian):
+        if h.in_features != in_f:
+            raise ShapeMismatchError(
+                f"the PreparedHessian is for in_features {h.in_features}; the weight has {in_f}"
+            )
+        return h
+    return _checked_hessian(h, in_f)
+
+
+def _checked_hessian(h: object, in_f: int) -> np.ndarray:
     a = as_float_matrix("hessian", h).copy()
     if a.shape != (in_f, in_f):
         raise ShapeMismatchError(

@@ -170,7 +170,8 @@ def generate_tokens(
     """Yield up to ``max_new_tokens`` new token ids after ``prompt_ids``, one at a time,
     stopping after an end-of-sequence id (yielded; default: the model's eos ids).
 
-    ``model`` has ``new_cache()`` and ``forward(ids, cache=...)`` (a CausalLM): the
+    ``model`` has ``new_cache()`` and ``forward(ids, cache=..., last_only=True)`` (a
+    CausalLM): the
     prompt is run once (prefill) and every new token is one cached step. ``stats``, if
     given, receives token counts and the prefill/decode wall times.
     """
@@ -196,7 +197,7 @@ def generate_tokens(
         return
     cache = model.new_cache()
     t0 = time.perf_counter()
-    logits = np.asarray(model.forward(ids, cache=cache))
+    logits = np.asarray(model.forward(ids, cache=cache, last_only=True))
     tok = sample_next(logits[-1], opts, rng)
     st.prefill_seconds = time.perf_counter() - t0
     st.generated_tokens = 1
@@ -205,7 +206,9 @@ def generate_tokens(
         if tok in eos:
             break
         t1 = time.perf_counter()
-        logits = np.asarray(model.forward(np.array([tok], dtype=np.int64), cache=cache))
+        logits = np.asarray(
+            model.forward(np.array([tok], dtype=np.int64), cache=cache, last_only=True)
+        )
         tok = sample_next(logits[-1], opts, rng)
         st.decode_seconds += time.perf_counter() - t1  # the model's time, not the caller's
         st.generated_tokens += 1

@@ -44,7 +44,7 @@ import numpy as np
 
 from .._safetensors import SafetensorsFile
 from ..errors import FormatError, InvalidInputError, InvalidParamsError
-from ..gptq import HessianAccumulator, gptq_quantize
+from ..gptq import HessianAccumulator, PreparedHessian, gptq_quantize
 from ..linear import QuantizedLinear
 from ..quantconfig import QuantConfig
 
@@ -82,7 +82,11 @@ class GPTQOptions:
         if not isinstance(self.act_order, bool):
             raise InvalidParamsError(f"act_order must be True or False; got {self.act_order!r}")
         d = self.damp
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (np.isfinite(d) and d >= 0):
+        if (
+            isinstance(d, bool)
+            or not isinstance(d, (int, float))
+            or not (np.isfinite(d) and d >= 0)
+        ):
             raise InvalidParamsError(f"damp must be a finite number >= 0; got {d!r}")
 
 
@@ -153,13 +157,8 @@ def calibration_ids(src_dir: Path, text: str | None, samples: int, seqlen: int) 
     (default: the calibration corpus) under the checkpoint's ``tokenizer.json``."""
     from .corpus import corpus_text
 
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as exc:
-        raise ImportError(
-            "GPTQ calibration needs the 'tokenizers' package: pip install tokenizers "
-            "(or the qlinear[llm] extra)"
-        ) from exc
+    from .tokenizer import Tokenizer
+
     tok_path = src_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise FormatError(f"{src_dir} has no tokenizer.json; GPTQ calibration needs it")
@@ -167,7 +166,7 @@ def calibration_ids(src_dir: Path, text: str | None, samples: int, seqlen: int) 
         text = corpus_text("calib")
     if not text.strip():
         raise InvalidInputError("the calibration text is empty; expected some text")
-    ids = Tokenizer.from_file(str(tok_path)).encode(text).ids
+    ids = Tokenizer(tok_path).encode(text)
     need = samples * seqlen
     if len(ids) < need:
         raise InvalidInputError(
@@ -212,7 +211,7 @@ def _quantize_group(
     gptq_names: list[str],
 ) -> dict[str, QuantizedLinear]:
     out = {}
-    hessians: dict[str, np.ndarray] = {}
+    hessians: dict[str, PreparedHessian] = {}
     for name in group:
         root = alias.get(name, name)
         lin = lins[name]
@@ -225,7 +224,9 @@ def _quantize_group(
             fallback.append((name, int(rows)))
             continue
         if root not in hessians:
-            hessians[root] = acc.value()  # type: ignore[union-attr]
+            hessians[root] = PreparedHessian(
+                acc.value(), damp=opts.damp, act_order=opts.act_order  # type: ignore[union-attr]
+            )
         out[name] = gptq_quantize(
             w,
             None,
@@ -305,9 +306,7 @@ def calibrate_layer(
                 continue
             if merge:
                 h_next[a:b] = y  # type: ignore[index]
-        done.update(
-            _quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names)
-        )
+        done.update(_quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names))
     if h_next is not None:
         (down,) = groups[-1]
         q = done[down]
@@ -325,10 +324,15 @@ def calibrate_layer(
 
 
 def _batch_size(dcfg: Any, seqlen: int) -> int:
-    per_sample = 4 * seqlen * max(
-        3 * dcfg.num_attention_heads * seqlen,  # scores, exp, mask
-        4 * max(dcfg.intermediate_size or 0, (dcfg.moe_intermediate_size or 0) * dcfg.top_k or 0),
-        4 * dcfg.hidden_size,
+    per_sample = (
+        4
+        * seqlen
+        * max(
+            3 * dcfg.num_attention_heads * seqlen,  # scores, exp, mask
+            4
+            * max(dcfg.intermediate_size or 0, (dcfg.moe_intermediate_size or 0) * dcfg.top_k or 0),
+            4 * dcfg.hidden_size,
+        )
     )
     return max(1, _BATCH_BYTES // max(per_sample, 1))
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, InvalidParamsError
 
-__all__ = ["PerplexityResult", "perplexity", "token_nll"]
+__all__ = ["PerplexityResult", "perplexity", "text_perplexity", "token_nll"]
 
 # Rows of logits converted to float64 at once (bounds the float64 copy to ~100 MB for a
 # 50k vocabulary).
@@ -110,7 +110,9 @@ def perplexity(
     c = _check_ctx(ctx, max_positions)
     a = np.asarray(ids)
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise InvalidInputError(f"ids must be a 1-D array of int token ids; got {a.dtype} {a.shape}")
+        raise InvalidInputError(
+            f"ids must be a 1-D array of int token ids; got {a.dtype} {a.shape}"
+        )
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
             raise InvalidParamsError(f"max_tokens must be an integer >= 2; got {max_tokens!r}")
@@ -148,4 +150,36 @@ def perplexity(
         windows=windows,
         ctx=c,
         seconds=seconds,
+    )
+
+
+def text_perplexity(
+    model: Any,
+    text: str | None = None,
+    *,
+    ctx: int = 512,
+    max_tokens: int | None = None,
+) -> PerplexityResult:
+    """:func:`perplexity` of a CausalLM on ``text`` tokenized by ``model.tokenizer``
+    (no special tokens added); default text: the evaluation part of
+    :mod:`qlinear.models.corpus`.
+
+    Raises InvalidInputError for an empty text or one of fewer than 2 tokens, and
+    InvalidParamsError when the model has no tokenizer."""
+    from .corpus import corpus_text
+
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise InvalidParamsError(
+            "the model has no tokenizer (tokenizer.json, and the 'tokenizers' package); "
+            "perplexity of a text needs one"
+        )
+    if text is None:
+        text = corpus_text("eval")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError("the text is empty; expected some text to score")
+    max_positions = model.config.max_position_embeddings
+    _check_ctx(ctx, max_positions)  # before tokenizing a long text
+    return perplexity(
+        model, tok.encode(text), ctx=ctx, max_tokens=max_tokens, max_positions=max_positions
     )
