@@ -48,7 +48,7 @@ class PerplexityResult:
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """float ``(n, vocab)`` logits, int ``(n,)`` targets -> float64 ``(n,)``:
-    ``-log softmax(logits)[i, targets[i]] = logsumexp(l_i - max l_i) + max l_i - l_i[t_i]``,
+    ``-log softmax(logits)[i, targets[i]] = log sum exp(l_i - max l_i) + (max l_i - l_i[t_i])``,
     in float64."""
     lg = np.asarray(logits)
     tg = np.asarray(targets, dtype=np.int64)
@@ -65,8 +65,8 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
                 "the model produced NaN or Inf logits; a linear layer returned non-finite values"
             )
         m = z.max(axis=1)
-        lse = np.log(np.exp(z - m[:, None]).sum(axis=1)) + m
-        out[a:b] = lse - z[np.arange(b - a), tg[a:b]]
+        # (m - z_t) first: adding m to the log-sum first would absorb it for huge logits
+        out[a:b] = np.log(np.exp(z - m[:, None]).sum(axis=1)) + (m - z[np.arange(b - a), tg[a:b]])
     return out
 
 
