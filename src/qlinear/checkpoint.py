@@ -242,7 +242,7 @@ def _plan_layer(
             else "per-channel (no group size divides it)"
         )
         note = f"in_features {shape[1]} is not a multiple of {spec.group_size}: {what}"
-    sd = src_dtype if src_dtype in ct.SCALE_DTYPES else "F32"
+    sd = src_dtype if src_dtype in (*ct.SCALE_DTYPES, "F64") else "F32"
     return _LayerPlan(lname, fitted, cfg, fmt, sd, note)
 
 
@@ -471,7 +471,7 @@ def quantize_checkpoint(
                 ignore.append(n[: -len(".weight")])
     ct_config = None
     config_json = src_dir / "config.json" if shards.is_dir else None
-    if format == "compressed-tensors":
+    if format == "compressed-tensors" and plans:
         ct_config = ct.config_dict({p.lname: p.spec for p in plans.values()}, ignore)
     dst_dir.mkdir(parents=True, exist_ok=True)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
@@ -496,7 +496,7 @@ def quantize_checkpoint(
             meta = {k: v for k, v in sf.metadata.items() if k not in reserved}
             if format == "qlinear":
                 meta[qf.METADATA_KEY] = qf.format_config(layer_cfgs)
-            else:
+            elif ct_config is not None:
                 meta[ct.CODE_RANGE_KEY] = "narrow"
                 if config_json is None or not config_json.is_file():
                     meta[ct.CONFIG_KEY] = json.dumps(ct_config, separators=(",", ":"))

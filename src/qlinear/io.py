@@ -150,7 +150,7 @@ def save(
             if act not in ("float", "int8"):
                 raise InvalidInputError(f"activations of {name!r} must be 'float' or 'int8'")
             sd = _scale_dtype_for(item, scale_dtype)
-            specs[name] = ct.writable_spec(LayerSpec.of(item, act), name, strict=True)
+            specs[name] = LayerSpec.of(item, act)
             for tname, arr in ct.layer_tensors(name, item, sd, act).items():
                 put(tname, arr, name, sd if tname.endswith(".weight_scale") else None)
         elif isinstance(item, np.ndarray):
@@ -173,7 +173,7 @@ def save(
             )
     if format == "qlinear":
         meta[METADATA_KEY] = qf.format_config(config)
-    else:
+    elif specs:
         ignore = [
             n[: -len(".weight")]
             for n, a in layers.items()

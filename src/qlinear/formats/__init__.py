@@ -185,7 +185,7 @@ def describe(path: str | Path) -> tuple[str, dict[str, dict[str, Any]], int | st
                 "bias": f"{lname}.bias" in t,
                 "activations": scheme.activations,
                 "format": scheme.format,
-                "config_group": scheme.name,
+                "config_group": scheme.name if len(cfg.groups) > 1 else None,
             }
         return fmt, layers, ct.CT_VERSION, t
     return fmt, layers, None, t

@@ -379,7 +379,14 @@ def fitting_group_size(in_features: int, group_size: int) -> int | None:
     return None
 
 
-def writable_spec(spec: LayerSpec, name: str, *, strict: bool = False) -> LayerSpec:
+def writable_spec(
+    spec: LayerSpec,
+    name: str,
+    *,
+    strict: bool = False,
+    hint: str = "drop --strict-group-size to use a group size that divides it, or write "
+    "--format qlinear",
+) -> LayerSpec:
     """``spec`` as this format can store it: a per-group layer whose ``in`` is not a
     multiple of its group size gets :func:`fitting_group_size` (per-channel if there is
     none). Raises FormatError for that case when ``strict``, and for int8 activations
@@ -397,9 +404,7 @@ def writable_spec(spec: LayerSpec, name: str, *, strict: bool = False) -> LayerS
     if strict:
         raise FormatError(
             f"layer {name!r}: in_features {in_f} is not a multiple of group size {gs}; "
-            "compressed-tensors has no partial groups (drop --strict-group-size to use "
-            f"group size {fitting_group_size(in_f, gs)} for this layer, or write "
-            "--format qlinear)"
+            f"compressed-tensors has no partial groups ({hint})"
         )
     g = fitting_group_size(in_f, gs)
     if g is None:
@@ -511,7 +516,12 @@ def layer_tensors(
     from .qlinear_format import bias_array
 
     spec = LayerSpec.of(layer, activations)
-    writable_spec(spec, name, strict=True)
+    writable_spec(
+        spec,
+        name,
+        strict=True,
+        hint="quantize with a group size that divides it, or save with format='qlinear'",
+    )
     out = {codes_name(name, spec): stored_codes(layer, spec)}
     out.update(param_tensors(name, spec, layer.scales, layer.zero_points, scale_dtype))
     if layer.bias is not None:
