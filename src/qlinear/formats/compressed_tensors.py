@@ -371,11 +371,14 @@ def parse_config(qc: Any, where: str = "quantization_config") -> CompressedTenso
 
 # --------------------------------------------------------------------------- writing
 def fitting_group_size(in_features: int, group_size: int) -> int | None:
-    """The largest group size <= ``group_size`` that divides ``in_features`` and is a
-    multiple of 8 (compressed-tensors and vLLM need whole groups), or None."""
-    for g in range(min(group_size, in_features) // 8 * 8, 0, -8):
+    """The largest power of two <= ``group_size`` and >= 8 that divides ``in_features``
+    (compressed-tensors needs whole groups; vLLM's group kernels take 32, 64 and 128), or
+    None. 576 with 128 gives 64 (96 would divide 576 too, but no kernel takes it)."""
+    g = 1 << (max(group_size, 1).bit_length() - 1)
+    while g >= 8:
         if in_features % g == 0:
             return g
+        g //= 2
     return None
 
 
