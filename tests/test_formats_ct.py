@@ -369,13 +369,19 @@ def test_zero_point_out_of_range(tmp_path, rng):
     ("edit", "match"),
     [
         (lambda qc: qc.update(format="marlin-24"), "format 'marlin-24'"),
-        (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="block"),
-         "strategy 'block'"),  # fmt: skip
+        (
+            lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="block"),
+            "strategy 'block'",
+        ),  # fmt: skip
         (lambda qc: qc.update(extra=1), r"unknown keys \['extra'\]"),
-        (lambda qc: qc["config_groups"]["group_0"]["weights"].update(colour=1),
-         r"weights has unknown keys \['colour'\]"),  # fmt: skip
-        (lambda qc: qc["config_groups"]["group_0"].pop("format") and qc.update(format="x"),
-         "format 'x'"),  # fmt: skip
+        (
+            lambda qc: qc["config_groups"]["group_0"]["weights"].update(colour=1),
+            r"weights has unknown keys \['colour'\]",
+        ),  # fmt: skip
+        (
+            lambda qc: qc["config_groups"]["group_0"].pop("format") and qc.update(format="x"),
+            "format 'x'",
+        ),  # fmt: skip
     ],
 )
 def test_bad_configs_are_format_errors(ct_file, edit, match):

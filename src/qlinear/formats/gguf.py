@@ -203,8 +203,16 @@ def encode_layer(layer: QuantizedLinear | OffsetLinear, kind: str, name: str) ->
         off = 8 if sym else 0  # stored nibble = code + offset: w = s * (n - zp - off)
         n = nib
         m = -(zp + off) * s
-    if not _f16_exact(m):
+    m = np.asarray(m, dtype=np.float64)
+    # a block read with a negative scale comes back as d = -s, n = 15 - c, m = M + 15 s
+    exact = m.astype(np.float16).astype(np.float64) == m
+    m_neg = m + 15 * s
+    flip = ~exact & (m_neg.astype(np.float16).astype(np.float64) == m_neg)
+    if not np.all(exact | flip):
         raise FormatError(f"layer {name!r}: Q4_1 minimums are not representable in float16")
+    n = np.where(flip[..., None], 15 - n, n)
+    m = np.where(flip, m_neg, m)
+    s = np.where(flip, -s, s)
     qs = _nibbles_cols_to_gguf(n.reshape(out_f, in_f))
     d16 = s.astype(np.float16)[..., None].view(np.uint8)
     m16 = np.asarray(m).astype(np.float16)[..., None].view(np.uint8)
@@ -428,9 +436,7 @@ def quantize_to_gguf(
             if layer is None:
                 layer = quantize_weight(w, kind)
             data = encode_layer(layer, kind, name)
-            writer.add_tensor(
-                name, data, raw_shape=data.shape[:-1] + (layer.shape[1],), raw_dtype=qt
-            )
+            writer.add_tensor(name, data, raw_dtype=qt)
             rel = None
             if w is not None:
                 err = np.linalg.norm(layer.dequantize() - w)
