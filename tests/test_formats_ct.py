@@ -29,8 +29,9 @@ def _layer(rng, qt, sc, gran, gs, shape=(20, 64), dtype="F32"):
     w = rng.standard_normal(shape)
     p = qlinear.calibrate_linear(w, qt, gran, sc, group_size=gs)
     s = ct.round_scale(p.scale, dtype)
-    p = QuantizationParams(p.qtype, p.scheme, p.granularity, s, p.zero_point, p.min_val,
-                           p.max_val, p.group_size)  # fmt: skip
+    p = QuantizationParams(
+        p.qtype, p.scheme, p.granularity, s, p.zero_point, p.min_val, p.max_val, p.group_size
+    )
     return QuantizedLinear.from_fp(w, p, backend="numpy"), w
 
 
@@ -71,15 +72,18 @@ def test_save_load_round_trip(tmp_path, rng, qt, sc, gran, gs, dtype):
     assert info.format == "compressed-tensors"
     assert info.tensors["fc.weight_scale"][0] == dtype
     got = qlinear.load(p, verify=True)["fc"]
-    assert (got.qtype, got.scheme, got.granularity) == (layer.qtype, layer.scheme,
-                                                        layer.granularity)  # fmt: skip
+    assert (got.qtype, got.scheme, got.granularity) == (
+        layer.qtype,
+        layer.scheme,
+        layer.granularity,
+    )
     np.testing.assert_array_equal(got.dequantize(), layer.dequantize())
     np.testing.assert_array_equal(got.bias, np.ones(20))
 
 
 def test_partial_groups_and_unrepresentable_scales_are_refused(tmp_path, rng):
     layer, _ = _layer(rng, "int4", "symmetric", "per_group", 32, shape=(4, 40))
-    with pytest.raises(FormatError, match="'fc'.*not a multiple of group size 32"):
+    with pytest.raises(FormatError, match=r"'fc'.*not a multiple of group size 32"):
         qlinear.save(tmp_path / "a.safetensors", {"fc": layer})
     qlinear.save(tmp_path / "a.safetensors", {"fc": layer}, format="qlinear")  # may keep them
     w = rng.standard_normal((4, 32))
@@ -134,10 +138,15 @@ def _tiny_llama(tmp_path, dtype="float32", intermediate=320):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(tmp_path / "f")
     return model
@@ -203,17 +212,19 @@ def test_transformers_loads_quantize_checkpoint_output(tmp_path, cfg, dtype, act
 
 def test_strict_group_size_is_an_error(tmp_path):
     _tiny_llama(tmp_path)
-    with pytest.raises(FormatError, match="down_proj.*not a multiple of group size 128"):
+    with pytest.raises(FormatError, match=r"down_proj.*not a multiple of group size 128"):
         qlinear.quantize_checkpoint(
-            tmp_path / "f", tmp_path / "q", {"qtype": "int4", "granularity": "per_group",
-                                             "group_size": 128},
-            progress=False, strict_group_size=True,
-        )  # fmt: skip
+            tmp_path / "f",
+            tmp_path / "q",
+            {"qtype": "int4", "granularity": "per_group", "group_size": 128},
+            progress=False,
+            strict_group_size=True,
+        )
 
 
 def _write_with_compressed_tensors(tmp_path, preset, group_size=None):
     """A tiny llama quantized and saved by compressed-tensors itself (minmax qparams)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
@@ -246,9 +257,10 @@ def _write_with_compressed_tensors(tmp_path, preset, group_size=None):
             update_offload_parameter(m, "weight_scale", sc.reshape(m.weight_scale.shape))
             if hasattr(m, "weight_zero_point"):
                 update_offload_parameter(
-                    m, "weight_zero_point",
+                    m,
+                    "weight_zero_point",
                     zp.to(m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape),
-                )  # fmt: skip
+                )
         mc = ModelCompressor.from_pretrained_model(model)
         # the reference dequantized weights, from compressed-tensors' own fake quantization
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -293,15 +305,24 @@ def test_qlinear_reads_what_compressed_tensors_writes(tmp_path, preset, gs, fmt)
 def test_naive_quantized_is_read(tmp_path, rng):
     layer, _ = _layer(rng, "int8", "symmetric", "per_channel", None)
     qc = {
-        "quant_method": "compressed-tensors", "format": "naive-quantized",
-        "quantization_status": "compressed", "ignore": [],
-        "config_groups": {"g": {"targets": ["Linear"], "weights": {
-            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}},
-    }  # fmt: skip
-    tensors = {"fc.weight": layer.qweight.astype(np.int8),
-               "fc.weight_scale": layer.scales.astype(np.float32).reshape(-1, 1)}  # fmt: skip
-    stnp.save_file(tensors, str(tmp_path / "m.safetensors"),
-                   metadata={"quantization_config": json.dumps(qc)})  # fmt: skip
+        "quant_method": "compressed-tensors",
+        "format": "naive-quantized",
+        "quantization_status": "compressed",
+        "ignore": [],
+        "config_groups": {
+            "g": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+            }
+        },
+    }
+    tensors = {
+        "fc.weight": layer.qweight.astype(np.int8),
+        "fc.weight_scale": layer.scales.astype(np.float32).reshape(-1, 1),
+    }
+    stnp.save_file(
+        tensors, str(tmp_path / "m.safetensors"), metadata={"quantization_config": json.dumps(qc)}
+    )
     got = qlinear.load(tmp_path / "m.safetensors")["fc"]
     np.testing.assert_array_equal(got.dequantize(), layer.dequantize())
 
@@ -359,8 +380,16 @@ def test_zero_point_out_of_range(tmp_path, rng):
     def four_bits(qc):
         qc["config_groups"]["group_0"]["weights"]["num_bits"] = 4
 
-    _rewrite(p, tensors, meta, four_bits, **{"fc.weight": np.zeros((20, 64), np.int8),
-                                             "fc.weight_zero_point": np.full((20, 1), 9, np.int8)})  # fmt: skip
+    _rewrite(
+        p,
+        tensors,
+        meta,
+        four_bits,
+        **{
+            "fc.weight": np.zeros((20, 64), np.int8),
+            "fc.weight_zero_point": np.full((20, 1), 9, np.int8),
+        },
+    )
     with pytest.raises(FormatError, match=r"'fc\.weight_zero_point'.*expected \[-8, 7\]"):
         qlinear.load(p)
 
@@ -372,16 +401,16 @@ def test_zero_point_out_of_range(tmp_path, rng):
         (
             lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="block"),
             "strategy 'block'",
-        ),  # fmt: skip
+        ),
         (lambda qc: qc.update(extra=1), r"unknown keys \['extra'\]"),
         (
             lambda qc: qc["config_groups"]["group_0"]["weights"].update(colour=1),
             r"weights has unknown keys \['colour'\]",
-        ),  # fmt: skip
+        ),
         (
             lambda qc: qc["config_groups"]["group_0"].pop("format") and qc.update(format="x"),
             "format 'x'",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_configs_are_format_errors(ct_file, edit, match):
@@ -395,8 +424,15 @@ def test_inspect_and_cli_show_group_sizes(tmp_path, capsys):
     _tiny_llama(tmp_path)
     from qlinear.cli import main
 
-    args = ["quantize", str(tmp_path / "f"), "-o", str(tmp_path / "q"), "--bits", "4",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "quantize",
+        str(tmp_path / "f"),
+        "-o",
+        str(tmp_path / "q"),
+        "--bits",
+        "4",
+        "--no-progress",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "note: model.layers.0.mlp.down_proj.weight: in_features 320" in out

@@ -710,11 +710,16 @@ def read_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None):
 def _hf_names(tmap: Any, n_layers: int) -> dict[str, str]:
     out = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
     parts = {
-        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",
-    }  # fmt: skip
+    }
     for i in range(n_layers):
         for g, h in parts.items():
             out[f"blk.{i}.{g}"] = f"model.layers.{i}.{h}"
@@ -729,13 +734,21 @@ def _unpermute_item(v: Any, n_head: int, n_kv: int) -> Any:
     perm = _unpermute(np.arange(inner.out_features), n_head, n_kv)
     p = inner.params
     params = QuantizationParams(
-        p.qtype, p.scheme, p.granularity, p.scale[perm], p.zero_point[perm], p.min_val[perm],
-        p.max_val[perm], p.group_size,
-    )  # fmt: skip
+        p.qtype,
+        p.scheme,
+        p.granularity,
+        p.scale[perm],
+        p.zero_point[perm],
+        p.min_val[perm],
+        p.max_val[perm],
+        p.group_size,
+    )
     new = QuantizedLinear._from_stored(
-        np.ascontiguousarray(inner.stored_weight[perm]), params, inner.in_features,
+        np.ascontiguousarray(inner.stored_weight[perm]),
+        params,
+        inner.in_features,
         backend=inner.backend,
-    )  # fmt: skip
+    )
     return OffsetLinear(new, v.offsets[perm]) if isinstance(v, OffsetLinear) else new
 
 
@@ -746,10 +759,18 @@ def _tokenizer_json(get: Any) -> str | None:
     types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = get("tokenizer.ggml.merges") or []
     added = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for i, (s, ty) in enumerate(zip(tokens, types, strict=False)) if ty == 3
-    ]  # fmt: skip
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, (s, ty) in enumerate(zip(tokens, types, strict=False))
+        if ty == 3
+    ]
     tok = {
         "version": "1.0",
         "truncation": None,
@@ -761,14 +782,14 @@ def _tokenizer_json(get: Any) -> str | None:
             "add_prefix_space": False,
             "trim_offsets": True,
             "use_regex": True,
-        },  # fmt: skip
+        },
         "post_processor": None,
         "decoder": {
             "type": "ByteLevel",
             "add_prefix_space": True,
             "trim_offsets": True,
             "use_regex": True,
-        },  # fmt: skip
+        },
         "model": {
             "type": "BPE",
             "dropout": None,
@@ -780,6 +801,6 @@ def _tokenizer_json(get: Any) -> str | None:
             "ignore_merges": False,
             "vocab": {s: i for i, s in enumerate(tokens)},
             "merges": [m.split(" ", 1) for m in merges],
-        },  # fmt: skip
+        },
     }
     return json.dumps(tok, ensure_ascii=False)
