@@ -225,3 +225,27 @@ def test_read_causal_lm_weights_match_transformers_gguf_reader(smollm2_gguf, smo
         "model.layers.7.mlp.up_proj",
     ):
         np.testing.assert_array_equal(tensors[name].dequantize(np.float32), f[name + ".weight"])
+
+
+def test_cli_quantize_to_gguf_and_inspect(tmp_path, rng, capsys):
+    from qlinear.cli import main
+
+    Q = gguf.GGMLQuantizationType
+    path, ws = _gguf_file(tmp_path, rng, [Q.Q8_0, Q.F16])
+    out = tmp_path / "o.gguf"
+    args = ["quantize", str(path), "-o", str(out), "--format", "gguf", "--gguf-type", "q4_1"]
+    assert main([*args, "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    r = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types == {
+        "blk.0.ffn_up.weight": Q.Q4_1,  # was quantized: requantized
+        "blk.1.ffn_up.weight": Q.F16,  # float in the source: kept
+        "blk.0.attn_norm.weight": Q.F32,
+    }
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "GGUF version 3" in text
+    line = next(x for x in text.splitlines() if x.startswith("blk.0.ffn_up.weight "))
+    assert line.split()[1:3] == ["Q4_1", "32x64"]
+    assert main(["quantize", str(path), "-o", str(out), "--gguf-type", "q4_0"]) == 2

@@ -279,9 +279,11 @@ def _kind(gguf: Any, t: Any) -> str | None:
 
 
 def _logical_shape(gguf: Any, t: Any) -> tuple[int, ...]:
-    return tuple(
-        int(v) for v in gguf.quants.quant_shape_from_byte_shape(t.data.shape, t.tensor_type)
-    )
+    """(rows..., columns) of a tensor; quantized data arrive as bytes per row."""
+    if t.data.dtype != np.uint8 or t.tensor_type in (gguf.GGMLQuantizationType.I8,):
+        return tuple(int(v) for v in t.data.shape)
+    shape = gguf.quants.quant_shape_from_byte_shape(t.data.shape, t.tensor_type)
+    return tuple(int(v) for v in shape)
 
 
 def _reader(path: Path) -> Any:
