@@ -116,6 +116,12 @@ def _reference(w: np.ndarray, cfg: dict, bias=None) -> QuantizedLinear:
     return QuantizedLinear.from_fp(w, p, bias=bias)
 
 
+def _quantize_qlinear(*args, **kwargs):
+    """quantize_checkpoint in qlinear's own format (float64 scales), whose codes these tests
+    compare bit for bit with in-memory quantization; compressed-tensors: test_formats_ct.py."""
+    return qlinear.quantize_checkpoint(*args, format="qlinear", **kwargs)
+
+
 def test_cli_quantizes_a_sharded_checkpoint(ckpt, tmp_path, capsys):
     src, floats = ckpt
     dst = tmp_path / "dst"
@@ -134,6 +140,8 @@ def test_cli_quantizes_a_sharded_checkpoint(ckpt, tmp_path, capsys):
             "--report",
             str(tmp_path / "r.json"),
             "--no-progress",
+            "--format",
+            "qlinear",
         ]
     )
     out = capsys.readouterr()
@@ -192,6 +200,8 @@ def test_python_dash_m_runs_the_cli(ckpt, tmp_path):
             "--exclude",
             "lm_head",
             "--no-progress",
+            "--format",
+            "qlinear",
         ],
         capture_output=True,
         text=True,
@@ -227,7 +237,7 @@ def test_row_blocks_give_the_same_result_as_the_whole_tensor(tmp_path, rng, monk
         {"fc.weight": w, "fc.bias": np.ones(37, np.float32)}, str(tmp_path / "in.safetensors")
     )
     monkeypatch.setattr(ck, "BLOCK_BYTES", 8 * 11 * 4)  # 4 rows per block
-    rep = qlinear.quantize_checkpoint(
+    rep = _quantize_qlinear(
         tmp_path / "in.safetensors", tmp_path / "out.safetensors", cfg, progress=False
     )
     got = qlinear.load(tmp_path / "out.safetensors")["fc"]
@@ -244,7 +254,7 @@ def test_row_blocks_give_the_same_result_as_the_whole_tensor(tmp_path, rng, monk
 
 def test_report_contents(ckpt, tmp_path):
     src, floats = ckpt
-    rep = qlinear.quantize_checkpoint(src, tmp_path / "d", {"qtype": "int8"}, progress=False)
+    rep = _quantize_qlinear(src, tmp_path / "d", {"qtype": "int8"}, progress=False)
     by = {t.name: t for t in rep.tensors}
     assert len(by) == len(floats)
     q = by["model.layers.0.mlp.gate_proj.weight"]

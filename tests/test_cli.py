@@ -86,7 +86,7 @@ def test_truncated_file_exit_1_and_debug_traceback(qfile, capsys):
 def test_inspect_lists_layers_and_version(qfile, capsys):
     assert main(["inspect", str(qfile)]) == 0
     out = capsys.readouterr().out
-    assert "qlinear format version 1" in out
+    assert "compressed-tensors" in out
     assert "enc.fc" in out and "int4 per_group(4) asymmetric +bias" in out and "8x12" in out
     assert "emb" in out and "F32" in out
     assert "metadata note: hi" in out

@@ -1,4 +1,5 @@
-"""qlinear.io: save/load round trips, the on-disk layout, malformed files, atomic writes."""
+"""qlinear.io with qlinear's own format (``format="qlinear"``): save/load round trips, the
+on-disk layout, malformed files, atomic writes. compressed-tensors: test_formats_ct.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ import safetensors.numpy as stnp
 import qlinear
 from qlinear import FormatError, InvalidInputError, QuantizationParams, QuantizedLinear
 from qlinear import io as qio
+
+
+def save(path, layers, metadata=None, **kw):
+    """qlinear.save in qlinear's own layout, which these tests pin down byte for byte."""
+    return qlinear.save(path, layers, metadata, format="qlinear", **kw)
+
 
 FORMATS = [
     (qt, sc, gran, gs)
@@ -60,7 +67,7 @@ def test_round_trip_is_exact(tmp_path, rng, qt, sc, gran, gs, bias_dtype):
     bias = None if bias_dtype is None else rng.standard_normal(6).astype(bias_dtype)
     layer = _layer(rng, qt, sc, gran, gs, bias)
     path = tmp_path / "m.safetensors"
-    qlinear.save(path, {"enc.fc": layer})
+    save(path, {"enc.fc": layer})
     got = qlinear.load(path, backend="numpy", verify=True)["enc.fc"]
     assert isinstance(got, QuantizedLinear)
     assert got.shape == layer.shape
@@ -99,7 +106,7 @@ def test_arrays_are_kept_with_their_dtype(tmp_path, rng):
         "strided": rng.standard_normal((4, 6))[:, ::2],
     }
     path = tmp_path / "a.safetensors"
-    qlinear.save(path, {**arrays, "fc": _layer(rng, "int8", "symmetric", "per_channel", None)})
+    save(path, {**arrays, "fc": _layer(rng, "int8", "symmetric", "per_channel", None)})
     got = qlinear.load(path)
     assert set(got) == {*arrays, "fc"}
     for k, v in arrays.items():
@@ -111,7 +118,7 @@ def test_arrays_are_kept_with_their_dtype(tmp_path, rng):
 def test_official_safetensors_reads_our_files_and_we_read_its(tmp_path, rng):
     layer = _layer(rng, "int4", "asymmetric", "per_group", 4, rng.standard_normal(6))
     path = tmp_path / "q.safetensors"
-    qlinear.save(path, {"l": layer, "f": np.ones(3, np.float32)}, metadata={"who": "me"})
+    save(path, {"l": layer, "f": np.ones(3, np.float32)}, metadata={"who": "me"})
     theirs = stnp.load_file(str(path))
     assert set(theirs) == {
         "f",
@@ -138,7 +145,7 @@ def test_official_safetensors_reads_our_files_and_we_read_its(tmp_path, rng):
 
 def test_config_metadata_describes_each_layer(tmp_path, rng):
     path = tmp_path / "c.safetensors"
-    qlinear.save(
+    save(
         path,
         {
             "a": _layer(rng, "int4", "symmetric", "per_group", 4),
@@ -165,7 +172,7 @@ def test_int4_bytes_on_disk_match_the_documented_example(tmp_path):
     params = QuantizationParams("int4", "symmetric", "per_tensor", [0.5], [0], [-3.5], [3.5])
     layer = QuantizedLinear.from_codes(np.array([[-7, -1, 0, 3, 7]]), params)
     path = tmp_path / "ex.safetensors"
-    qlinear.save(path, {"ex": layer})
+    save(path, {"ex": layer})
     theirs = stnp.load_file(str(path))
     assert theirs["ex.weight_packed"].tobytes() == bytes([0x71, 0xB8, 0x0F])
     assert theirs["ex.weight_shape"].tolist() == [1, 5]
@@ -182,7 +189,7 @@ def test_int4_bytes_equal_compressed_tensors_int32_packing_when_in_is_a_multiple
     )
     layer = QuantizedLinear.from_codes(codes, params)
     path = tmp_path / "ct.safetensors"
-    qlinear.save(path, {"l": layer})
+    save(path, {"l": layer})
     ours = stnp.load_file(str(path))["l.weight_packed"]
     u = (codes + 8).astype(np.uint32).reshape(3, 2, 8)
     int32 = np.zeros((3, 2), dtype=np.uint32)
@@ -194,7 +201,7 @@ def test_int4_bytes_equal_compressed_tensors_int32_packing_when_in_is_a_multiple
 def test_load_does_not_copy_the_codes(tmp_path, rng):
     layer = _layer(rng, "int8", "symmetric", "per_channel", None, shape=(64, 128))
     path = tmp_path / "z.safetensors"
-    qlinear.save(path, {"l": layer})
+    save(path, {"l": layer})
     got = qlinear.load(path, backend="numpy")["l"]
     base = got.stored_weight
     while isinstance(base, np.ndarray) and base.base is not None:
@@ -221,7 +228,7 @@ def test_loaded_layers_map_codes_until_first_forward_on_every_backend(
     gran = "per_group" if gs else "per_channel"
     layer = _layer(rng, qtype, "asymmetric", gran, gs, shape=(37, 96))
     path = tmp_path / "lazy.safetensors"
-    qlinear.save(path, {"l": layer})
+    save(path, {"l": layer})
     got = qlinear.load(path, backend=backend)["l"]
     assert got.backend == backend
     assert isinstance(_mmap_base(got.stored_weight), mmap.mmap)
@@ -247,7 +254,7 @@ def test_loaded_layers_map_codes_until_first_forward_on_every_backend(
 
 def test_load_directory_with_index_merges_shards(tmp_path, rng):
     layer = _layer(rng, "int8", "symmetric", "per_channel", None, np.arange(6.0))
-    qlinear.save(tmp_path / "s1.safetensors", {"l": layer})
+    save(tmp_path / "s1.safetensors", {"l": layer})
     # move the bias into the second shard
     t1 = stnp.load_file(str(tmp_path / "s1.safetensors"))
     bias = t1.pop("l.bias")
@@ -271,7 +278,7 @@ def saved(tmp_path, rng):
         "int8l": _layer(rng, "int8", "asymmetric", "per_channel", None, np.ones(6)),
         "int4l": _layer(rng, "int4", "symmetric", "per_group", 4),
     }
-    qlinear.save(path, layers)
+    save(path, layers)
     return path
 
 
@@ -467,7 +474,7 @@ def test_verify_catches_codes_outside_the_range(tmp_path):
     params = QuantizationParams("int8", "symmetric", "per_tensor", [1.0], [0], [-127.0], [127.0])
     layer = QuantizedLinear.from_codes(np.array([[1, 2, 3]]), params)
     p = tmp_path / "v.safetensors"
-    qlinear.save(p, {"l": layer})
+    save(p, {"l": layer})
     _rewrite(p, replace={"l.weight": np.array([[1, -128, 3]], np.int8)})
     qlinear.load(p)  # cheap default: codes are not read
     with pytest.raises(FormatError, match=r"'l\.weight'.*-128"):
@@ -486,17 +493,17 @@ def test_save_rejects_bad_items(tmp_path, rng):
     layer = _layer(rng, "int8", "symmetric", "per_channel", None)
     p = tmp_path / "e.safetensors"
     with pytest.raises(InvalidInputError, match="non-empty strings"):
-        qlinear.save(p, {"": layer})
+        save(p, {"": layer})
     with pytest.raises(InvalidInputError, match="QuantizedLinear or a numpy array"):
-        qlinear.save(p, {"a": [1, 2]})
+        save(p, {"a": [1, 2]})
     with pytest.raises(InvalidInputError, match="cannot be stored"):
-        qlinear.save(p, {"a": np.array(["x"])})
+        save(p, {"a": np.array(["x"])})
     with pytest.raises(InvalidInputError, match=r"'a\.weight'.*twice"):
-        qlinear.save(p, {"a": layer, "a.weight": np.ones(2)})
+        save(p, {"a": layer, "a.weight": np.ones(2)})
     with pytest.raises(InvalidInputError, match="reserved"):
-        qlinear.save(p, {"a": layer}, metadata={"qlinear": "x"})
+        save(p, {"a": layer}, metadata={"qlinear": "x"})
     with pytest.raises(InvalidInputError, match="str to str"):
-        qlinear.save(p, {"a": layer}, metadata={"k": 1})
+        save(p, {"a": layer}, metadata={"k": 1})
     assert not p.exists()
 
 
@@ -516,11 +523,11 @@ def _fail_on_second_tensor(monkeypatch):
 
 def test_interrupted_save_keeps_the_old_file(tmp_path, rng, monkeypatch):
     p = tmp_path / "m.safetensors"
-    qlinear.save(p, {"old": np.ones(3)})
+    save(p, {"old": np.ones(3)})
     before = p.read_bytes()
     _fail_on_second_tensor(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
-        qlinear.save(p, {"new": _layer(rng, "int8", "asymmetric", "per_channel", None)})
+        save(p, {"new": _layer(rng, "int8", "asymmetric", "per_channel", None)})
     assert p.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
 
@@ -528,7 +535,7 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, rng, monkeypatch):
 def test_interrupted_save_leaves_no_file(tmp_path, rng, monkeypatch):
     _fail_on_second_tensor(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
-        qlinear.save(
+        save(
             tmp_path / "m.safetensors", {"l": _layer(rng, "int4", "symmetric", "per_channel", None)}
         )
     assert os.listdir(tmp_path) == []
@@ -550,10 +557,10 @@ def test_save_rejects_arrays_inside_a_layers_tensor_names(tmp_path, rng, qt, sc,
     layer = _layer(rng, qt, sc, "per_channel", None)
     p = tmp_path / "n.safetensors"
     with pytest.raises(InvalidInputError, match=rf"{array_name!r}.*layer 'a'"):
-        qlinear.save(p, {"a": layer, array_name: np.ones(6, dtype=np.int8)})
+        save(p, {"a": layer, array_name: np.ones(6, dtype=np.int8)})
     assert not p.exists()
     # the same array under a name outside the namespace round-trips
-    qlinear.save(p, {"a": layer, "a_" + array_name[2:]: np.ones(6, dtype=np.int8)})
+    save(p, {"a": layer, "a_" + array_name[2:]: np.ones(6, dtype=np.int8)})
     assert set(qlinear.load(p)) == {"a", "a_" + array_name[2:]}
 
 
@@ -566,7 +573,7 @@ def test_round_trip_with_scales_near_float64_max(tmp_path, sc):
     w = np.zeros((2, 3)) if sc == "symmetric" else np.array([[0.0] * 3, [-1e308] * 3])
     layer = QuantizedLinear.from_fp(w, p)
     path = tmp_path / "big.safetensors"
-    qlinear.save(path, {"a": layer})
+    save(path, {"a": layer})
     got = qlinear.load(path, verify=True)["a"]
     np.testing.assert_array_equal(got.scales, layer.scales)
     np.testing.assert_array_equal(got.qweight, layer.qweight)
@@ -576,6 +583,6 @@ def test_round_trip_with_scales_near_float64_max(tmp_path, sc):
 def test_save_onto_a_directory_names_the_directory(tmp_path, rng):
     layer = _layer(rng, "int8", "symmetric", "per_channel", None)
     with pytest.raises(IsADirectoryError, match="is a directory") as info:
-        qlinear.save(tmp_path, {"a": layer})
+        save(tmp_path, {"a": layer})
     assert info.value.filename == str(tmp_path)
     assert list(tmp_path.parent.glob(f".{tmp_path.name}.*.tmp")) == []

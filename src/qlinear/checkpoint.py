@@ -3,8 +3,9 @@
 :func:`quantize_checkpoint` reads a Hugging Face style checkpoint (a ``.safetensors``
 file, a directory with ``model.safetensors``, or a directory with
 ``model.safetensors.index.json`` and its shards), quantizes the weights of linear layers
-and writes the same shard structure in qlinear's format (``docs/format.md``): every output
-shard is a file :func:`qlinear.load` reads; the directory as a whole loads too.
+and writes the same shard structure as compressed-tensors (the default: transformers and
+vLLM load the output directory) or in qlinear's own format (``docs/format.md``): every
+output shard is a file :func:`qlinear.load` reads; the directory as a whole loads too.
 
 Which tensors are quantized: every 2-D floating ``*.weight`` whose tensor name or layer
 name (the name without ``.weight``) matches ``include`` (default: all) and does not match
@@ -25,6 +26,7 @@ block, so peak memory stays far below the largest tensor. Per-tensor calibration
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,14 +48,13 @@ from ._safetensors import (
 )
 from .calibrate import params_from_range
 from .errors import FormatError, InvalidParamsError
-from .io import METADATA_KEY, format_config, read_index
+from .formats import compressed_tensors as ct
+from .formats import qlinear_format as qf
+from .formats._files import Shards, read_json, resolve_shards
+from .formats._spec import LayerSpec
 from .linear import QuantizedLinear
-from .packing import packed_cols
-from .qtypes import (
-    QuantizationGranularity,
-    QuantizationScheme,
-    QuantizationType,
-)
+from .params import QuantizationParams
+from .qtypes import QuantizationGranularity, QuantizationType
 from .quantconfig import QuantConfig
 from .report import CheckpointReport, TensorReport
 
@@ -76,6 +77,7 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "gate",
     "*shared_expert_gate",
 )
+FORMATS = ("compressed-tensors", "qlinear", "gguf")
 BLOCK_BYTES = 32 * 1024 * 1024
 """Float64 bytes of one row block while quantizing (rows = BLOCK_BYTES // (8 * in))."""
 WEIGHT_EXTENSIONS = (
@@ -124,33 +126,6 @@ def should_quantize(
 
 
 # --------------------------------------------------------------------------- quantizing
-def _out_entries(lname: str, shape: tuple[int, int], cfg: QuantConfig, has_bias: bool):
-    out_f, in_f = shape
-    if cfg.granularity is QuantizationGranularity.PER_GROUP:
-        pshape: tuple[int, ...] = (out_f, -(-in_f // cfg.group_size))  # type: ignore[operator]
-    elif cfg.granularity is QuantizationGranularity.PER_CHANNEL:
-        pshape = (out_f,)
-    else:
-        pshape = (1,)
-    entries = []
-    if cfg.qtype is QuantizationType.INT4:
-        entries += [
-            (f"{lname}.weight_packed", "U8", (out_f, packed_cols(in_f))),
-            (f"{lname}.weight_shape", "I64", (2,)),
-        ]
-    else:
-        entries.append((f"{lname}.weight", "I8", (out_f, in_f)))
-    entries.append((f"{lname}.weight_scale", "F64", pshape))
-    if cfg.scheme is QuantizationScheme.ASYMMETRIC:
-        entries.append((f"{lname}.weight_zero_point", "I8", pshape))
-    layer_cfg = {
-        **{k: v for k, v in cfg.to_dict().items() if k != "method"},
-        "shape": [out_f, in_f],
-        "bias": has_bias,
-    }
-    return entries, layer_cfg
-
-
 def _check_bias(sf: SafetensorsFile, bname: str, out_f: int) -> None:
     """A bias stored beside a quantized weight must be one :func:`qlinear.load` accepts
     (float, shape ``(out,)``, finite): checked before anything is written, so that the
@@ -188,18 +163,99 @@ def _add_squares(acc: tuple[float, float], a: np.ndarray) -> tuple[float, float]
     return s, q + float(np.einsum("ij,ij->", b, b))
 
 
+@dataclasses.dataclass(frozen=True)
+class _LayerPlan:
+    """How one weight is written: its spec, the QuantConfig it is calibrated with (group
+    size adjusted for compressed-tensors), the scale dtype and the format's schema."""
+
+    lname: str
+    spec: LayerSpec
+    cfg: QuantConfig
+    fmt: str
+    scale_dtype: str
+    note: str | None = None
+
+    @property
+    def entries(self) -> list[tuple]:
+        if self.fmt == "qlinear":
+            return qf.entries(self.lname, self.spec)
+        return ct.entries(self.lname, self.spec, self.scale_dtype)
+
+    @property
+    def codes_name(self) -> str:
+        mod = qf if self.fmt == "qlinear" else ct
+        return mod.codes_name(self.lname, self.spec)
+
+    def codes(self, layer: QuantizedLinear) -> np.ndarray:
+        if self.fmt == "qlinear":
+            return qf.stored_codes(layer)
+        return ct.stored_codes(layer, self.spec)
+
+    def param_tensors(self, scale: np.ndarray, zp: np.ndarray) -> dict[str, np.ndarray]:
+        if self.fmt == "qlinear":
+            return qf.param_tensors(self.lname, self.spec, scale, zp)
+        return ct.param_tensors(self.lname, self.spec, scale, zp, self.scale_dtype)
+
+    def calibrate(self, w: np.ndarray) -> QuantizationParams:
+        return _rounded(self.cfg.calibrate(w), self.scale_dtype)
+
+
+def _rounded(p: QuantizationParams, dtype: str) -> QuantizationParams:
+    """``p`` with its scales rounded to the stored dtype, so that codes are computed
+    against the scale every reader sees."""
+    s = ct.round_scale(p.scale, dtype)
+    if np.array_equal(s, p.scale):
+        return p
+    return QuantizationParams(
+        p.qtype, p.scheme, p.granularity, s, p.zero_point, p.min_val, p.max_val, p.group_size
+    )
+
+
+def _plan_layer(
+    lname: str,
+    shape: tuple[int, int],
+    src_dtype: str,
+    cfg: QuantConfig,
+    has_bias: bool,
+    fmt: str,
+    activations: str,
+    strict: bool,
+) -> _LayerPlan:
+    spec = LayerSpec(
+        cfg.qtype,  # type: ignore[arg-type]
+        cfg.scheme,  # type: ignore[arg-type]
+        cfg.granularity,  # type: ignore[arg-type]
+        cfg.group_size,
+        (int(shape[0]), int(shape[1])),
+        has_bias,
+        activations,
+    )
+    if fmt == "qlinear":
+        return _LayerPlan(lname, spec, cfg, fmt, "F64")
+    fitted = ct.writable_spec(spec, lname, strict=strict)
+    note = None
+    if fitted != spec:
+        cfg = dataclasses.replace(cfg, granularity=fitted.granularity, group_size=fitted.group_size)
+        what = (
+            f"group size {fitted.group_size}"
+            if fitted.group_size
+            else "per-channel (no group size divides it)"
+        )
+        note = f"in_features {shape[1]} is not a multiple of {spec.group_size}: {what}"
+    sd = src_dtype if src_dtype in (*ct.SCALE_DTYPES, "F64") else "F32"
+    return _LayerPlan(lname, fitted, cfg, fmt, sd, note)
+
+
 def _quantize_tensor(
-    src: SafetensorsFile, name: str, cfg: QuantConfig, writer: SafetensorsWriter, f: Any, bar: Any
+    src: SafetensorsFile, name: str, plan: _LayerPlan, writer: SafetensorsWriter, f: Any, bar: Any
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """Quantize ``name`` block by block into ``writer``; returns ``||W - Wq||`` and ``||W||``
     as scaled sums of squares (see :func:`_add_squares`)."""
     info = src.info(name)
     out_f, in_f = info.shape
-    lname = name[: -len(".weight")]
-    int4 = cfg.qtype is QuantizationType.INT4
-    codes_name = f"{lname}.weight_packed" if int4 else f"{lname}.weight"
-    code_row = packed_cols(in_f) if int4 else in_f
-    asym = cfg.scheme is QuantizationScheme.ASYMMETRIC
+    cfg = plan.cfg
+    codes_name = plan.codes_name
+    code_row = writer.layout[codes_name][3] // out_f
     fixed = None
     if cfg.granularity is QuantizationGranularity.PER_TENSOR:
         if cfg.method == "minmax":
@@ -208,26 +264,25 @@ def _quantize_tensor(
                 w = _finite_block(src, name, a, b)
                 lo, hi = min(lo, float(w.min())), max(hi, float(w.max()))
                 src.release_pages()
-            fixed = params_from_range(
-                np.array([lo]), np.array([hi]), cfg.qtype, cfg.granularity, cfg.scheme
+            fixed = _rounded(
+                params_from_range(
+                    np.array([lo]), np.array([hi]), cfg.qtype, cfg.granularity, cfg.scheme
+                ),
+                plan.scale_dtype,
             )
         else:
-            fixed = cfg.calibrate(_finite_block(src, name, 0, out_f))
+            fixed = plan.calibrate(_finite_block(src, name, 0, out_f))
             src.release_pages()
     err2 = sig2 = (0.0, 0.0)
+    scales, zps = [], []
     for a, b in _blocks(out_f, in_f):
         w = _finite_block(src, name, a, b)
-        params = fixed if fixed is not None else cfg.calibrate(w)
+        params = fixed if fixed is not None else plan.calibrate(w)
         layer = QuantizedLinear.from_fp(w, params, backend="numpy")
-        writer.write(f, codes_name, layer.stored_weight, at=a * code_row)
+        writer.write(f, codes_name, plan.codes(layer), at=a * code_row)
         if fixed is None:
-            prow = params.scale[0].nbytes if params.scale.ndim == 2 else 8
-            writer.write(f, f"{lname}.weight_scale", params.scale, at=a * prow)
-            if asym:
-                zrow = prow // 8
-                writer.write(
-                    f, f"{lname}.weight_zero_point", params.zero_point.astype(np.int8), at=a * zrow
-                )
+            scales.append(params.scale)
+            zps.append(params.zero_point)
         d = layer.dequantize() - w
         err2 = _add_squares(err2, d)
         sig2 = _add_squares(sig2, w)
@@ -236,11 +291,11 @@ def _quantize_tensor(
         if bar is not None:
             bar.update(info.nbytes * (b - a) // out_f)
     if fixed is not None:
-        writer.write(f, f"{lname}.weight_scale", fixed.scale)
-        if asym:
-            writer.write(f, f"{lname}.weight_zero_point", fixed.zero_point.astype(np.int8))
-    if int4:
-        writer.write(f, f"{lname}.weight_shape", np.array([out_f, in_f], dtype=np.int64))
+        scale, zp = fixed.scale, fixed.zero_point
+    else:
+        scale, zp = np.concatenate(scales), np.concatenate(zps)
+    for tname, arr in plan.param_tensors(scale, zp).items():
+        writer.write(f, tname, arr)
     return err2, sig2
 
 
@@ -279,24 +334,12 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 # --------------------------------------------------------------------------- driver
-def _resolve(src: Path, dst: Path) -> tuple[Path, list[str], dict | None, Path, dict[str, str]]:
-    """(source dir, shard names, source index, destination dir, shard -> output name)."""
-    if src.is_file():
-        if dst.suffix == ".safetensors":
-            return src.parent, [src.name], None, dst.parent, {src.name: dst.name}
-        return src.parent, [src.name], None, dst, {src.name: src.name}
-    if not src.is_dir():
-        raise FileNotFoundError(f"no such file or directory: {src}")
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        data = read_index(index)
-        shards = sorted(set(data["weight_map"].values()))
-        return src, shards, data, dst, {s: s for s in shards}
-    if (src / "model.safetensors").is_file():
-        return src, ["model.safetensors"], None, dst, {"model.safetensors": "model.safetensors"}
-    raise FileNotFoundError(
-        f"{src} holds neither model.safetensors nor model.safetensors.index.json"
-    )
+def _destination(shards: Shards, dst: Path) -> tuple[Path, dict[str, str]]:
+    """(destination directory, source shard -> output file name): the one place that
+    decides where outputs go."""
+    if not shards.is_dir and dst.suffix == ".safetensors":
+        return dst.parent, {shards.names[0]: dst.name}
+    return dst, {s: s for s in shards.names}
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
@@ -326,35 +369,55 @@ def quantize_checkpoint(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
+    format: str = "compressed-tensors",
+    activations: str = "float",
+    strict_group_size: bool = False,
+    gguf_type: str | None = None,
 ) -> CheckpointReport:
     """Quantize the linear weights of a safetensors checkpoint into ``dst``.
 
     Args:
         src: a ``.safetensors`` file, or a directory with ``model.safetensors`` or
-            ``model.safetensors.index.json`` and its shards.
+            ``model.safetensors.index.json`` and its shards (``format="gguf"``: also a
+            ``.gguf`` file).
         dst: for a file ``src``, a ``.safetensors`` path or a directory; for a directory
             ``src``, a directory (created if needed; must differ from ``src``). It gets
             the same shard names, an updated index (new tensor names, ``total_size``) and
             copies of the other files (config, tokenizer, ...; other weight formats and
-            hidden files are skipped).
+            hidden files are skipped). ``format="gguf"``: a ``.gguf`` file.
         config: a :class:`QuantConfig` or a dict of its fields.
         include, exclude: glob patterns (``fnmatch``, case-sensitive) matched against
             the tensor name and the layer name; see :func:`should_quantize`.
         progress: show a tqdm progress bar on stderr when tqdm is installed.
+        format: ``"compressed-tensors"`` (default; config.json gets the
+            ``quantization_config``, or each shard's metadata when there is no
+            config.json; scales in the source dtype, codes computed against them),
+            ``"qlinear"`` (float64 scales, partial groups kept) or ``"gguf"``
+            (``gguf_type`` ``"q8_0"``, ``"q4_0"`` or ``"q4_1"``; ``config`` is ignored).
+        activations: ``"float"`` (weight-only) or ``"int8"`` (W8A8: int-quantized, dynamic
+            per-token int8 activations; int8 weights only). compressed-tensors only.
+        strict_group_size: compressed-tensors only: a layer whose in_features is not a
+            multiple of the group size is an error instead of getting the largest group
+            size that divides it (a multiple of 8; per-channel if none).
 
     Returns:
         A :class:`CheckpointReport` (per tensor: shape, format, relative error, SNR,
-        bytes before/after; totals; ``to_json()``).
+        bytes before/after, notes such as a changed group size; totals; ``to_json()``).
 
     Raises:
-        InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``.
+        InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``,
+            an unknown format or activation mode.
         FormatError: malformed source files or index, NaN/Inf in a weight to quantize,
             or a bias beside such a weight that is not float, of shape ``(out,)`` and
-            finite (checked before anything is written).
+            finite (checked before anything is written); with ``strict_group_size``, a
+            partial group.
         FileNotFoundError: missing source, shard or index entries.
     """
     t0 = time.perf_counter()
-    cfg = QuantConfig.coerce(config)
+    if format not in FORMATS:
+        raise InvalidParamsError(f"format must be one of {FORMATS}; got {format!r}")
+    if activations not in ("float", "int8"):
+        raise InvalidParamsError(f"activations must be 'float' or 'int8'; got {activations!r}")
     # tuples first: checking a generator would use it up, and then nothing would match
     include = include if include is None or isinstance(include, str) else tuple(include)
     exclude = exclude if exclude is None or isinstance(exclude, str) else tuple(exclude)
@@ -363,57 +426,89 @@ def quantize_checkpoint(
             isinstance(pats, str) or not all(isinstance(p, str) for p in pats)
         ):
             raise InvalidParamsError(f"{what} must be a list of glob strings; got {pats!r}")
+    if format == "gguf":
+        from .formats import gguf
+
+        return gguf.quantize_to_gguf(
+            src, dst, gguf_type or "q8_0", include=include, exclude=exclude, t0=t0
+        )
+    cfg = QuantConfig.coerce(config)
+    if activations == "int8" and cfg.qtype is not QuantizationType.INT8:
+        raise InvalidParamsError("activations='int8' (W8A8) needs int8 weights (--bits 8)")
     src_p, dst_p = Path(src), Path(dst)
-    src_dir, shards, index, dst_dir, out_names = _resolve(src_p, dst_p)
-    if dst_dir.resolve() == src_dir.resolve() and any(out_names[s] == s for s in shards):
+    shards = resolve_shards(src_p)
+    src_dir, index = shards.directory, shards.index
+    dst_dir, out_names = _destination(shards, dst_p)
+    if dst_dir.resolve() == src_dir.resolve() and any(out_names[s] == s for s in shards.names):
         raise InvalidParamsError(f"destination {dst} would overwrite the source {src}")
-    files = {}
-    for s in shards:
-        if not (src_dir / s).is_file():
-            raise FileNotFoundError(f"shard {s} listed in the index is missing from {src_dir}")
-        files[s] = SafetensorsFile(src_dir / s)
+    files = {s: SafetensorsFile(src_dir / s) for s in shards.names}
     holder = {n: sf for sf in files.values() for n in sf.tensors}
-    all_names = set(holder)
     if index is not None:
         for n, s in index["weight_map"].items():
             if n not in files[s]:
                 raise FormatError(f"index maps tensor {n!r} to {s}, which does not hold it")
+    # Plan every shard from the headers before anything is written.
+    plans: dict[str, _LayerPlan] = {}
+    ignore: list[str] = []
     for sf in files.values():
         for n, info in sf.tensors.items():
-            bname = f"{n[: -len('.weight')]}.bias"
-            if bname in holder and should_quantize(n, info.shape, info.dtype, include, exclude):
-                _check_bias(holder[bname], bname, info.shape[0])
+            if should_quantize(n, info.shape, info.dtype, include, exclude):
+                lname = n[: -len(".weight")]
+                bname = f"{lname}.bias"
+                if bname in holder:
+                    _check_bias(holder[bname], bname, info.shape[0])
+                plans[n] = _plan_layer(
+                    lname,
+                    info.shape,
+                    info.dtype,
+                    cfg,
+                    bname in holder,
+                    format,
+                    activations,
+                    strict_group_size,
+                )
+            elif n.endswith(".weight") and len(info.shape) == 2:
+                ignore.append(n[: -len(".weight")])
+    ct_config = None
+    config_json = src_dir / "config.json" if shards.is_dir else None
+    if format == "compressed-tensors" and plans:
+        ct_config = ct.config_dict({p.lname: p.spec for p in plans.values()}, ignore)
     dst_dir.mkdir(parents=True, exist_ok=True)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)
     reports: list[TensorReport] = []
     weight_map: dict[str, str] = {}
     total_size = 0
+    reserved = (qf.METADATA_KEY, ct.CONFIG_KEY, ct.CODE_RANGE_KEY)
     try:
-        for s in shards:
+        for s in shards.names:
             sf = files[s]
             names = sorted(sf.tensors, key=lambda n: sf.tensors[n].begin)
-            entries, layer_cfgs, plan = [], {}, {}
+            entries: list[tuple] = []
+            layer_cfgs = {}
             for n in names:
                 info = sf.tensors[n]
-                if should_quantize(n, info.shape, info.dtype, include, exclude):
-                    lname = n[: -len(".weight")]
-                    ents, lcfg = _out_entries(lname, info.shape, cfg, f"{lname}.bias" in all_names)
-                    layer_cfgs[lname] = lcfg
-                    plan[n] = ents
-                    entries += ents
+                if n in plans:
+                    entries += plans[n].entries
+                    layer_cfgs[plans[n].lname] = qf.layer_config(plans[n].spec)
                 else:
                     entries.append((n, info.dtype, info.shape))
-            meta = {k: v for k, v in sf.metadata.items() if k != METADATA_KEY}
-            meta[METADATA_KEY] = format_config(layer_cfgs)
+            meta = {k: v for k, v in sf.metadata.items() if k not in reserved}
+            if format == "qlinear":
+                meta[qf.METADATA_KEY] = qf.format_config(layer_cfgs)
+            elif ct_config is not None:
+                meta[ct.CODE_RANGE_KEY] = "narrow"
+                if config_json is None or not config_json.is_file():
+                    meta[ct.CONFIG_KEY] = json.dumps(ct_config, separators=(",", ":"))
             writer = SafetensorsWriter(entries, meta)
             with atomic_write(dst_dir / out_names[s]) as f:
                 writer.begin(f)
                 for n in names:
                     info = sf.tensors[n]
-                    if n in plan:
-                        err2, sig2 = _quantize_tensor(sf, n, cfg, writer, f, bar)
-                        after = sum(math.prod(sh) * DTYPE_SIZES[dt] for _, dt, sh in plan[n])
+                    if n in plans:
+                        plan = plans[n]
+                        err2, sig2 = _quantize_tensor(sf, n, plan, writer, f, bar)
+                        after = sum(math.prod(sh) * DTYPE_SIZES[dt] for _, dt, sh in plan.entries)
                         (se, qe), (sw, qw) = err2, sig2
                         rel = (se / sw) * math.sqrt(qe / qw) if sw > 0 else se * math.sqrt(qe)
                         snr = -20 * math.log10(rel) if rel > 0 and sw > 0 else None
@@ -422,11 +517,12 @@ def quantize_checkpoint(
                                 n,
                                 info.shape,
                                 info.dtype,
-                                cfg.describe(),
+                                plan.spec.describe(),
                                 rel,
                                 snr,
                                 info.nbytes,
                                 after,
+                                plan.note,
                             )
                         )
                     else:
@@ -451,7 +547,7 @@ def quantize_checkpoint(
     finally:
         if bar is not None:
             bar.close()
-    written = [str(dst_dir / out_names[s]) for s in shards]
+    written = [str(dst_dir / out_names[s]) for s in shards.names]
     if index is not None:
         new_index = {k: v for k, v in index.items() if k not in ("metadata", "weight_map")}
         old_meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
@@ -460,8 +556,10 @@ def quantize_checkpoint(
         with atomic_write(dst_dir / "model.safetensors.index.json") as f:
             f.write(json.dumps(new_index, indent=2).encode("utf-8"))
         written.append(str(dst_dir / "model.safetensors.index.json"))
-    if src_p.is_dir():
+    if shards.is_dir:
         written += [str(dst_dir / r) for r in _copy_side_files(src_dir, dst_dir)]
+    if config_json is not None and config_json.is_file():
+        _write_model_config(config_json, dst_dir / "config.json", ct_config)
     return CheckpointReport(
         str(src_p),
         str(dst_p),
@@ -469,4 +567,18 @@ def quantize_checkpoint(
         tuple(reports),
         tuple(written),
         time.perf_counter() - t0,
+        format,
     )
+
+
+def _write_model_config(src: Path, dst: Path, quantization_config: dict | None) -> None:
+    """config.json of the output: the source's, with ``quantization_config`` set to the
+    compressed-tensors config (or removed for a qlinear-format output)."""
+    data = read_json(src)
+    if not isinstance(data, dict):
+        raise FormatError(f"{src}: expected a JSON object")
+    data.pop("quantization_config", None)
+    if quantization_config is not None:
+        data["quantization_config"] = quantization_config
+    with atomic_write(dst) as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))

@@ -3,8 +3,9 @@
 Commands:
   qlinear eval [--model DIR] [--bits 8|4] [--granularity ...] [--group-size N] ...
   qlinear quantize SRC -o DST [--bits 8|4] [--granularity tensor|channel|group] ...
+                   [--format compressed-tensors|qlinear|gguf] [--gguf-type q8_0|q4_0|q4_1] ...
                    [--gptq [--calib FILE] [--calib-samples N] [--calib-seqlen N] ...]
-  qlinear inspect FILE
+  qlinear inspect FILE        (qlinear, compressed-tensors, GGUF)
   qlinear perplexity MODEL [--text FILE] [--ctx 512] [--max-tokens N] [--json]
   qlinear generate MODEL PROMPT [-n 64] [--temperature 0] [--top-k K] [--top-p P] ...
 
@@ -141,6 +142,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="keep tensors/layers matching GLOB in float (repeatable)",
     )
+    qu.add_argument(
+        "--format",
+        choices=("compressed-tensors", "qlinear", "gguf"),
+        default="compressed-tensors",
+        help="output format: compressed-tensors (default; transformers and vLLM load it), "
+        "qlinear (float64 scales, partial groups) or gguf (llama.cpp; see --gguf-type)",
+    )
+    qu.add_argument(
+        "--gguf-type",
+        choices=("q8_0", "q4_0", "q4_1"),
+        help="GGUF block type of the quantized tensors (default q8_0; --format gguf only)",
+    )
+    qu.add_argument(
+        "--activations",
+        choices=("float", "int8"),
+        default="float",
+        help="float: weight-only (W8A16/W4A16); int8: W8A8 with dynamic per-token int8 "
+        "activations (compressed-tensors int-quantized; --bits 8 only)",
+    )
+    qu.add_argument(
+        "--strict-group-size",
+        action="store_true",
+        help="fail when a layer's in_features is not a multiple of the group size, instead "
+        "of giving it the largest group size that divides it (compressed-tensors)",
+    )
     qu.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     qu.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_gptq_options(qu)
@@ -148,9 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser(
         "inspect",
         parents=[common],
-        help="list the layers, formats and sizes of a qlinear file",
-        description="Show the format version, layers and tensors of a "
-        "safetensors file or sharded directory.",
+        help="list the layers, formats and sizes of a checkpoint",
+        description="Show the format, layers and tensors of a safetensors file or "
+        "sharded directory (qlinear or compressed-tensors) or of a GGUF file.",
     )
     ins.add_argument("file", metavar="FILE")
     _add_llm_parsers(sub, common)
@@ -255,6 +281,12 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.gptq:
         return _cmd_quantize_gptq(args, parser)
     cfg = _config(args, parser)
+    if args.gguf_type is not None and args.format != "gguf":
+        parser.error(f"--gguf-type needs --format gguf; got --format {args.format}")
+    if args.format != "compressed-tensors" and (args.activations != "float"):
+        parser.error("--activations int8 is written as compressed-tensors (W8A8) only")
+    if args.activations == "int8" and args.bits != 8:
+        parser.error("--activations int8 (W8A8) needs --bits 8")
     report = quantize_checkpoint(
         args.src,
         args.output,
@@ -262,6 +294,10 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         include=args.include,
         exclude=args.exclude,
         progress=not args.no_progress,
+        format=args.format,
+        activations=args.activations,
+        strict_group_size=args.strict_group_size,
+        gguf_type=args.gguf_type,
     )
     rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
     for t in report.tensors:
@@ -292,7 +328,10 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         f"{_bytes(report.bytes_after)} ({ratio:.2f}x smaller); max rel err "
         f"{'n/a' if worst is None else f'{worst:.2e}'}; {report.seconds:.1f} s"
     )
-    print(f"wrote {args.output}")
+    for t in report.tensors:
+        if t.note:
+            print(f"note: {t.name}: {t.note}")
+    print(f"wrote {args.output} ({report.format})")
     if args.report:
         atomic_write_text(args.report, report.to_json() + "\n")
         print(f"report: {args.report}")
@@ -422,24 +461,30 @@ def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .io import inspect
 
     info = inspect(args.file)
-    version = (
-        "plain safetensors (no qlinear config)"
-        if info.format_version is None
-        else (f"qlinear format version {info.format_version}")
-    )
+    version = {
+        "safetensors": "plain safetensors (no quantization config)",
+        "qlinear": f"qlinear format version {info.format_version}",
+        "compressed-tensors": f"compressed-tensors (layout of version {info.format_version})",
+        "gguf": f"GGUF version {info.format_version}",
+    }.get(info.format, info.format)
     print(f"{args.file}: {version}; {len(info.files)} file(s), {_bytes(info.nbytes)}")
     rows = [("name", "format", "shape", "bytes")]
     claimed: set[str] = set()
     for name, cfg in info.layers.items():
         gs = f"({cfg.get('group_size')})" if cfg.get("group_size") else ""
-        fmt = f"{cfg.get('qtype')} {cfg.get('granularity')}{gs} {cfg.get('scheme')}"
+        fmt = (
+            cfg.get("type")
+            or f"{cfg.get('qtype')} {cfg.get('granularity')}{gs} {cfg.get('scheme')}"
+        )
+        if cfg.get("activations") == "int8":
+            fmt += " W8A8"
+        if cfg.get("config_group"):
+            fmt += f" [{cfg['config_group']}]"
         if cfg.get("bias"):
             fmt += " +bias"
         shape = "x".join(map(str, cfg.get("shape", [])))
         rows.append((name, fmt, shape, _bytes(info.layer_nbytes(name))))
-        claimed.update(
-            n for n in info.tensors if n.startswith(name + ".weight") or n == name + ".bias"
-        )
+        claimed.update(info.layer_tensor_names(name))
     for name, (dtype, shape, nb) in info.tensors.items():
         if name not in claimed:
             rows.append((name, dtype, "x".join(map(str, shape)) or "scalar", _bytes(nb)))

@@ -12,8 +12,9 @@ __all__ = ["CheckpointReport", "TensorReport"]
 @dataclasses.dataclass(frozen=True)
 class TensorReport:
     """One source tensor: what became of it. ``rel_error`` is ``||W - W_q|| / ||W||``
-    (Frobenius) and ``snr_db`` is ``10 log10(||W||^2 / ||W - W_q||^2)``; both None for
-    kept tensors, and ``snr_db`` is None when the reconstruction is exact."""
+        (Frobenius) and ``snr_db`` is ``10 log10(||W||^2 / ||W - W_q||^2)``; both None for
+        kept tensors, and ``snr_db`` is None when the reconstruction is exact. ``note`` says
+    what the output format changed (e.g. a group size that did not divide in_features)."""
 
     name: str
     shape: tuple[int, ...]
@@ -23,6 +24,7 @@ class TensorReport:
     snr_db: float | None
     bytes_before: int
     bytes_after: int
+    note: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -39,6 +41,7 @@ class CheckpointReport:
     tensors: tuple[TensorReport, ...]
     files: tuple[str, ...]
     seconds: float
+    format: str = "qlinear"
 
     @property
     def bytes_before(self) -> int:
@@ -62,6 +65,7 @@ class CheckpointReport:
             "src": self.src,
             "dst": self.dst,
             "config": self.config,
+            "format": self.format,
             "files": list(self.files),
             "seconds": self.seconds,
             "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],

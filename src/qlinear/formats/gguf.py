@@ -1,0 +1,808 @@
+"""GGUF files (llama.cpp), read and written through the ``gguf`` package (gguf-py).
+
+Q8_0, Q4_0 and Q4_1 weight tensors (blocks of 32 columns, float16 scale ``d``) become
+layers whose ``dequantize()`` equals ``gguf.quants.dequantize`` exactly (as float32):
+
+* Q8_0 ``w = d * q``, q int8: an int8 asymmetric per-group(32) QuantizedLinear, zero
+  point 0 (a block with ``d < 0``: codes ``-q - 1``, zero point -1, scale ``-d``).
+* Q4_0 ``w = d * (n - 8)``, n the nibble: int4 asymmetric per-group(32), codes ``n``,
+  zero point 8 (``d < 0``: codes ``15 - n``, zero point 7, scale ``-d``).
+* Q4_1 ``w = d * n + m``, m a float16 minimum: :class:`qlinear.offset_linear.OffsetLinear`
+  (int4 codes ``n``, zero point 0, scale ``d``, plus the float offsets ``m``).
+* A block with ``d == 0`` gets the smallest float16 scale and codes equal to its zero
+  point: exactly 0, as in the file.
+
+Other tensor types are dequantized through ``gguf.quants.dequantize`` to float32 arrays
+(``LoadInfo.notes`` says which). Writing: layers on these exact grids (group 32, scales
+representable in float16; e.g. from qlinear's GPTQ with those constraints) are encoded
+as they are; float weights are rounded by qlinear to the nearest grid point against the
+stored float16 scale (:func:`quantize_weight`). Hugging Face llama-family checkpoints are
+converted with the ``gguf`` tensor name map and llama.cpp's q/k row permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError, InvalidParamsError
+from ..linear import QuantizedLinear
+from ..offset_linear import OffsetLinear
+from ..packing import pack_int4, unpack_int4
+from ..params import QuantizationParams
+from . import LoadInfo
+
+__all__ = [
+    "GGUF_TYPES",
+    "encode_layer",
+    "quantize_to_gguf",
+    "quantize_weight",
+    "read",
+    "read_causal_lm",
+]
+
+BLOCK = 32
+GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
+TINY = float(np.float16(2.0**-24))  # smallest positive float16: the scale of all-zero blocks
+FILE_TYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3}  # llama.cpp's LlamaFileType.MOSTLY_*
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "GGUF support needs the 'gguf' package: pip install 'qlinear[gguf]'"
+        ) from exc
+    return gguf
+
+
+def _qtype(gguf: Any, name: str) -> Any:
+    return {
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
+    }[name]
+
+
+# --------------------------------------------------------------------------- blocks
+def _params(scale: np.ndarray, zp: np.ndarray, qtype: str) -> QuantizationParams:
+    lo = np.zeros_like(scale)
+    return QuantizationParams(qtype, "asymmetric", "per_group", scale, zp, lo, lo, BLOCK)
+
+
+def _nibbles_gguf_to_cols(qs: np.ndarray) -> np.ndarray:
+    """(out, nb, 16) bytes, element j in the low nibble and j + 16 in the high one ->
+    (out, nb * 32) nibble values in column order."""
+    out = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return out.reshape(qs.shape[0], -1)
+
+
+def _nibbles_cols_to_gguf(n: np.ndarray) -> np.ndarray:
+    b = n.reshape(n.shape[0], -1, BLOCK).astype(np.uint8)
+    return b[..., :16] | (b[..., 16:] << 4)
+
+
+def decode_layer(
+    raw: np.ndarray, kind: str, in_f: int, name: str, backend: str | None = None
+) -> QuantizedLinear | OffsetLinear:
+    """A layer from a GGUF tensor's bytes ``raw`` uint8 ``(out, row_bytes)``."""
+    out_f = raw.shape[0]
+    nb = in_f // BLOCK
+    size = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[kind]
+    if in_f % BLOCK or raw.shape[1] != nb * size:
+        raise FormatError(
+            f"tensor {name!r}: {raw.shape[1]} bytes per row; expected {nb * size} for "
+            f"{kind.upper()} with {in_f} columns (a multiple of {BLOCK})"
+        )
+    blocks = np.ascontiguousarray(raw).reshape(out_f, nb, size)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if not np.all(np.isfinite(d)):
+        raise FormatError(f"tensor {name!r}: a block scale is NaN or Inf")
+    neg, zero = d < 0, d == 0
+    scale = np.where(zero, TINY, np.abs(d))
+    if kind == "q8_0":
+        q = blocks[..., 2:].copy().view(np.int8).astype(np.int16).reshape(out_f, nb, BLOCK)
+        zp = np.where(neg, -1, 0).astype(np.int32)
+        q = np.where(neg[..., None], -q - 1, q)
+        q = np.where(zero[..., None], 0, q)
+        return QuantizedLinear.from_codes(
+            q.reshape(out_f, in_f), _params(scale, zp, "int8"), backend=backend
+        )
+    first = 4 if kind == "q4_1" else 2
+    n = _nibbles_gguf_to_cols(blocks[..., first:]).astype(np.int16).reshape(out_f, nb, BLOCK)
+    if kind == "q4_0":
+        zp = np.where(neg, 7, 8).astype(np.int32)
+        n = np.where(neg[..., None], 15 - n, n)
+        n = np.where(zero[..., None], 8, n)
+        return QuantizedLinear._from_stored(
+            pack_int4(n.reshape(out_f, in_f).astype(np.uint8)),
+            _params(scale, zp, "int4"),
+            in_f,
+            backend=backend,
+        )
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    if not np.all(np.isfinite(m)):
+        raise FormatError(f"tensor {name!r}: a block minimum is NaN or Inf")
+    offsets = np.where(neg, m + 15 * d, m)
+    n = np.where(neg[..., None], 15 - n, n)
+    n = np.where(zero[..., None], 0, n)
+    inner = QuantizedLinear._from_stored(
+        pack_int4(n.reshape(out_f, in_f).astype(np.uint8)),
+        _params(scale, np.zeros(scale.shape, np.int32), "int4"),
+        in_f,
+        backend=backend,
+    )
+    return OffsetLinear(inner, offsets)
+
+
+def _f16_exact(a: np.ndarray) -> bool:
+    return bool(np.array_equal(np.asarray(a, np.float64).astype(np.float16).astype(np.float64), a))
+
+
+def encode_layer(layer: QuantizedLinear | OffsetLinear, kind: str, name: str) -> np.ndarray:
+    """GGUF bytes uint8 ``(out, row_bytes)`` of a layer that lies exactly on the grid of
+    ``kind`` (group size 32, float16-representable scales, the zero points the grid
+    allows); FormatError naming the layer otherwise."""
+    inner = layer.inner if isinstance(layer, OffsetLinear) else layer
+    out_f, in_f = inner.shape
+    if inner.group_size != BLOCK or in_f % BLOCK:
+        raise FormatError(
+            f"layer {name!r}: {kind.upper()} needs per-group layers with group size {BLOCK} "
+            f"and in_features a multiple of {BLOCK}; got group size {inner.group_size}, "
+            f"in_features {in_f}"
+        )
+    s = inner.scales
+    if not _f16_exact(s):
+        raise FormatError(f"layer {name!r}: scales are not representable in float16")
+    zp = inner.zero_points.astype(np.int64)
+    nb = in_f // BLOCK
+    if kind == "q8_0":
+        if inner.qtype.value != "int8":
+            raise FormatError(f"layer {name!r}: Q8_0 needs int8 codes; got {inner.qtype.value}")
+        if not np.all((zp == 0) | (zp == -1)):
+            raise FormatError(f"layer {name!r}: Q8_0 zero points must be 0 (or -1); got others")
+        c = inner.qweight.astype(np.int16).reshape(out_f, nb, BLOCK)
+        neg = zp == -1
+        q = np.where(neg[..., None], -c - 1, c)
+        d = np.where(neg, -s, s).astype(np.float16)
+        return np.concatenate(
+            [d[..., None].view(np.uint8), q.astype(np.int8).view(np.uint8)], axis=-1
+        ).reshape(out_f, -1)
+    if inner.qtype.value != "int4":
+        raise FormatError(f"layer {name!r}: {kind.upper()} needs int4 codes")
+    nib = unpack_int4(inner.stored_weight, in_f).astype(np.int16).reshape(out_f, nb, BLOCK)
+    sym = inner.scheme.value == "symmetric"
+    if kind == "q4_0":
+        if isinstance(layer, OffsetLinear):
+            raise FormatError(f"layer {name!r}: an OffsetLinear is Q4_1, not Q4_0")
+        if sym:
+            n, d = nib, s
+        else:
+            if not np.all((zp == 8) | (zp == 7)):
+                raise FormatError(f"layer {name!r}: Q4_0 zero points must be 8 (or 7)")
+            n = np.where((zp == 7)[..., None], 15 - nib, nib)
+            d = np.where(zp == 7, -s, s)
+        qs = _nibbles_cols_to_gguf(n.reshape(out_f, in_f))
+        d16 = d.astype(np.float16)[..., None].view(np.uint8)
+        return np.concatenate([d16, qs], axis=-1).reshape(out_f, -1)
+    # q4_1: w = d * n + m
+    if isinstance(layer, OffsetLinear):
+        if sym or not np.all(zp == 0):
+            raise FormatError(f"layer {name!r}: Q4_1 needs the inner zero points to be 0")
+        n, m = nib, layer.offsets
+    else:
+        off = 8 if sym else 0  # stored nibble = code + offset: w = s * (n - zp - off)
+        n = nib
+        m = -(zp + off) * s
+    m = np.asarray(m, dtype=np.float64)
+    # a block read with a negative scale comes back as d = -s, n = 15 - c, m = M + 15 s
+    exact = m.astype(np.float16).astype(np.float64) == m
+    m_neg = m + 15 * s
+    flip = ~exact & (m_neg.astype(np.float16).astype(np.float64) == m_neg)
+    if not np.all(exact | flip):
+        raise FormatError(f"layer {name!r}: Q4_1 minimums are not representable in float16")
+    n = np.where(flip[..., None], 15 - n, n)
+    m = np.where(flip, m_neg, m)
+    s = np.where(flip, -s, s)
+    qs = _nibbles_cols_to_gguf(n.reshape(out_f, in_f))
+    d16 = s.astype(np.float16)[..., None].view(np.uint8)
+    m16 = np.asarray(m).astype(np.float16)[..., None].view(np.uint8)
+    return np.concatenate([d16, m16, qs], axis=-1).reshape(out_f, -1)
+
+
+def quantize_weight(
+    w: np.ndarray, kind: str, backend: str | None = None
+) -> QuantizedLinear | OffsetLinear:
+    """qlinear's rounding of a float ``(out, in)`` weight (``in`` a multiple of 32) onto
+    the ``kind`` grid: float16 block scales chosen as llama.cpp does (Q8_0 ``amax / 127``,
+    Q4_0 ``max / -8`` with ``max`` the signed value of largest magnitude, Q4_1
+    ``(max - min) / 15`` and ``min``), then codes ``clip(rint(w / d))`` against the
+    *stored* scale (llama.cpp rounds against the float32 scale before storing it)."""
+    w = np.asarray(w, dtype=np.float64)
+    out_f, in_f = w.shape
+    if in_f % BLOCK:
+        raise InvalidParamsError(
+            f"{kind.upper()} needs in_features divisible by {BLOCK}; got {in_f}"
+        )
+    b = w.reshape(out_f, in_f // BLOCK, BLOCK)
+    f16 = lambda a: a.astype(np.float32).astype(np.float16).astype(np.float64)  # noqa: E731
+    if kind == "q8_0":
+        d = f16(np.abs(b).max(-1) / 127)
+        ds = np.where(d == 0, TINY, d)
+        q = np.clip(np.rint(b / ds[..., None]), -127, 127)
+        q = np.where((d == 0)[..., None], 0, q)
+        params = _params(ds, np.zeros(ds.shape, np.int32), "int8")
+        return QuantizedLinear.from_codes(
+            q.reshape(out_f, in_f).astype(np.int16), params, backend=backend
+        )
+    if kind == "q4_0":
+        i = np.abs(b).argmax(-1)[..., None]
+        d = f16(np.take_along_axis(b, i, -1)[..., 0] / -8)
+        ds = np.where(d == 0, 1.0, d)
+        n = np.clip(np.rint(b / ds[..., None]) + 8, 0, 15)
+        n = np.where((d == 0)[..., None], 8, n)
+        neg = d < 0
+        codes = np.where(neg[..., None], 15 - n, n)
+        params = _params(
+            np.where(d == 0, TINY, np.abs(d)), np.where(neg, 7, 8).astype(np.int32), "int4"
+        )
+        return QuantizedLinear.from_codes(
+            codes.reshape(out_f, in_f).astype(np.int16), params, backend=backend
+        )
+    if kind == "q4_1":
+        lo, hi = b.min(-1), b.max(-1)
+        d, m = f16((hi - lo) / 15), f16(lo)
+        ds = np.where(d == 0, TINY, d)
+        n = np.clip(np.rint((b - m[..., None]) / ds[..., None]), 0, 15)
+        n = np.where((d == 0)[..., None], 0, n)
+        params = _params(ds, np.zeros(ds.shape, np.int32), "int4")
+        inner = QuantizedLinear.from_codes(
+            n.reshape(out_f, in_f).astype(np.int16), params, backend=backend
+        )
+        return OffsetLinear(inner, m)
+    raise InvalidParamsError(f"gguf type must be one of {GGUF_TYPES}; got {kind!r}")
+
+
+# --------------------------------------------------------------------------- reading
+def _kind(gguf: Any, t: Any) -> str | None:
+    Q = gguf.GGMLQuantizationType
+    return {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}.get(t.tensor_type)
+
+
+def _logical_shape(gguf: Any, t: Any) -> tuple[int, ...]:
+    """(rows..., columns) of a tensor; quantized data arrive as bytes per row."""
+    if t.data.dtype != np.uint8 or t.tensor_type in (gguf.GGMLQuantizationType.I8,):
+        return tuple(int(v) for v in t.data.shape)
+    shape = gguf.quants.quant_shape_from_byte_shape(t.data.shape, t.tensor_type)
+    return tuple(int(v) for v in shape)
+
+
+def _reader(path: Path) -> Any:
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, KeyError, IndexError) as exc:
+        raise FormatError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def read(path: str | Path, *, backend: str | None = None) -> tuple[dict[str, Any], LoadInfo]:
+    """Every tensor of a GGUF file under its GGUF name: Q8_0/Q4_0/Q4_1 2-D tensors as
+    layers, F32/F16 as arrays, any other type dequantized by gguf-py to float32 (named in
+    ``LoadInfo.notes``)."""
+    gguf = _gguf()
+    r = _reader(Path(path))
+    F = gguf.GGMLQuantizationType
+    out: dict[str, Any] = {}
+    acts: dict[str, str] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    dequantized = []
+    for t in r.tensors:
+        kind = _kind(gguf, t)
+        shape = _logical_shape(gguf, t)
+        if kind is not None and len(shape) == 2:
+            layer = decode_layer(np.asarray(t.data), kind, shape[1], t.name, backend)
+            out[t.name] = layer
+            acts[t.name] = "float"
+            layers[t.name] = {"type": kind.upper(), "shape": list(shape)}
+        elif t.tensor_type in (F.F32, F.F16):
+            out[t.name] = np.asarray(t.data)
+        else:
+            try:
+                arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            except (NotImplementedError, ValueError, KeyError) as exc:
+                raise FormatError(
+                    f"tensor {t.name!r}: GGUF type {t.tensor_type.name} cannot be held or "
+                    f"dequantized ({exc}); expected Q8_0, Q4_0, Q4_1 or a type gguf-py "
+                    "dequantizes"
+                ) from None
+            out[t.name] = np.asarray(arr, dtype=np.float32)
+            dequantized.append(f"{t.name} ({t.tensor_type.name})")
+    notes = (f"dequantized to float32 by gguf-py: {', '.join(dequantized)}",) if dequantized else ()
+    version = int(r.fields["GGUF.version"].contents()) if "GGUF.version" in r.fields else None
+    return out, LoadInfo("gguf", acts, layers, notes, version)
+
+
+def inspect(path: str | Path) -> Any:
+    """A :class:`qlinear.io.FileInfo` of a GGUF file (tensor types, metadata keys)."""
+    from ..io import FileInfo
+
+    gguf = _gguf()
+    r = _reader(Path(path))
+    tensors, layers = {}, {}
+    for t in r.tensors:
+        shape = _logical_shape(gguf, t)
+        tensors[t.name] = (t.tensor_type.name, shape, int(t.n_bytes))
+        if _kind(gguf, t) is not None and len(shape) == 2:
+            layers[t.name] = {"type": t.tensor_type.name, "shape": list(shape)}
+    meta = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        v = f.contents()
+        meta[f.name] = f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else str(v)[:200]
+    version = int(r.fields["GGUF.version"].contents())
+    return FileInfo(str(path), version, layers, tensors, meta, [str(path)], "gguf")
+
+
+# --------------------------------------------------------------------------- writing
+def _permute(w: np.ndarray, n_head: int, n_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's q/k row order (convert_hf_to_gguf's ``permute``)."""
+    if n_kv is not None and n_kv != n_head:
+        n_head = n_kv
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int, n_kv: int | None = None) -> np.ndarray:
+    """The inverse of :func:`_permute` (transformers' ``_reverse_permute_weights``)."""
+    if n_kv is not None and n_kv != n_head:
+        n_head = n_kv
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include is not None and not any(fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatchcase(name, p) for p in exclude or ())
+
+
+def _atomic_gguf(dst: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def quantize_to_gguf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    kind: str,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    layers: dict[str, QuantizedLinear | OffsetLinear] | None = None,
+    t0: float | None = None,
+) -> Any:
+    """Write ``dst`` (.gguf) from a GGUF file (requantized: every metadata key and the
+    tokenizer kept, same tensor names) or a Hugging Face llama-family checkpoint.
+
+    Every 2-D ``*.weight`` that is not a norm (from a GGUF source: that was quantized, or
+    any linear) is written as ``kind``; ``layers`` maps GGUF tensor names to layers
+    already on the grid (e.g. GPTQ-calibrated), encoded as they are. ``include`` /
+    ``exclude`` globs match GGUF tensor names.
+    """
+    from ..report import CheckpointReport, TensorReport
+
+    t0 = time.perf_counter() if t0 is None else t0
+    if kind not in GGUF_TYPES:
+        raise InvalidParamsError(f"gguf type must be one of {GGUF_TYPES}; got {kind!r}")
+    gguf = _gguf()
+    src_p, dst_p = Path(src), Path(dst)
+    if dst_p.suffix != ".gguf":
+        raise InvalidParamsError(f"a GGUF output is a .gguf file; got {dst}")
+    qt = _qtype(gguf, kind)
+    reports: list[TensorReport] = []
+    layers = dict(layers or {})
+
+    def emit(
+        writer: Any,
+        name: str,
+        w: np.ndarray | None,
+        raw: Any,
+        raw_type: Any,
+        quantize: bool,
+        dtype: str,
+    ) -> None:
+        if quantize:
+            layer = layers.pop(name, None)
+            if layer is None:
+                layer = quantize_weight(w, kind)
+            data = encode_layer(layer, kind, name)
+            writer.add_tensor(name, data, raw_dtype=qt)
+            rel = None
+            if w is not None:
+                err = np.linalg.norm(layer.dequantize() - w)
+                sig = np.linalg.norm(w)
+                rel = float(err / sig) if sig > 0 else float(err)
+            nb = w.nbytes if w is not None else data.nbytes
+            snr = -20 * np.log10(rel) if rel else None
+            reports.append(
+                TensorReport(
+                    name, tuple(layer.shape), dtype, kind.upper(), rel, snr, nb, data.nbytes
+                )
+            )
+        else:
+            writer.add_tensor(name, raw, raw_dtype=raw_type)
+            reports.append(
+                TensorReport(
+                    name,
+                    tuple(np.shape(raw)),
+                    dtype,
+                    f"kept {dtype}",
+                    None,
+                    None,
+                    raw.nbytes,
+                    raw.nbytes,
+                )
+            )
+
+    if src_p.is_file() and _head(src_p) == b"GGUF":
+        r = _reader(src_p)
+        arch = str(r.fields["general.architecture"].contents())
+
+        def write(tmp: str) -> None:
+            writer = gguf.GGUFWriter(tmp, arch)
+            for f in r.fields.values():
+                if f.name == "general.architecture" or f.name.startswith("GGUF."):
+                    continue
+                value = f.contents()
+                if f.name == "general.file_type":
+                    value = FILE_TYPES[kind]
+                sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(f.name, value, f.types[0], sub_type=sub)
+            for t in r.tensors:
+                shape = _logical_shape(gguf, t)
+                src_kind = _kind(gguf, t)
+                quant = (
+                    len(shape) == 2
+                    and t.name.endswith(".weight")
+                    and "norm" not in t.name
+                    and shape[1] % BLOCK == 0
+                    and (
+                        src_kind is not None
+                        or t.tensor_type
+                        not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                        or t.name in layers
+                    )
+                    and _selected(t.name, include, exclude)
+                )
+                if quant:
+                    w = None
+                    if t.name not in layers:
+                        w = np.asarray(
+                            gguf.quants.dequantize(np.asarray(t.data), t.tensor_type),
+                            dtype=np.float64,
+                        )
+                    emit(writer, t.name, w, None, None, True, t.tensor_type.name)
+                else:
+                    emit(
+                        writer,
+                        t.name,
+                        None,
+                        np.asarray(t.data),
+                        t.tensor_type,
+                        False,
+                        t.tensor_type.name,
+                    )
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+
+        _atomic_gguf(dst_p, write)
+    else:
+        _write_from_hf(gguf, src_p, dst_p, kind, emit, include, exclude)
+    if layers:
+        raise FormatError(f"layers given for tensors the file does not have: {sorted(layers)[:5]}")
+    return CheckpointReport(
+        str(src_p),
+        str(dst_p),
+        {"gguf_type": kind},
+        tuple(reports),
+        (str(dst_p),),
+        time.perf_counter() - t0,
+        "gguf",
+    )
+
+
+def _head(p: Path) -> bytes:
+    with open(p, "rb") as f:
+        return f.read(4)
+
+
+LLAMA_FAMILY = ("llama", "mistral", "smollm", "smollm2")
+
+
+def _write_from_hf(gguf: Any, src: Path, dst: Path, kind: str, emit: Any, include, exclude) -> None:
+    from ._files import TensorSet, read_json, resolve_shards
+
+    shards = resolve_shards(src)
+    cfg_path = shards.directory / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError(f"{src}: a Hugging Face source needs config.json beside its weights")
+    cfg = read_json(cfg_path)
+    mt = cfg.get("model_type")
+    if mt not in LLAMA_FAMILY:
+        raise FormatError(
+            f"{cfg_path}: model_type {mt!r}; GGUF conversion supports {list(LLAMA_FAMILY)}"
+        )
+    t = TensorSet.open(shards)
+    n_layers = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads", n_head))
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    rope = cfg.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name(cfg.get("_name_or_path") or src.name)
+        w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+        w.add_embedding_length(hidden)
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(int(cfg["intermediate_size"]))
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_rope_freq_base(theta)
+        w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+        w.add_rope_dimension_count(head_dim)
+        w.add_vocab_size(int(cfg["vocab_size"]))
+        w.add_file_type(FILE_TYPES[kind])
+        _add_tokenizer(gguf, w, shards.directory, cfg)
+        for name in sorted(t.where):
+            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise FormatError(f"tensor {name!r} has no GGUF name for the llama architecture")
+            arr = np.asarray(t.array(name))
+            if name.endswith("q_proj.weight"):
+                arr = _permute(arr, n_head, n_head)
+            elif name.endswith("k_proj.weight"):
+                arr = _permute(arr, n_head, n_kv)
+            dtype = t.info(name).dtype  # type: ignore[union-attr]
+            quant = (
+                arr.ndim == 2
+                and name.endswith(".weight")
+                and "norm" not in name
+                and "embed" not in name
+                and arr.shape[1] % BLOCK == 0
+                and _selected(gname, include, exclude)
+            )
+            if quant:
+                emit(w, gname, arr.astype(np.float64), None, None, True, dtype)
+            else:
+                keep = arr.astype(np.float32) if arr.ndim == 1 else arr.astype(np.float16)
+                emit(w, gname, None, keep, None, False, dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    _atomic_gguf(dst, write)
+
+
+def _add_tokenizer(gguf: Any, w: Any, directory: Path, cfg: dict) -> None:
+    """tokenizer.ggml.* from a byte-level BPE tokenizer.json (gpt2 style)."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise FormatError(f"{path}: only byte-level BPE tokenizers are converted to GGUF")
+    vocab = dict(model["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for a in added.values():
+        vocab.setdefault(a["content"], a["id"])
+    size = max(int(cfg["vocab_size"]), max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for s, i in vocab.items():
+        tokens[i] = s
+        a = added.get(s)
+        types[i] = (
+            gguf.TokenType.CONTROL
+            if a and a.get("special")
+            else (gguf.TokenType.USER_DEFINED if a else gguf.TokenType.NORMAL)
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
+        v = cfg.get(key)
+        if isinstance(v, int):
+            add(v)
+
+
+# --------------------------------------------------------------------------- decoder runner
+def read_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None):
+    """A GGUF llama-family model as ``(config, tensors, tokenizer_json)``: a Hugging Face
+    style config dict, tensors under Hugging Face names (q/k rows un-permuted; layers for
+    Q8_0/Q4_0/Q4_1, float32 arrays otherwise) and a ``tokenizer.json`` string built from
+    the GGUF tokenizer metadata (None when the file has none or it is not gpt2-style BPE).
+    """
+    gguf = _gguf()
+    p = Path(path)
+    r = _reader(p)
+    arch = str(r.fields["general.architecture"].contents())
+    if arch != "llama":
+        raise FormatError(f"{p}: architecture {arch!r}; read_causal_lm supports 'llama'")
+
+    def get(key: str, default: Any = None) -> Any:
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    n_layers = int(get("llama.block_count"))
+    n_head = int(get("llama.attention.head_count"))
+    n_kv = int(get("llama.attention.head_count_kv", n_head))
+    hidden = int(get("llama.embedding_length"))
+    items, _ = read(p, backend=backend)
+    vocab = get("llama.vocab_size") or len(get("tokenizer.ggml.tokens", []))
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    hf_names = _hf_names(tmap, n_layers)
+    tensors: dict[str, Any] = {}
+    for gname, v in items.items():
+        base, _, suffix = gname.rpartition(".")
+        hf = hf_names.get(base)
+        if hf is None:
+            raise FormatError(f"tensor {gname!r} has no Hugging Face name for llama")
+        name = f"{hf}.{suffix}"
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            kv = n_head if "q_proj" in name else n_kv
+            v = _unpermute_item(v, n_head, kv)
+        tensors[name if not isinstance(v, (QuantizedLinear, OffsetLinear)) else hf] = v
+    tied = "lm_head" not in tensors and "lm_head.weight" not in tensors
+    rope_theta = float(get("llama.rope.freq_base", 10000.0))
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("llama.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": int(get("llama.rope.dimension_count", hidden // n_head)),
+        "max_position_embeddings": int(get("llama.context_length", 2048)),
+        "rms_norm_eps": float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": tied,
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        "attention_bias": False,
+    }
+    return config, tensors, _tokenizer_json(get)
+
+
+def _hf_names(tmap: Any, n_layers: int) -> dict[str, str]:
+    out = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    parts = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    for i in range(n_layers):
+        for g, h in parts.items():
+            out[f"blk.{i}.{g}"] = f"model.layers.{i}.{h}"
+    return out
+
+
+def _unpermute_item(v: Any, n_head: int, n_kv: int) -> Any:
+    if isinstance(v, np.ndarray):
+        return _unpermute(v, n_head, n_kv)
+    # rows move with their codes, scales, zero points and offsets: rebuild on the new order
+    inner = v.inner if isinstance(v, OffsetLinear) else v
+    perm = _unpermute(np.arange(inner.out_features), n_head, n_kv)
+    p = inner.params
+    params = QuantizationParams(
+        p.qtype,
+        p.scheme,
+        p.granularity,
+        p.scale[perm],
+        p.zero_point[perm],
+        p.min_val[perm],
+        p.max_val[perm],
+        p.group_size,
+    )
+    new = QuantizedLinear._from_stored(
+        np.ascontiguousarray(inner.stored_weight[perm]),
+        params,
+        inner.in_features,
+        backend=inner.backend,
+    )
+    return OffsetLinear(new, v.offsets[perm]) if isinstance(v, OffsetLinear) else new
+
+
+def _tokenizer_json(get: Any) -> str | None:
+    if get("tokenizer.ggml.model") != "gpt2":
+        return None
+    tokens = get("tokenizer.ggml.tokens")
+    types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = get("tokenizer.ggml.merges") or []
+    added = [
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, (s, ty) in enumerate(zip(tokens, types, strict=False))
+        if ty == 3
+    ]
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "post_processor": None,
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {s: i for i, s in enumerate(tokens)},
+            "merges": [m.split(" ", 1) for m in merges],
+        },
+    }
+    return json.dumps(tok, ensure_ascii=False)
