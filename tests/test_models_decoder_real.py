@@ -28,11 +28,14 @@ PROMPT = (
 def smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the oracle's speed is not under test; spare the shared CPUs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    return load_causal_lm(smollm2_dir), ref, tok
+    yield load_causal_lm(smollm2_dir), ref, tok
+    torch.set_num_threads(threads)
 
 
 def test_smollm2_tokenizer_and_logits(smollm2):
