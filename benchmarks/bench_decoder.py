@@ -34,7 +34,7 @@ if __name__ == "__main__":
     for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, _threads)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 LLAMA_CHILD = r"""
 import json, sys, time
