@@ -51,6 +51,13 @@ def _attend(
     ``_SCORE_ELEMENTS`` floats, whatever the context length."""
     b, nh, t, d = q.shape
     s, g = k.shape[2], nh // nkv
+    if b > 1 and b * nh * t * s > _SCORE_ELEMENTS:  # one sequence at a time, then blocks
+        return np.concatenate(
+            [
+                _attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], nkv, mask_of, positions)
+                for i in range(b)
+            ]
+        )
     q5 = q.reshape(b, nkv, g, t, d)
     kt = k.transpose(0, 1, 3, 2)
     out = np.empty((b, nkv, g, t, d), dtype=np.float32)
