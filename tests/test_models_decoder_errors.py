@@ -38,6 +38,7 @@ def test_config_fields_and_defaults():
     assert _cfg(num_key_value_heads=None).num_key_value_heads == 4
     assert _cfg(model_type="qwen2").qkv_bias and not _cfg(model_type="qwen2").o_bias
     assert _cfg(attention_bias=True).o_bias
+    assert not _cfg(model_type="mistral", attention_bias=True).qkv_bias  # Mistral: never
     assert (
         _cfg(model_type="qwen3").qk_norm == "head"
         and _cfg(model_type="olmoe", num_experts=2, num_experts_per_tok=1).qk_norm == "full"
