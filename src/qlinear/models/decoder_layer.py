@@ -16,14 +16,21 @@ import numpy as np
 from ..errors import InvalidInputError
 from .decoder_config import DecoderConfig
 from .decoder_moe import MoEBlock
-from .decoder_ops import Getter, fuse_linears, need_array, need_linear, rms_norm, swiglu
+from .decoder_ops import (
+    Capture,
+    Getter,
+    fuse_linears,
+    need_array,
+    need_linear,
+    offer,
+    rms_norm,
+    swiglu,
+)
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
 from .rope import apply_rope, inverse_frequencies, rope_tables
 
 __all__ = ["Capture", "DecoderLayer"]
-
-Capture = Callable[[str, np.ndarray], "LinearLike | None"]
 
 
 def _attention_names(prefix: str) -> list[str]:
@@ -292,7 +299,7 @@ class DecoderLayer:
     def _apply(self, name: str, x: np.ndarray, capture: Capture | None) -> np.ndarray:
         lin = self._lin[name]
         if capture is not None:
-            lin = capture(name, x) or lin
+            lin = offer(capture, name, x, lin)
         return np.asarray(lin.forward(x), dtype=np.float32)
 
     def _attention(

@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from ..moe import GatedExpert, MoELayer
 from .decoder_config import DecoderConfig
-from .decoder_ops import Getter, need_array, need_linear, silu
+from .decoder_ops import Capture, Getter, need_array, need_linear, offer, silu
 from .ops import LinearLike
 
 __all__ = ["MoEBlock", "moe_linear_names"]
-
-Capture = Callable[[str, np.ndarray], "LinearLike | None"]
 
 
 def _moe_prefix(cfg: DecoderConfig, prefix: str) -> str:
@@ -106,8 +104,8 @@ class MoEBlock:
         g, u, d = self._names[key]
         lg, lu, ld = self._lin[g], self._lin[u], self._lin[d]
         if capture is not None:
-            lg = capture(g, x) or lg
-            lu = capture(u, x) or lu
+            lg = offer(capture, g, x, lg)
+            lu = offer(capture, u, x, lu)
         f = (
             self._cfg.shared_expert_intermediate_size
             if key == "shared"
@@ -116,7 +114,7 @@ class MoEBlock:
         hid = silu(_apply(lg, x, f))
         hid *= _apply(lu, x, f)
         if capture is not None:
-            ld = capture(d, hid) or ld
+            ld = offer(capture, d, hid, ld)
         return _apply(ld, hid, self._cfg.hidden_size)
 
     def forward(self, x: np.ndarray, capture: Capture | None = None) -> np.ndarray:

@@ -16,9 +16,11 @@ from ..qtypes import QuantizationGranularity
 from .ops import FloatLinear, LinearLike
 
 __all__ = [
+    "Capture",
     "Getter",
     "fuse_linears",
     "linear_dims",
+    "offer",
     "rms_norm",
     "silu",
     "swiglu",
@@ -27,6 +29,14 @@ __all__ = [
 # get(name) -> ndarray | LinearLike for a Hugging Face tensor name; KeyError (or None)
 # when the checkpoint has no such tensor.
 Getter = Callable[[str], Any]
+# capture(name, x) -> a replacement LinearLike for this call, or None (see DecoderLayer).
+Capture = Callable[[str, np.ndarray], "LinearLike | None"]
+
+
+def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> LinearLike:
+    """``capture(name, x)``'s replacement for ``lin``, or ``lin`` when it returns None."""
+    r = capture(name, x)
+    return lin if r is None else r
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
