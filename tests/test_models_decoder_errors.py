@@ -265,3 +265,17 @@ def test_cache_and_non_finite_errors(tiny_dir):
     huge = FloatLinear(np.full((16, 24), 3e38, np.float32))
     with pytest.raises(InvalidInputError, match="not all finite"):
         model.with_linears({down: huge})([1, 2, 3])
+
+
+def test_public_pieces_check_their_inputs(tiny_dir):
+    model = load_causal_lm(tiny_dir[0])
+    h = model.embed([[1, 2, 3]])
+    bad = h.copy()
+    bad[0, 1, 2] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        model.layers[0].forward(bad)
+    with pytest.raises(InvalidInputError, match="not all finite"):
+        model.head(bad)
+    with pytest.raises(InvalidInputError, match=r"\(\.\.\., 16\)"):
+        model.head(h[..., :8])
+    assert np.array_equal(model.head(model.layers[0].forward(h)), model([[1, 2, 3]]))

@@ -24,6 +24,7 @@ from .decoder_ops import (
     need_linear,
     offer,
     rms_norm,
+    run_linear,
     swiglu,
 )
 from .kv_cache import KVCache
@@ -270,7 +271,16 @@ class DecoderLayer:
                 f"positions must be {a.shape[1]} integers (one per token); got "
                 f"{positions.dtype} {positions.shape}"
             )
-        return self.run(a, positions, cache, capture, None)
+        if not np.isfinite(a).all():
+            raise InvalidInputError("h holds NaN or Inf; expected finite hidden states")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self.run(a, positions, cache, capture, None)
+        if not np.isfinite(out).all():
+            raise InvalidInputError(
+                f"layer {self.index} produced Inf/NaN (largest |h| {float(np.abs(a).max()):.3g}); "
+                "its weights or a replacement layer overflow float32"
+            )
+        return out
 
     def run(
         self,
@@ -300,7 +310,7 @@ class DecoderLayer:
         lin = self._lin[name]
         if capture is not None:
             lin = offer(capture, name, x, lin)
-        return np.asarray(lin.forward(x), dtype=np.float32)
+        return run_linear(lin, x)
 
     def _attention(
         self,
@@ -316,7 +326,7 @@ class DecoderLayer:
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qn, kn, vn, on = _attention_names(self.prefix)
         if capture is None and self._qkv is not None:
-            qkv = np.asarray(self._qkv.forward(x), dtype=np.float32)
+            qkv = run_linear(self._qkv, x)
             q, k, v = (
                 qkv[:, : nh * hd],
                 qkv[:, nh * hd : (nh + nkv) * hd],
@@ -365,7 +375,7 @@ class DecoderLayer:
         g, u, d = _mlp_names(self.prefix)
         f = self.config.intermediate_size
         if capture is None and self._gate_up is not None:
-            hid = swiglu(np.asarray(self._gate_up.forward(x), dtype=np.float32), f)
+            hid = swiglu(run_linear(self._gate_up, x), f)
         else:
             hid = swiglu(
                 np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f

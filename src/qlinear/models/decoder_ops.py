@@ -22,6 +22,7 @@ __all__ = [
     "linear_dims",
     "offer",
     "rms_norm",
+    "run_linear",
     "silu",
     "swiglu",
 ]
@@ -31,6 +32,16 @@ __all__ = [
 Getter = Callable[[str], Any]
 # capture(name, x) -> a replacement LinearLike for this call, or None (see DecoderLayer).
 Capture = Callable[[str, np.ndarray], "LinearLike | None"]
+
+
+def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
+    """``lin(x)`` as float32 for a float32 ``(tokens, in)`` x the model already checked:
+    QuantizedLinear through its unchecked path (the model checks its logits once)."""
+    if type(lin) is QuantizedLinear and x.shape[0]:
+        y = lin._forward_unchecked(x)
+    else:
+        y = lin.forward(x)
+    return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
 
 
 def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> LinearLike:
