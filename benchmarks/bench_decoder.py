@@ -26,6 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":
+    # The float32 path runs on NumPy's BLAS: give it the same thread count as the others
+    # (it must be set before NumPy loads OpenBLAS).
+    _argv = sys.argv[1:]
+    _threads = _argv[_argv.index("--threads") + 1] if "--threads" in _argv[:-1] else "2"
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
 import numpy as np
 
 LLAMA_CHILD = r"""

@@ -12,7 +12,7 @@ from ..errors import InvalidInputError, InvalidParamsError
 from ..linear import QuantizedLinear
 from .decoder_config import DecoderConfig
 from .decoder_layer import DecoderLayer
-from .decoder_ops import Getter, linear_dims, need_array, need_linear, rms_norm
+from .decoder_ops import Getter, linear_dims, need_array, need_linear, rms_norm, run_linear
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
 from .rope import inverse_frequencies, rope_tables
@@ -45,6 +45,14 @@ def _nbytes(obj: Any, seen: set[int]) -> int:
             seen.add(key)
             total += a.nbytes if base.base is not None else base.nbytes
     return total
+
+
+def _check_logits(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        raise InvalidInputError(
+            "the logits are not all finite (Inf/NaN); the input, a layer's weights or a "
+            "replacement layer produced values beyond float32's range"
+        )
 
 
 class CausalLM:
@@ -153,11 +161,24 @@ class CausalLM:
         return self._embed[a].astype(np.float32, copy=False)
 
     def head(self, h: np.ndarray) -> np.ndarray:
-        """float32 ``(B, T, hidden)`` -> float32 ``(B, T, vocab)``: final RMSNorm + lm_head."""
-        x = rms_norm(np.asarray(h, dtype=np.float32), self._norm, self.config.rms_norm_eps)
+        """float32 ``(B, T, hidden)`` -> float32 ``(B, T, vocab)``: final RMSNorm + lm_head.
+
+        Raises InvalidInputError: h of another width, or logits that are not all finite."""
+        a = np.asarray(h)
+        if a.ndim < 1 or a.shape[-1] != self.config.hidden_size or a.dtype.kind != "f":
+            raise InvalidInputError(
+                f"h must be a float (..., {self.config.hidden_size}) array; got {a.dtype} {a.shape}"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = self._logits(a.astype(np.float32, copy=False))
+        _check_logits(logits)
+        return logits
+
+    def _logits(self, h: np.ndarray) -> np.ndarray:
+        x = rms_norm(h, self._norm, self.config.rms_norm_eps)
         lead = x.shape[:-1]
-        y = self._head.forward(x.reshape(-1, x.shape[-1]))
-        return np.asarray(y, dtype=np.float32).reshape(*lead, self.config.vocab_size)
+        y = run_linear(self._head, np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+        return y.reshape(*lead, self.config.vocab_size)
 
     def forward(
         self, ids: Any, *, cache: KVCache | None = None, last_only: bool = False
@@ -180,14 +201,10 @@ class CausalLM:
                 h = layer.run(h, positions, cache, None, rope)
             if last_only:
                 h = h[:, -1:]
-            logits = self.head(h)
-        if not np.isfinite(logits).all():
-            # Checked once here, not inside every layer: finite weights and ids cannot give
-            # Inf/NaN short of an overflow, so this names a bad replacement layer or weight.
-            raise InvalidInputError(
-                "the logits are not all finite (Inf/NaN); a layer's weights or a replacement "
-                "layer produced values beyond float32's range"
-            )
+            logits = self._logits(h)
+        # Checked once here, not inside every layer: finite weights and ids cannot give
+        # Inf/NaN short of an overflow, so this names a bad replacement layer or weight.
+        _check_logits(logits)
         return logits if np.ndim(ids) == 2 else logits[0]
 
     __call__ = forward

@@ -16,14 +16,22 @@ import numpy as np
 from ..errors import InvalidInputError
 from .decoder_config import DecoderConfig
 from .decoder_moe import MoEBlock
-from .decoder_ops import Getter, fuse_linears, need_array, need_linear, rms_norm, swiglu
+from .decoder_ops import (
+    Capture,
+    Getter,
+    fuse_linears,
+    need_array,
+    need_linear,
+    offer,
+    rms_norm,
+    run_linear,
+    swiglu,
+)
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
 from .rope import apply_rope, inverse_frequencies, rope_tables
 
 __all__ = ["Capture", "DecoderLayer"]
-
-Capture = Callable[[str, np.ndarray], "LinearLike | None"]
 
 
 def _attention_names(prefix: str) -> list[str]:
@@ -51,6 +59,13 @@ def _attend(
     ``_SCORE_ELEMENTS`` floats, whatever the context length."""
     b, nh, t, d = q.shape
     s, g = k.shape[2], nh // nkv
+    if b > 1 and b * nh * t * s > _SCORE_ELEMENTS:  # one sequence at a time, then blocks
+        return np.concatenate(
+            [
+                _attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], nkv, mask_of, positions)
+                for i in range(b)
+            ]
+        )
     q5 = q.reshape(b, nkv, g, t, d)
     kt = k.transpose(0, 1, 3, 2)
     out = np.empty((b, nkv, g, t, d), dtype=np.float32)
@@ -256,7 +271,16 @@ class DecoderLayer:
                 f"positions must be {a.shape[1]} integers (one per token); got "
                 f"{positions.dtype} {positions.shape}"
             )
-        return self.run(a, positions, cache, capture, None)
+        if not np.isfinite(a).all():
+            raise InvalidInputError("h holds NaN or Inf; expected finite hidden states")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self.run(a, positions, cache, capture, None)
+        if not np.isfinite(out).all():
+            raise InvalidInputError(
+                f"layer {self.index} produced Inf/NaN (largest |h| {float(np.abs(a).max()):.3g}); "
+                "its weights or a replacement layer overflow float32"
+            )
+        return out
 
     def run(
         self,
@@ -285,8 +309,8 @@ class DecoderLayer:
     def _apply(self, name: str, x: np.ndarray, capture: Capture | None) -> np.ndarray:
         lin = self._lin[name]
         if capture is not None:
-            lin = capture(name, x) or lin
-        return np.asarray(lin.forward(x), dtype=np.float32)
+            lin = offer(capture, name, x, lin)
+        return run_linear(lin, x)
 
     def _attention(
         self,
@@ -302,7 +326,7 @@ class DecoderLayer:
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qn, kn, vn, on = _attention_names(self.prefix)
         if capture is None and self._qkv is not None:
-            qkv = np.asarray(self._qkv.forward(x), dtype=np.float32)
+            qkv = run_linear(self._qkv, x)
             q, k, v = (
                 qkv[:, : nh * hd],
                 qkv[:, nh * hd : (nh + nkv) * hd],
@@ -351,7 +375,7 @@ class DecoderLayer:
         g, u, d = _mlp_names(self.prefix)
         f = self.config.intermediate_size
         if capture is None and self._gate_up is not None:
-            hid = swiglu(np.asarray(self._gate_up.forward(x), dtype=np.float32), f)
+            hid = swiglu(run_linear(self._gate_up, x), f)
         else:
             hid = swiglu(
                 np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f
