@@ -219,7 +219,8 @@ def _quantize_group(
         bias = getattr(lin, "bias", None)
         acc = accs.get(root)
         rows = 0 if acc is None else acc.rows
-        if rows < opts.min_tokens:
+        # routed experts may see few tokens; every other linear sees all of them
+        if rows == 0 or (".experts." in name and rows < opts.min_tokens):
             out[name] = QuantizedLinear.from_fp(w, cfg.calibrate(w), bias=bias)
             fallback.append((name, int(rows)))
             continue
