@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--mse", action="store_true", help="add int4 g128 asym GPTQ + MSE grid")
     ap.add_argument("--no-gptq", action="store_true", help="round-to-nearest rows only")
+    ap.add_argument(
+        "--rows", type=int, nargs="+", help="run only these rows (0 = float; deltas need it)"
+    )
     args = ap.parse_args()
     print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
 
@@ -105,6 +108,8 @@ def main() -> None:
     rows = [r for r in ROWS if not (args.no_gptq and r[1] == "gptq")]
     if args.mse and not args.no_gptq:
         rows.append(MSE_ROW)
+    if args.rows:
+        rows = [rows[i] for i in args.rows]
     header = "| format | method | perplexity | vs float | GPTQ time | GPTQ peak RSS |"
     print(header + "\n|---|---|---|---|---|---|", flush=True)
     base = None
@@ -139,6 +144,8 @@ def main() -> None:
             p = ppl(path, ids, args.ctx)
             base = p if base is None else base
             delta = "—" if method is None else f"{(p / base - 1) * 100:+.1f}%"
+            if method is not None and rows[0][1] is not None:
+                delta = "(no float row)"
             name = {
                 None: "—",
                 "rtn": "round to nearest",

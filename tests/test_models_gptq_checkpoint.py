@@ -16,10 +16,10 @@ from qlinear.errors import InvalidInputError, InvalidParamsError
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _tiny_lm import build_tiny  # noqa: E402
-from qlinear.models import load_causal_lm  # noqa: E402
-from qlinear.models.corpus import corpus_text  # noqa: E402
-from qlinear.models.gptq_checkpoint import (  # noqa: E402
+from _tiny_lm import build_tiny
+from qlinear.models import load_causal_lm
+from qlinear.models.corpus import corpus_text
+from qlinear.models.gptq_checkpoint import (
     GPTQOptions,
     _Source,
     calibrate_layer,

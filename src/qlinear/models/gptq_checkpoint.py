@@ -156,7 +156,6 @@ def calibration_ids(src_dir: Path, text: str | None, samples: int, seqlen: int) 
     """int64 ``(samples, seqlen)``: the first ``samples * seqlen`` tokens of ``text``
     (default: the calibration corpus) under the checkpoint's ``tokenizer.json``."""
     from .corpus import corpus_text
-
     from .tokenizer import Tokenizer
 
     tok_path = src_dir / "tokenizer.json"
@@ -226,7 +225,9 @@ def _quantize_group(
             continue
         if root not in hessians:
             hessians[root] = PreparedHessian(
-                acc.value(), damp=opts.damp, act_order=opts.act_order  # type: ignore[union-attr]
+                acc.value(),
+                damp=opts.damp,
+                act_order=opts.act_order,  # type: ignore[union-attr]
             )
         out[name] = gptq_quantize(
             w,
@@ -279,7 +280,16 @@ def calibrate_layer(
             seen: set[str] = set()
             last: list[Any] = [None, None]  # (name, x) of the previous call in this group
 
-            def hook(name: str, x: np.ndarray, seen=seen, last=last, accs=accs, alias=alias):
+            def hook(
+                name: str,
+                x: np.ndarray,
+                seen=seen,
+                last=last,
+                accs=accs,
+                alias=alias,
+                members=members,
+                merge=merge,
+            ):
                 if name in done:
                     return done[name]
                 if name not in members:
