@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from ._ranges import METHODS
 from .errors import QuantizationError
 
 __all__ = ["main"]
@@ -52,7 +53,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric")
     p.add_argument(
         "--method",
-        choices=("minmax", "percentile", "mse"),
+        choices=METHODS,
         default="minmax",
         help="how the clipping range is chosen",
     )
