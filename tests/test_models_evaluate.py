@@ -28,7 +28,6 @@ def test_eval_on_a_decoder_llm_reports_perplexity_sizes_and_speed(tmp_path, caps
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
     from _tiny_lm import build_tiny
-
     from qlinear.cli import main
 
     src = build_tiny(tmp_path / "llama")
