@@ -6,7 +6,7 @@ order) on ``--calib-samples x --calib-seqlen`` calibration tokens; with ``--mse`
 g128 asymmetric GPTQ + MSE grid. Perplexity on the first ``--eval-tokens`` tokens of the
 evaluation part of the stdlib docs (``qlinear.models.corpus``), windows of ``--ctx``.
 Every quantized checkpoint is written by the CLI's code path and loaded back; each GPTQ
-run is a subprocess, so its peak RSS is its own (``ru_maxrss``).
+run is a subprocess, so its peak RSS is its own (``VmHWM``).
 
 Run from a checkout (about an hour at 128 x 512 on 2 shared cores)::
 
@@ -49,13 +49,15 @@ MSE_ROW = (
 )
 
 _GPTQ_CHILD = """
-import json, resource, sys
+import json, sys
 from qlinear.models.gptq_checkpoint import GPTQOptions, gptq_quantize_checkpoint
 src, dst, cfg, samples, seqlen = sys.argv[1:6]
 r = gptq_quantize_checkpoint(src, dst, json.loads(cfg), progress=False,
                              options=GPTQOptions(samples=int(samples), seqlen=int(seqlen)))
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": r.seconds, "peak_rss": rss, "fallback": len(r.weight_only_fallback)}))
+# VmHWM, not ru_maxrss: Linux carries the forked parent's peak over exec into ru_maxrss
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": r.seconds, "peak_rss": hwm * 1024,
+                  "fallback": len(r.weight_only_fallback)}))
 """
 
 
