@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             }
         ),
     ),
-    "mistral": ("mistral", dict(head_dim=24)),
+    "mistral": ("mistral", dict(head_dim=24, attention_bias=True)),  # Mistral ignores it
     "mistral_window": ("mistral", dict(sliding_window=5)),
     "qwen2": ("qwen2", {}),
     "qwen2_window": (
@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
     ),
     "qwen3": ("qwen3", dict(head_dim=16, tie_word_embeddings=True)),
+    "qwen3_bias": ("qwen3", dict(head_dim=16, attention_bias=True)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": (
         "qwen2_moe",

@@ -38,6 +38,7 @@ def test_config_fields_and_defaults():
     assert _cfg(num_key_value_heads=None).num_key_value_heads == 4
     assert _cfg(model_type="qwen2").qkv_bias and not _cfg(model_type="qwen2").o_bias
     assert _cfg(attention_bias=True).o_bias
+    assert not _cfg(model_type="mistral", attention_bias=True).qkv_bias  # Mistral: never
     assert (
         _cfg(model_type="qwen3").qk_norm == "head"
         and _cfg(model_type="olmoe", num_experts=2, num_experts_per_tok=1).qk_norm == "full"
@@ -244,3 +245,37 @@ def test_numpy_reference_of_one_layer(tiny_dir):
     logits = norm(x, t["model.norm.weight"]) @ t["model.embed_tokens.weight"].T
     got = model(ids)
     assert np.abs(got - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def test_cache_and_non_finite_errors(tiny_dir):
+    from qlinear.models import FloatLinear, KVCache
+
+    model = load_causal_lm(tiny_dir[0])
+    with pytest.raises(InvalidInputError, match="KVCache"):
+        model.forward([1, 2], cache={})
+    with pytest.raises(InvalidInputError, match=r"\(3, 2, 4\).*\(1, 2, 4\)"):
+        model.forward([1, 2], cache=KVCache(3, 1, 2, 4, 8))
+    with pytest.raises(InvalidInputError, match="does not fit layer 0"):
+        model.layers[0].forward(np.zeros((2, 1, 16), np.float32), cache=model.new_cache())
+    with pytest.raises(InvalidInputError, match=r"float \(batch, seq, 16\)"):
+        model.layers[0].forward(np.zeros((1, 16), np.float32))
+    with pytest.raises(InvalidInputError, match="positions"):
+        model.layers[0].forward(np.zeros((1, 2, 16), np.float32), positions=[0.5, 1.5])
+    down = "model.layers.0.mlp.down_proj"
+    huge = FloatLinear(np.full((16, 24), 3e38, np.float32))
+    with pytest.raises(InvalidInputError, match="not all finite"):
+        model.with_linears({down: huge})([1, 2, 3])
+
+
+def test_public_pieces_check_their_inputs(tiny_dir):
+    model = load_causal_lm(tiny_dir[0])
+    h = model.embed([[1, 2, 3]])
+    bad = h.copy()
+    bad[0, 1, 2] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        model.layers[0].forward(bad)
+    with pytest.raises(InvalidInputError, match="not all finite"):
+        model.head(bad)
+    with pytest.raises(InvalidInputError, match=r"\(\.\.\., 16\)"):
+        model.head(h[..., :8])
+    assert np.array_equal(model.head(model.layers[0].forward(h)), model([[1, 2, 3]]))

@@ -429,6 +429,27 @@ class QuantizedLinear:
 
     __call__ = forward
 
+    def _forward_unchecked(self, x2: np.ndarray) -> np.ndarray:
+        """:meth:`forward` for package-internal callers that validated ``x`` once at their
+        own boundary (the decoder models): ``x2`` float32/float64 ``(tokens,
+        in_features)``, tokens > 0, weight-only float activations. Nothing is checked
+        here, and Inf/NaN in the result are returned, not raised: the caller checks its
+        final output once."""
+        backend = kernels.get_backend(self._packed.backend)
+        args = (
+            self._packed,
+            x2,
+            self._s2,
+            self._zp2,
+            self.group_size or self.in_features,
+            self._bias,
+            "float",
+        )
+        if getattr(backend, "fp_warnings_silenced", False):
+            return backend.linear(*args)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return backend.linear(*args)
+
     def __reduce__(self):
         # Pickle / copy the canonical codes and rebuild: the copy is packed for the active
         # backend and read-only like the original.

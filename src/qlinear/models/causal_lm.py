@@ -12,9 +12,10 @@ from ..errors import InvalidInputError, InvalidParamsError
 from ..linear import QuantizedLinear
 from .decoder_config import DecoderConfig
 from .decoder_layer import DecoderLayer
-from .decoder_ops import Getter, linear_dims, need_array, need_linear, rms_norm
+from .decoder_ops import Getter, linear_dims, need_array, need_linear, rms_norm, run_linear
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
+from .rope import inverse_frequencies, rope_tables
 
 __all__ = ["CausalLM"]
 
@@ -44,6 +45,14 @@ def _nbytes(obj: Any, seen: set[int]) -> int:
             seen.add(key)
             total += a.nbytes if base.base is not None else base.nbytes
     return total
+
+
+def _check_logits(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        raise InvalidInputError(
+            "the logits are not all finite (Inf/NaN); the input, a layer's weights or a "
+            "replacement layer produced values beyond float32's range"
+        )
 
 
 class CausalLM:
@@ -76,6 +85,7 @@ class CausalLM:
         self._head = FloatLinear(embed_tokens) if lm_head is None else lm_head
         self.tokenizer = tokenizer
         self.source = source
+        self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
 
     @classmethod
     def from_tensors(
@@ -106,6 +116,8 @@ class CausalLM:
                 f"token ids must lie in [0, {v - 1}] (vocab_size {v}); got values from {lo} to {hi}"
             )
         a2 = a.reshape(-1, a.shape[-1])
+        if cache is not None:
+            self.check_cache(cache)
         past = 0 if cache is None else cache.length
         limit = self.config.max_position_embeddings
         if past + a2.shape[1] > limit:
@@ -118,6 +130,20 @@ class CausalLM:
                 f"the cache holds batch {cache.batch}; got ids of batch {a2.shape[0]}"
             )
         return a2.astype(np.int64, copy=False)
+
+    def check_cache(self, cache: Any) -> None:
+        """InvalidInputError unless ``cache`` is a KVCache made for this model's shape."""
+        c = self.config
+        want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        if not isinstance(cache, KVCache):
+            raise InvalidInputError(
+                f"cache must be a KVCache from model.new_cache(); got {type(cache).__name__}"
+            )
+        got = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
+        if got != want:
+            raise InvalidInputError(
+                f"the cache has (layers, kv_heads, head_dim) = {got}; this model needs {want}"
+            )
 
     # ------------------------------------------------------------ compute
     def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
@@ -135,11 +161,24 @@ class CausalLM:
         return self._embed[a].astype(np.float32, copy=False)
 
     def head(self, h: np.ndarray) -> np.ndarray:
-        """float32 ``(B, T, hidden)`` -> float32 ``(B, T, vocab)``: final RMSNorm + lm_head."""
-        x = rms_norm(np.asarray(h, dtype=np.float32), self._norm, self.config.rms_norm_eps)
+        """float32 ``(B, T, hidden)`` -> float32 ``(B, T, vocab)``: final RMSNorm + lm_head.
+
+        Raises InvalidInputError: h of another width, or logits that are not all finite."""
+        a = np.asarray(h)
+        if a.ndim < 1 or a.shape[-1] != self.config.hidden_size or a.dtype.kind != "f":
+            raise InvalidInputError(
+                f"h must be a float (..., {self.config.hidden_size}) array; got {a.dtype} {a.shape}"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = self._logits(a.astype(np.float32, copy=False))
+        _check_logits(logits)
+        return logits
+
+    def _logits(self, h: np.ndarray) -> np.ndarray:
+        x = rms_norm(h, self._norm, self.config.rms_norm_eps)
         lead = x.shape[:-1]
-        y = self._head.forward(x.reshape(-1, x.shape[-1]))
-        return np.asarray(y, dtype=np.float32).reshape(*lead, self.config.vocab_size)
+        y = run_linear(self._head, np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+        return y.reshape(*lead, self.config.vocab_size)
 
     def forward(
         self, ids: Any, *, cache: KVCache | None = None, last_only: bool = False
@@ -153,11 +192,19 @@ class CausalLM:
         """
         a = self._check_ids(ids, cache)
         h = self._embed[a].astype(np.float32, copy=False)
-        for layer in self.layers:
-            h = layer.forward(h, cache=cache)
-        if last_only:
-            h = h[:, -1:]
-        logits = self.head(h)
+        start = 0 if cache is None else cache.length
+        positions = np.arange(start, start + a.shape[1])
+        rope = rope_tables(self._inv_freq, positions)  # shared by every layer
+        # Overflow shows up as Inf/NaN in the logits, checked once below (no warnings).
+        with np.errstate(over="ignore", invalid="ignore"):
+            for layer in self.layers:
+                h = layer.run(h, positions, cache, None, rope)
+            if last_only:
+                h = h[:, -1:]
+            logits = self._logits(h)
+        # Checked once here, not inside every layer: finite weights and ids cannot give
+        # Inf/NaN short of an overflow, so this names a bad replacement layer or weight.
+        _check_logits(logits)
         return logits if np.ndim(ids) == 2 else logits[0]
 
     __call__ = forward
@@ -167,8 +214,7 @@ class CausalLM:
         out: dict[str, LinearLike] = {}
         for layer in self.layers:
             out.update(layer.linears)
-        if self._lm_head is not None:
-            out["lm_head"] = self._lm_head
+        out["lm_head"] = self._head  # tied: a FloatLinear over the embedding
         return out
 
     def linear_names(self) -> list[str]:
@@ -178,7 +224,8 @@ class CausalLM:
         return names + (["lm_head"] if self._lm_head is not None else [])
 
     def linear(self, name: str) -> LinearLike:
-        """The LinearLike in use for ``name`` (FloatLinear or QuantizedLinear)."""
+        """The LinearLike in use for ``name`` (FloatLinear or QuantizedLinear);
+        ``"lm_head"`` of a tied model is a FloatLinear viewing the embedding."""
         lin = self._all_linears().get(name)
         if lin is None:
             raise InvalidParamsError(

@@ -277,11 +277,15 @@ class DecoderConfig:
         rope = _rope(d, mt, source, ints["max_position_embeddings"])
         n_layers = ints["num_hidden_layers"]
         window, types = _layer_types(d, mt, n_layers, source)
-        attn_bias = _bool(d, "attention_bias", source, False)
-        qkv_bias = mt in ("qwen2", "qwen2_moe") or attn_bias
+        # transformers honours attention_bias (q/k/v/o) only in these families; Mistral and
+        # Mixtral have no biases, Qwen2 always has q/k/v biases, Qwen2-MoE per qkv_bias.
+        attn_bias = mt in ("llama", "qwen3", "qwen3_moe", "olmoe") and _bool(
+            d, "attention_bias", source, False
+        )
+        qkv_bias = mt == "qwen2" or attn_bias
         if mt == "qwen2_moe":
             qkv_bias = _bool(d, "qkv_bias", source, True)
-        o_bias = attn_bias and mt not in ("qwen2", "qwen2_moe")
+        o_bias = attn_bias
         qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(mt)
         clip = d.get("clip_qkv") if mt == "olmoe" else None
         if clip is not None:

@@ -13,16 +13,25 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from .decoder_config import DecoderConfig
 from .decoder_moe import MoEBlock
-from .decoder_ops import Getter, fuse_linears, need_array, need_linear, rms_norm, swiglu
+from .decoder_ops import (
+    Capture,
+    Getter,
+    fuse_linears,
+    need_array,
+    need_linear,
+    offer,
+    rms_norm,
+    run_linear,
+    swiglu,
+)
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
 from .rope import apply_rope, inverse_frequencies, rope_tables
 
 __all__ = ["Capture", "DecoderLayer"]
-
-Capture = Callable[[str, np.ndarray], "LinearLike | None"]
 
 
 def _attention_names(prefix: str) -> list[str]:
@@ -31,6 +40,50 @@ def _attention_names(prefix: str) -> list[str]:
 
 def _mlp_names(prefix: str) -> list[str]:
     return [f"{prefix}mlp.{n}_proj" for n in ("gate", "up", "down")]
+
+
+_SCORE_ELEMENTS = 1 << 23  # attention scores held at once (32 MiB of float32)
+
+
+def _attend(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    nkv: int,
+    mask_of: Callable[[np.ndarray], np.ndarray | None],
+    positions: np.ndarray,
+) -> np.ndarray:
+    """``softmax(q k^T / sqrt(d) + mask) v`` for q ``(b, nh, t, d)``, k, v
+    ``(b, nkv, s, d)`` -> ``(b, nh, t, d)`` float32. The query heads of one KV head are
+    stacked into one matmul (GQA); queries go in blocks so that the scores never exceed
+    ``_SCORE_ELEMENTS`` floats, whatever the context length."""
+    b, nh, t, d = q.shape
+    s, g = k.shape[2], nh // nkv
+    if b > 1 and b * nh * t * s > _SCORE_ELEMENTS:  # one sequence at a time, then blocks
+        return np.concatenate(
+            [
+                _attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], nkv, mask_of, positions)
+                for i in range(b)
+            ]
+        )
+    q5 = q.reshape(b, nkv, g, t, d)
+    kt = k.transpose(0, 1, 3, 2)
+    out = np.empty((b, nkv, g, t, d), dtype=np.float32)
+    rows = max(1, _SCORE_ELEMENTS // (b * nh * s))
+    for i0 in range(0, t, rows):
+        i1 = min(t, i0 + rows)
+        c = i1 - i0
+        scores = q5[:, :, :, i0:i1].reshape(b, nkv, g * c, d) @ kt  # (b, nkv, g*c, s)
+        scores *= np.float32(d**-0.5)
+        scores = scores.reshape(b, nkv, g, c, s)
+        mask = mask_of(positions[i0:i1])
+        if mask is not None:
+            scores = np.where(mask, scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[:, :, :, i0:i1] = (scores.reshape(b, nkv, g * c, s) @ v).reshape(b, nkv, g, c, d)
+    return out.reshape(b, nh, t, d)
 
 
 class DecoderLayer:
@@ -64,6 +117,8 @@ class DecoderLayer:
         linears: Mapping[str, LinearLike],
         norms: Mapping[str, np.ndarray],
         moe: MoEBlock | None = None,
+        *,
+        _fused: Mapping[str, LinearLike | None] | None = None,
     ) -> None:
         self.config, self.index = config, index
         self.prefix = f"model.layers.{index}."
@@ -72,11 +127,12 @@ class DecoderLayer:
         self._moe = moe
         self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
         q, k, v, _ = _attention_names(self.prefix)
-        self._qkv = self._fuse([q, k, v])
+        reuse = _fused or {}  # groups with_linears left unchanged keep their fused layer
+        self._qkv = reuse["qkv"] if "qkv" in reuse else self._fuse([q, k, v])
         self._gate_up = None
         if moe is None:
             g, u, _ = _mlp_names(self.prefix)
-            self._gate_up = self._fuse([g, u])
+            self._gate_up = reuse["gate_up"] if "gate_up" in reuse else self._fuse([g, u])
 
     def _fuse(self, names: list[str]) -> LinearLike | None:
         """The fused layer of ``names``; float parts become row views of the fused weight
@@ -137,10 +193,23 @@ class DecoderLayer:
 
     def with_linears(self, mapping: Mapping[str, LinearLike]) -> DecoderLayer:
         """A new layer with the named linears replaced (names from :meth:`linear_names`;
-        others are ignored); this one is unchanged."""
-        lin = {**self._lin, **{k: v for k, v in mapping.items() if k in self._lin}}
-        moe = None if self._moe is None else self._moe.with_linears(mapping)
-        return DecoderLayer(self.config, self.index, lin, self._norms, moe)
+        others are ignored); this one is unchanged. Unchanged fused groups (q/k/v,
+        gate/up) are shared with this layer, not rebuilt."""
+        touched = set(mapping) & set(self.linears)
+        if not touched:
+            return self
+        lin = {**self._lin, **{k: mapping[k] for k in touched if k in self._lin}}
+        moe = self._moe
+        if moe is not None and touched - set(self._lin):
+            moe = moe.with_linears(mapping)
+        q, k, v, _ = _attention_names(self.prefix)
+        g, u, _ = _mlp_names(self.prefix)
+        fused: dict[str, LinearLike | None] = {}
+        if not touched & {q, k, v}:
+            fused["qkv"] = self._qkv
+        if not touched & {g, u}:
+            fused["gate_up"] = self._gate_up
+        return DecoderLayer(self.config, self.index, lin, self._norms, moe, _fused=fused)
 
     # ------------------------------------------------------------ introspection
     @property
@@ -176,13 +245,61 @@ class DecoderLayer:
         cache: KVCache | None = None,
         capture: Capture | None = None,
     ) -> np.ndarray:
-        b, t, hid = h.shape
+        hid = self.config.hidden_size
+        a = np.asarray(h)
+        if a.ndim != 3 or a.shape[2] != hid or a.dtype.kind != "f":
+            raise InvalidInputError(
+                f"h must be a float (batch, seq, {hid}) array; got {a.dtype} {a.shape}"
+            )
+        a = a.astype(np.float32, copy=False)
+        if cache is not None and not (
+            isinstance(cache, KVCache)
+            and cache.num_layers > self.index
+            and (cache.num_kv_heads, cache.head_dim, cache.batch)
+            == (self.config.num_key_value_heads, self.config.head_dim, a.shape[0])
+        ):
+            raise InvalidInputError(
+                f"cache {cache!r} does not fit layer {self.index} of this model with batch "
+                f"{a.shape[0]}; expected a KVCache from model.new_cache(batch={a.shape[0]})"
+            )
         if positions is None:
             start = 0 if cache is None else cache.layer_length(self.index)
-            positions = np.arange(start, start + t)
+            positions = np.arange(start, start + a.shape[1])
+        positions = np.asarray(positions)
+        if positions.shape != (a.shape[1],) or positions.dtype.kind not in "iu":
+            raise InvalidInputError(
+                f"positions must be {a.shape[1]} integers (one per token); got "
+                f"{positions.dtype} {positions.shape}"
+            )
+        if not np.isfinite(a).all():
+            raise InvalidInputError("h holds NaN or Inf; expected finite hidden states")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self.run(a, positions, cache, capture, None)
+        if not np.isfinite(out).all():
+            raise InvalidInputError(
+                f"layer {self.index} produced Inf/NaN (largest |h| {float(np.abs(a).max()):.3g}); "
+                "its weights or a replacement layer overflow float32"
+            )
+        return out
+
+    def run(
+        self,
+        h: np.ndarray,
+        positions: np.ndarray,
+        cache: KVCache | None,
+        capture: Capture | None,
+        rope: tuple[np.ndarray, np.ndarray] | None,
+    ) -> np.ndarray:
+        """:meth:`forward` without its checks, for callers that made them once (the
+        model): ``h`` float32 ``(B, T, hidden)``, ``positions`` int ``(T,)``, ``rope`` the
+        ``(cos, sin)`` tables of ``positions`` (or None to compute them)."""
+        b, t, hid = h.shape
+        if rope is None:
+            rope = rope_tables(self._inv_freq, positions)
         eps = self.config.rms_norm_eps
         x = rms_norm(h, self._norms["input"], eps).reshape(b * t, hid)
-        out = h + self._attention(x, b, t, positions, cache, capture).reshape(b, t, hid)
+        att = self._attention(x, b, t, positions, rope, cache, capture)
+        out = h + att.reshape(b, t, hid)
         x = rms_norm(out, self._norms["post"], eps).reshape(b * t, hid)
         out += self._mlp(x, capture).reshape(b, t, hid)
         return out
@@ -192,8 +309,8 @@ class DecoderLayer:
     def _apply(self, name: str, x: np.ndarray, capture: Capture | None) -> np.ndarray:
         lin = self._lin[name]
         if capture is not None:
-            lin = capture(name, x) or lin
-        return np.asarray(lin.forward(x), dtype=np.float32)
+            lin = offer(capture, name, x, lin)
+        return run_linear(lin, x)
 
     def _attention(
         self,
@@ -201,6 +318,7 @@ class DecoderLayer:
         b: int,
         t: int,
         positions: np.ndarray,
+        rope: tuple[np.ndarray, np.ndarray],
         cache: KVCache | None,
         capture: Capture | None,
     ) -> np.ndarray:
@@ -208,8 +326,12 @@ class DecoderLayer:
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qn, kn, vn, on = _attention_names(self.prefix)
         if capture is None and self._qkv is not None:
-            qkv = np.asarray(self._qkv.forward(x), dtype=np.float32)
-            q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd], axis=1)
+            qkv = run_linear(self._qkv, x)
+            q, k, v = (
+                qkv[:, : nh * hd],
+                qkv[:, nh * hd : (nh + nkv) * hd],
+                qkv[:, (nh + nkv) * hd :],
+            )
         else:
             q, k, v = (self._apply(n, x, capture) for n in (qn, kn, vn))
         if c.qk_norm == "full":
@@ -222,26 +344,14 @@ class DecoderLayer:
         if c.qk_norm == "head":
             q = rms_norm(q, self._norms["q"], c.rms_norm_eps)
             k = rms_norm(k, self._norms["k"], c.rms_norm_eps)
-        cos, sin = rope_tables(self._inv_freq, positions)
+        cos, sin = rope
         q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # (b, nh, t, hd)
         k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # (b, nkv, t, hd)
         v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.append(self.index, k, v)
-        s = k.shape[2]
-        g = nh // nkv
-        qg = q.reshape(b, nkv, g * t, hd)  # query heads of one kv group, stacked
-        scores = qg @ k.transpose(0, 1, 3, 2)  # (b, nkv, g*t, s)
-        scores *= np.float32(hd**-0.5)
-        scores = scores.reshape(b, nkv, g, t, s)
-        mask = self._mask(positions, s)
-        if mask is not None:
-            scores = np.where(mask, scores, np.float32(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        att = scores.reshape(b, nkv, g * t, s) @ v  # (b, nkv, g*t, hd)
-        att = att.reshape(b, nh, t, hd).transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
+        att = _attend(q, k, v, nkv, lambda pos: self._mask(pos, k.shape[2]), positions)
+        att = att.transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
         return self._apply(on, np.ascontiguousarray(att), capture)
 
     def _mask(self, positions: np.ndarray, s: int) -> np.ndarray | None:
@@ -265,7 +375,7 @@ class DecoderLayer:
         g, u, d = _mlp_names(self.prefix)
         f = self.config.intermediate_size
         if capture is None and self._gate_up is not None:
-            hid = swiglu(np.asarray(self._gate_up.forward(x), dtype=np.float32), f)
+            hid = swiglu(run_linear(self._gate_up, x), f)
         else:
             hid = swiglu(
                 np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f

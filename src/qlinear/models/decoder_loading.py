@@ -4,6 +4,7 @@ quantized), read with qlinear's own safetensors reader."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -89,4 +90,23 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
             raise KeyError(name)
         return item
 
-    return CausalLM.from_tensors(cfg, get, tokenizer=_tokenizer(d, cfg), source=str(d))
+    model = CausalLM.from_tensors(cfg, get, tokenizer=_tokenizer(d, cfg), source=str(d))
+    _release_pages(items.values())
+    return model
+
+
+def _release_pages(arrays: Any) -> None:
+    """Drop this process's resident pages of the files the arrays view. Building the
+    model read the q/k/v and gate/up weights once to concatenate them; their pages would
+    otherwise stay counted in RSS next to the fused copies. Pages the model still uses
+    come back from the page cache on first access."""
+    advise = getattr(mmap, "MADV_DONTNEED", None)
+    seen: set[int] = set()
+    for a in arrays:
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        mm = base.obj if isinstance(base, memoryview) else base
+        if isinstance(mm, mmap.mmap) and id(mm) not in seen and advise is not None:
+            seen.add(id(mm))
+            mm.madvise(advise)

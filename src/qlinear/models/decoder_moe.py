@@ -3,18 +3,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from ..moe import GatedExpert, MoELayer
+from ..moe import Expert, GatedExpert, MoELayer
 from .decoder_config import DecoderConfig
-from .decoder_ops import Getter, need_array, need_linear, silu
-from .ops import LinearLike
+from .decoder_ops import (
+    Capture,
+    Getter,
+    fuse_linears,
+    linear_dims,
+    need_array,
+    need_linear,
+    offer,
+    run_linear,
+    silu,
+    swiglu,
+)
+from .ops import FloatLinear, LinearLike
 
 __all__ = ["MoEBlock", "moe_linear_names"]
-
-Capture = Callable[[str, np.ndarray], "LinearLike | None"]
 
 
 def _moe_prefix(cfg: DecoderConfig, prefix: str) -> str:
@@ -40,6 +49,43 @@ def _apply(lin: LinearLike, x: np.ndarray, out_f: int) -> np.ndarray:
     return np.asarray(lin.forward(x), dtype=np.float32)
 
 
+class _SwiGLUExpert:
+    """An expert (:class:`qlinear.moe.Expert`) whose gate and up run as one fused layer:
+    ``down(silu(g) * u)`` with ``[g, u] = gate_up(x)``; x float32 ``(tokens, hidden)``."""
+
+    __slots__ = ("_down", "_f", "_gate_up")
+
+    def __init__(self, gate_up: LinearLike, down: LinearLike) -> None:
+        self._gate_up, self._down = gate_up, down
+        self._f = linear_dims(gate_up)[0] // 2
+
+    @property
+    def input_dim(self) -> int:
+        return linear_dims(self._gate_up)[1]
+
+    @property
+    def output_dim(self) -> int:
+        return linear_dims(self._down)[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            int(getattr(p, "nbytes", 0) or _float_nbytes(p)) for p in (self._gate_up, self._down)
+        )
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = x if x.dtype == np.float32 else x.astype(np.float32)
+        return run_linear(self._down, swiglu(run_linear(self._gate_up, x), self._f))
+
+
+def _float_nbytes(p: object) -> int:
+    w = getattr(p, "weight", None)
+    b = getattr(p, "bias", None)
+    return (w.nbytes if isinstance(w, np.ndarray) else 0) + (
+        b.nbytes if isinstance(b, np.ndarray) else 0
+    )
+
+
 class MoEBlock:
     """``y = sum_k w_k expert_k(x) [+ sigmoid(x . g) * shared(x)]`` for ``x`` float32
     ``(tokens, hidden)``.
@@ -50,7 +96,7 @@ class MoEBlock:
     the k softmax probabilities as they are. Experts: ``down(silu(gate(x)) * up(x))``.
     """
 
-    __slots__ = ("_cfg", "_lin", "_moe", "_names", "_router", "_shared_gate")
+    __slots__ = ("_cfg", "_fused", "_lin", "_moe", "_names", "_router", "_shared_gate")
 
     def __init__(
         self,
@@ -59,14 +105,35 @@ class MoEBlock:
         linears: Mapping[str, LinearLike],
         router: np.ndarray,
         shared_gate: np.ndarray | None,
+        *,
+        _fused: Mapping[str, LinearLike | None] | None = None,
     ) -> None:
         self._cfg, self._names = cfg, names
         self._lin = {n: linears[n] for trio in names.values() for n in trio}
         self._router, self._shared_gate = router, shared_gate
-        experts = [
-            GatedExpert(*(self._lin[n] for n in names[str(e)])) for e in range(cfg.num_experts)
-        ]
+        reuse = _fused or {}
+        # key -> gate and up fused into one layer (None: they cannot be); float parts
+        # become row views of the fused weight, as in the dense MLP
+        self._fused: dict[str, LinearLike | None] = {}
+        for key, (g, u, _) in names.items():
+            if key in reuse:
+                self._fused[key] = reuse[key]
+                continue
+            fused = fuse_linears([self._lin[g], self._lin[u]])
+            if isinstance(fused, FloatLinear):
+                f = fused.out_features // 2
+                self._lin[g] = FloatLinear(fused.weight[:f])
+                self._lin[u] = FloatLinear(fused.weight[f:])
+            self._fused[key] = fused
+        experts = [self._make_expert(str(e)) for e in range(cfg.num_experts)]
         self._moe = MoELayer(router, experts, top_k=cfg.top_k, normalize=cfg.norm_topk_prob)
+
+    def _make_expert(self, key: str) -> Expert:
+        g, u, d = self._names[key]
+        fused = self._fused[key]
+        if fused is None:
+            return GatedExpert(self._lin[g], self._lin[u], self._lin[d])
+        return _SwiGLUExpert(fused, self._lin[d])
 
     @classmethod
     def from_tensors(cls, cfg: DecoderConfig, prefix: str, get: Getter) -> MoEBlock:
@@ -90,8 +157,12 @@ class MoEBlock:
         return cls(cfg, names, linears, router, sg)
 
     def with_linears(self, mapping: Mapping[str, LinearLike]) -> MoEBlock:
-        lin = {**self._lin, **{k: v for k, v in mapping.items() if k in self._lin}}
-        return MoEBlock(self._cfg, self._names, lin, self._router, self._shared_gate)
+        touched = set(mapping) & set(self._lin)
+        if not touched:
+            return self
+        lin = {**self._lin, **{k: mapping[k] for k in touched}}
+        keep = {k: f for k, f in self._fused.items() if not touched & set(self._names[k][:2])}
+        return MoEBlock(self._cfg, self._names, lin, self._router, self._shared_gate, _fused=keep)
 
     @property
     def linears(self) -> dict[str, LinearLike]:
@@ -103,11 +174,13 @@ class MoEBlock:
         return [[n for t in trios for n in t[:2]], [t[2] for t in trios]]
 
     def _expert(self, key: str, x: np.ndarray, capture: Capture | None) -> np.ndarray:
+        if capture is None and self._fused[key] is not None:
+            return _SwiGLUExpert(self._fused[key], self._lin[self._names[key][2]]).forward(x)
         g, u, d = self._names[key]
         lg, lu, ld = self._lin[g], self._lin[u], self._lin[d]
         if capture is not None:
-            lg = capture(g, x) or lg
-            lu = capture(u, x) or lu
+            lg = offer(capture, g, x, lg)
+            lu = offer(capture, u, x, lu)
         f = (
             self._cfg.shared_expert_intermediate_size
             if key == "shared"
@@ -116,7 +189,7 @@ class MoEBlock:
         hid = silu(_apply(lg, x, f))
         hid *= _apply(lu, x, f)
         if capture is not None:
-            ld = capture(d, hid) or ld
+            ld = offer(capture, d, hid, ld)
         return _apply(ld, hid, self._cfg.hidden_size)
 
     def forward(self, x: np.ndarray, capture: Capture | None = None) -> np.ndarray:

@@ -16,10 +16,13 @@ from ..qtypes import QuantizationGranularity
 from .ops import FloatLinear, LinearLike
 
 __all__ = [
+    "Capture",
     "Getter",
     "fuse_linears",
     "linear_dims",
+    "offer",
     "rms_norm",
+    "run_linear",
     "silu",
     "swiglu",
 ]
@@ -27,12 +30,31 @@ __all__ = [
 # get(name) -> ndarray | LinearLike for a Hugging Face tensor name; KeyError (or None)
 # when the checkpoint has no such tensor.
 Getter = Callable[[str], Any]
+# capture(name, x) -> a replacement LinearLike for this call, or None (see DecoderLayer).
+Capture = Callable[[str, np.ndarray], "LinearLike | None"]
+
+
+def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
+    """``lin(x)`` as float32 for a float32 ``(tokens, in)`` x the model already checked:
+    QuantizedLinear through its unchecked path (the model checks its logits once)."""
+    if type(lin) is QuantizedLinear and x.shape[0]:
+        y = lin._forward_unchecked(x)
+    else:
+        y = lin.forward(x)
+    return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
+
+
+def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> LinearLike:
+    """``capture(name, x)``'s replacement for ``lin``, or ``lin`` when it returns None."""
+    r = capture(name, x)
+    return lin if r is None else r
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """float32 ``(..., d)`` -> float32 ``(..., d)``: ``weight * x / sqrt(mean(x^2) + eps)``
     (mean over the last axis, in float32 as transformers' LlamaRMSNorm computes it)."""
-    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    var = np.einsum("...i,...i->...", x, x)[..., None]
+    var *= np.float32(1.0 / x.shape[-1])
     var += np.float32(eps)
     out = x / np.sqrt(var)
     out *= weight
