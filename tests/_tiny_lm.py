@@ -3,6 +3,7 @@ the calibration corpus (no download), for perplexity / generate / GPTQ tests."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from _decoder_models import MOE, SIZES, build
@@ -11,7 +12,14 @@ VOCAB = 320
 
 
 def train_tokenizer(out: Path) -> Path:
-    """A byte-level BPE of VOCAB ids trained on the corpus; writes out/tokenizer.json."""
+    """A byte-level BPE of VOCAB ids trained on the corpus (once per session); writes
+    out/tokenizer.json."""
+    (out / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
+    return out
+
+
+@functools.cache
+def _tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from qlinear.models.corpus import corpus_text
@@ -26,8 +34,7 @@ def train_tokenizer(out: Path) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator([corpus_text("calib")[:100_000]], trainer)
-    tok.save(str(out / "tokenizer.json"))
-    return out
+    return tok.to_str()
 
 
 def build_tiny(out: Path, model_type: str = "llama", layers: int = 2, **extra) -> Path:

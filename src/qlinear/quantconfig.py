@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ._ranges import METHODS
 from .calibrate import _check_group_size, calibrate_linear
 from .errors import InvalidParamsError
 from .params import QuantizationParams
@@ -21,8 +22,6 @@ from .qtypes import (
 )
 
 __all__ = ["METHODS", "QuantConfig"]
-
-METHODS = ("minmax", "percentile", "mse")
 
 
 @dataclasses.dataclass(frozen=True)

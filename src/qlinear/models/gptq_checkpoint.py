@@ -156,7 +156,6 @@ def calibration_ids(src_dir: Path, text: str | None, samples: int, seqlen: int) 
     """int64 ``(samples, seqlen)``: the first ``samples * seqlen`` tokens of ``text``
     (default: the calibration corpus) under the checkpoint's ``tokenizer.json``."""
     from .corpus import corpus_text
-
     from .tokenizer import Tokenizer
 
     tok_path = src_dir / "tokenizer.json"
@@ -219,13 +218,16 @@ def _quantize_group(
         bias = getattr(lin, "bias", None)
         acc = accs.get(root)
         rows = 0 if acc is None else acc.rows
-        if rows < opts.min_tokens:
+        # routed experts may see few tokens; every other linear sees all of them
+        if rows == 0 or (".experts." in name and rows < opts.min_tokens):
             out[name] = QuantizedLinear.from_fp(w, cfg.calibrate(w), bias=bias)
             fallback.append((name, int(rows)))
             continue
         if root not in hessians:
             hessians[root] = PreparedHessian(
-                acc.value(), damp=opts.damp, act_order=opts.act_order  # type: ignore[union-attr]
+                acc.value(),
+                damp=opts.damp,
+                act_order=opts.act_order,  # type: ignore[union-attr]
             )
         out[name] = gptq_quantize(
             w,
@@ -278,7 +280,16 @@ def calibrate_layer(
             seen: set[str] = set()
             last: list[Any] = [None, None]  # (name, x) of the previous call in this group
 
-            def hook(name: str, x: np.ndarray, seen=seen, last=last, accs=accs, alias=alias):
+            def hook(
+                name: str,
+                x: np.ndarray,
+                seen=seen,
+                last=last,
+                accs=accs,
+                alias=alias,
+                members=members,
+                merge=merge,
+            ):
                 if name in done:
                     return done[name]
                 if name not in members:
@@ -323,15 +334,15 @@ def calibrate_layer(
     return done, h_next
 
 
-def _batch_size(dcfg: Any, seqlen: int) -> int:
+def _batch_size(cfg: Any, seqlen: int) -> int:
+    moe_f = getattr(cfg, "moe_intermediate_size", 0) * getattr(cfg, "top_k", 0)
     per_sample = (
         4
         * seqlen
         * max(
-            3 * dcfg.num_attention_heads * seqlen,  # scores, exp, mask
-            4
-            * max(dcfg.intermediate_size or 0, (dcfg.moe_intermediate_size or 0) * dcfg.top_k or 0),
-            4 * dcfg.hidden_size,
+            3 * cfg.num_attention_heads * seqlen,  # scores, exp, mask
+            4 * max(cfg.intermediate_size or 0, moe_f),
+            4 * cfg.hidden_size,
         )
     )
     return max(1, _BATCH_BYTES // max(per_sample, 1))
@@ -381,9 +392,6 @@ def gptq_quantize_checkpoint(
         InvalidInputError: calibration text with fewer tokens than asked (the count said).
         InvalidParamsError: a bad config or option, or ``dst`` exists and is not empty.
     """
-    from .decoder_config import DecoderConfig
-    from .decoder_layer import DecoderLayer
-
     t0 = time.perf_counter()
     cfg = QuantConfig.coerce(config)
     opts = options if options is not None else GPTQOptions()
@@ -393,23 +401,24 @@ def gptq_quantize_checkpoint(
     if dst_dir.exists() and (not dst_dir.is_dir() or any(dst_dir.iterdir())):
         raise InvalidParamsError(f"destination {dst_dir} exists and is not an empty directory")
     raw_cfg = _read_config(src_dir)
-    dcfg = DecoderConfig.from_dict(raw_cfg, source=str(src_dir / "config.json"))
-    if opts.seqlen > dcfg.max_position_embeddings:
+    source = _Source(src_dir)
+    if raw_cfg.get("model_type") == "bert":
+        arch = _bert_arch(raw_cfg, src_dir, source)
+    else:
+        arch = _decoder_arch(raw_cfg, src_dir, source)
+    if opts.seqlen > arch.max_positions:
         raise InvalidInputError(
             f"calibration seqlen {opts.seqlen} is longer than the model's "
-            f"max_position_embeddings {dcfg.max_position_embeddings}"
+            f"max_position_embeddings {arch.max_positions}"
         )
-    source = _Source(src_dir)
     ids = calibration_ids(src_dir, calib_text, opts.samples, opts.seqlen)
-    embed = source.get("model.embed_tokens.weight")
-    if ids.max() >= embed.shape[0]:
+    if ids.max() >= arch.vocab_size:
         raise FormatError(
-            f"the tokenizer produced id {int(ids.max())}; the embedding has {embed.shape[0]} rows"
+            f"the tokenizer produced id {int(ids.max())}; the embedding has {arch.vocab_size} rows"
         )
-    h = np.asarray(embed[ids], dtype=np.float32)  # (samples, seqlen, hidden)
-    del embed
+    h = arch.embed(ids)  # float32 (samples, seqlen, hidden)
     source.release()
-    batch = opts.batch_size or _batch_size(dcfg, opts.seqlen)
+    batch = opts.batch_size or _batch_size(arch.config, opts.seqlen)
 
     tmp = dst_dir.parent / f".{dst_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -419,26 +428,27 @@ def gptq_quantize_checkpoint(
     fallback: list[tuple[str, int]] = []
     gptq_names: list[str] = []
     layer_seconds: list[float] = []
-    bar = _progress(dcfg.num_hidden_layers, progress)
+    bar = _progress(arch.num_layers, progress)
     try:
         from ..io import load, save
 
-        for i in range(dcfg.num_hidden_layers):
+        for i in range(arch.num_layers):
             t1 = time.perf_counter()
-            layer = DecoderLayer.from_tensors(dcfg, i, source.get)
-            dense = not dcfg.moe_layers[i]
             qlayers, h = calibrate_layer(
-                layer,
+                arch.layer(i),
                 h,
                 cfg,
                 opts,
                 batch_size=batch,
-                dense=dense,
+                dense=arch.dense(i),
                 fallback=fallback,
                 gptq_names=gptq_names,
             )
-            save(spill / f"layer{i:05d}.safetensors", qlayers)
-            del layer, qlayers
+            save(
+                spill / f"layer{i:05d}.safetensors",
+                {arch.prefix + k: v for k, v in qlayers.items()},
+            )
+            del qlayers
             source.release()
             layer_seconds.append(time.perf_counter() - t1)
             if bar is not None:
@@ -467,13 +477,81 @@ def gptq_quantize_checkpoint(
         src=str(src_dir),
         dst=str(dst_dir),
         config=cfg.to_dict(),
-        model_type=dcfg.model_type,
-        num_layers=dcfg.num_hidden_layers,
+        model_type=arch.model_type,
+        num_layers=arch.num_layers,
         calibration_tokens=int(opts.samples * opts.seqlen),
         gptq=tuple(gptq_names),
         weight_only_fallback=tuple(fallback),
         seconds=time.perf_counter() - t0,
         layer_seconds=tuple(layer_seconds),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    """What the driver needs of a model family: its layers built from the source one at
+    a time, the embedding of calibration ids, and whether layer i is dense (its last
+    linear adds straight into the residual stream: the down shortcut applies)."""
+
+    model_type: str
+    config: Any
+    num_layers: int
+    max_positions: int
+    vocab_size: int
+    prefix: str
+    layer: Callable[[int], Any]
+    embed: Callable[[np.ndarray], np.ndarray]
+    dense: Callable[[int], bool]
+
+
+def _decoder_arch(raw: dict, src_dir: Path, source: _Source) -> _Arch:
+    from .decoder_config import DecoderConfig
+    from .decoder_layer import DecoderLayer
+
+    c = DecoderConfig.from_dict(raw, source=str(src_dir / "config.json"))
+    name = "model.embed_tokens.weight"
+    if name not in source.where:
+        raise FormatError(f"tensor {name!r} is missing from {src_dir}")
+
+    def embed(ids: np.ndarray) -> np.ndarray:
+        return np.asarray(source.get(name)[ids], dtype=np.float32)
+
+    return _Arch(
+        c.model_type,
+        c,
+        c.num_hidden_layers,
+        c.max_position_embeddings,
+        c.vocab_size,
+        "",
+        lambda i: DecoderLayer.from_tensors(c, i, source.get),
+        embed,
+        lambda i: not c.moe_layers[i],
+    )
+
+
+def _bert_arch(raw: dict, src_dir: Path, source: _Source) -> _Arch:
+    from .bert_layers import BertLayer, bert_embed
+    from .config import BertConfig
+
+    c = BertConfig.from_dict(raw, source=str(src_dir / "config.json"))
+    # checkpoints saved from BertForX carry a "bert." prefix on every name
+    prefix = "" if "embeddings.word_embeddings.weight" in source.where else "bert."
+
+    def get(n: str) -> np.ndarray:
+        if prefix + n not in source.where:
+            raise FormatError(f"tensor {prefix + n!r} is missing from {src_dir}")
+        return source.get(prefix + n)
+
+    return _Arch(
+        "bert",
+        c,
+        c.num_hidden_layers,
+        c.max_position_embeddings,
+        c.vocab_size,
+        prefix,
+        lambda i: BertLayer.from_tensors(c, i, get),
+        lambda ids: bert_embed(c, get, ids),
+        lambda i: False,  # post-norm: LayerNorm(o + h) is not linear in o
     )
 
 

@@ -84,6 +84,7 @@ class MoELayer:
         normalize: bool = True,
         router_bias: np.ndarray | None = None,
         capacity: int | None = None,
+        quantization_report: Any = None,
     ) -> None:
         r = as_array("router_weight", router_weight)
         if r.dtype.kind != "f":
@@ -154,7 +155,7 @@ class MoELayer:
         self._router, self._bias, self._experts = r, b, experts
         self._top_k, self._routing = top_k, routing
         self._normalize, self._capacity = bool(normalize), capacity
-        self._report = None
+        self._report = quantization_report  # set by quantize_moe (its MoEQuantizationReport)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -197,8 +198,11 @@ class MoELayer:
         experts = [GatedExpert(g[e], u[e], d[e], activation=activation) for e in range(g.shape[0])]
         return cls(router_weight, experts, **kwargs)
 
-    def with_experts(self, experts: Sequence[Expert]) -> MoELayer:
-        """A layer with the same router and routing options and other experts."""
+    def with_experts(
+        self, experts: Sequence[Expert], *, quantization_report: Any = None
+    ) -> MoELayer:
+        """A layer with the same router and routing options and other experts (and the
+        report of how they were quantized, if any)."""
         return MoELayer(
             self._router,
             experts,
@@ -207,6 +211,7 @@ class MoELayer:
             normalize=self._normalize,
             router_bias=self._bias,
             capacity=self._capacity,
+            quantization_report=quantization_report,
         )
 
     # ------------------------------------------------------------ properties

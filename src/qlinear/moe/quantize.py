@@ -21,22 +21,20 @@ by slice: only one expert's matrix is ever converted at a time.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from .._checks import as_array, as_float_matrix
-from ..calibrate import calibrate_linear
 from ..errors import InvalidParamsError, ShapeMismatchError
 from ..linear import QuantizedLinear
-from ..qtypes import as_granularity, as_qtype, as_scheme
+from ..quantconfig import QuantConfig
 from .experts import GatedExpert, LinearExpert
 from .layer import MoELayer
 
 __all__ = ["MoEQuantizationReport", "quantize_moe", "quantize_stacked"]
 
-WEIGHT_ONLY_METHODS = ("minmax", "percentile", "mse")
 DEFAULT_MIN_TOKENS = 32
 
 
@@ -62,37 +60,22 @@ class MoEQuantizationReport:
     weight_only_fallback: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    qtype: Any
-    granularity: Any
-    scheme: Any
-    group_size: int | None
-    method: str
-    damp: float
-    act_order: bool
-    block_size: int
+def _weight_only(w: np.ndarray, cfg: QuantConfig) -> QuantizedLinear:
+    return QuantizedLinear.from_fp(w, cfg.calibrate(w))
 
 
-def _weight_only(w: np.ndarray, o: _Options) -> QuantizedLinear:
-    params = calibrate_linear(
-        w, o.qtype, o.granularity, o.scheme, group_size=o.group_size, method=o.method
-    )
-    return QuantizedLinear.from_fp(w, params)
-
-
-def _aware(w: np.ndarray, x: np.ndarray, o: _Options, gptq: Callable) -> QuantizedLinear:
+def _aware(
+    w: np.ndarray, x: np.ndarray, cfg: QuantConfig, gptq: Callable, gptq_options: dict
+) -> QuantizedLinear:
     q = gptq(
         w,
         x,
-        o.qtype,
-        o.granularity,
-        o.scheme,
-        group_size=o.group_size,
-        damp=o.damp,
-        act_order=o.act_order,
-        block_size=o.block_size,
-        method=o.method,
+        cfg.qtype,
+        cfg.granularity,
+        cfg.scheme,
+        group_size=cfg.group_size,
+        method=cfg.method,
+        **gptq_options,
     )
     if not isinstance(q, QuantizedLinear) or q.shape != w.shape:
         raise InvalidParamsError(
@@ -115,11 +98,11 @@ def _load_gptq() -> Callable:
 def quantize_stacked(
     w: np.ndarray,
     qtype: Any = "int8",
-    granularity: Any = "per_channel",
-    scheme: Any = "symmetric",
+    granularity: Any = None,
+    scheme: Any = None,
     *,
     group_size: int | None = None,
-    method: str = "minmax",
+    method: str | None = None,
 ) -> list[QuantizedLinear]:
     """Weight-only quantization of a 3-D float tensor ``(num_experts, out, in)``: one
     QuantizedLinear per expert, each from the view ``w[e]`` (the tensor is not split into
@@ -127,24 +110,36 @@ def quantize_stacked(
     a = as_array("w", w)
     if a.ndim != 3:
         raise ShapeMismatchError(f"w must be 3-D (num_experts, out, in); got shape {a.shape}")
-    o = _options(qtype, granularity, scheme, group_size, method, 0.01, False, 128)
-    return [_weight_only(a[e], o) for e in range(a.shape[0])]
+    cfg = _recipe(qtype, granularity, scheme, group_size, method)
+    return [_weight_only(a[e], cfg) for e in range(a.shape[0])]
 
 
-def _options(qtype, granularity, scheme, group_size, method, damp, act_order, block_size):
-    if method not in WEIGHT_ONLY_METHODS:
-        raise InvalidParamsError(
-            f"unknown method {method!r}; expected one of {WEIGHT_ONLY_METHODS}"
-        )
-    return _Options(
-        as_qtype(qtype),
-        as_granularity(granularity),
-        as_scheme(scheme),
+def _recipe(config, granularity, scheme, group_size, method) -> QuantConfig:
+    """The QuantConfig of ``config`` (a QuantConfig or a dict of its fields, the other
+    arguments then None), or of a qtype string and the other arguments."""
+    if isinstance(config, (QuantConfig, Mapping)):
+        extra = {
+            k: v
+            for k, v in (
+                ("granularity", granularity),
+                ("scheme", scheme),
+                ("group_size", group_size),
+                ("method", method),
+            )
+            if v is not None
+        }
+        if extra:
+            raise InvalidParamsError(
+                f"pass the format either as a QuantConfig or as separate arguments; got a "
+                f"config and {sorted(extra)}"
+            )
+        return QuantConfig.coerce(config)
+    return QuantConfig(
+        config,
+        "per_channel" if granularity is None else granularity,
+        "symmetric" if scheme is None else scheme,
         group_size,
-        method,
-        damp,
-        act_order,  # validated by GPTQ: bool("no") would silently be True
-        block_size,
+        "minmax" if method is None else method,
     )
 
 
@@ -158,12 +153,12 @@ def _float_piece(name: str, piece: Any) -> np.ndarray:
 
 def quantize_moe(
     layer: MoELayer,
-    qtype: Any = "int8",
-    granularity: Any = "per_channel",
-    scheme: Any = "symmetric",
+    config: QuantConfig | Mapping[str, Any] | str = "int8",
+    granularity: Any = None,
+    scheme: Any = None,
     *,
     group_size: int | None = None,
-    method: str = "minmax",
+    method: str | None = None,
     calib_x: np.ndarray | None = None,
     min_tokens: int = DEFAULT_MIN_TOKENS,
     damp: float = 0.01,
@@ -175,10 +170,12 @@ def quantize_moe(
 
     Args:
         layer: a MoELayer of float :class:`LinearExpert` / :class:`GatedExpert` experts.
-        qtype, granularity, scheme, group_size: as :func:`qlinear.calibrate_linear`
-            (default int8, one symmetric scale per output channel of each expert piece).
-        method: clipping-range method: ``"minmax"``, or ``"percentile"`` / ``"mse"``
-            where this build's ``calibrate_linear`` supports them; also passed to GPTQ.
+        config: the recipe, as for checkpoints: a :class:`qlinear.QuantConfig` (or a dict
+            of its fields); or a qtype string with ``granularity``, ``scheme``,
+            ``group_size``, ``method`` as :func:`qlinear.calibrate_linear` takes them
+            (default int8, one symmetric min-max scale per output channel of each expert
+            piece). ``method`` (``"minmax"``, ``"percentile"``, ``"mse"``) is also passed
+            to GPTQ.
         calib_x: optional float ``(tokens, d_model)`` calibration inputs. They are routed
             by the float router; each expert is GPTQ-quantized on the tokens it receives.
         min_tokens: an expert that receives fewer calibration tokens than this falls back
@@ -194,7 +191,9 @@ def quantize_moe(
     """
     if not isinstance(layer, MoELayer):
         raise InvalidParamsError(f"layer must be a MoELayer; got {type(layer).__name__}")
-    o = _options(qtype, granularity, scheme, group_size, method, damp, act_order, block_size)
+    cfg = _recipe(config, granularity, scheme, group_size, method)
+    # act_order is validated by GPTQ: bool("no") would silently be True
+    gopts = {"damp": damp, "act_order": act_order, "block_size": block_size}
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer)):
         raise InvalidParamsError(f"min_tokens must be an integer >= 1; got {min_tokens!r}")
     if min_tokens < 1:
@@ -234,35 +233,35 @@ def quantize_moe(
         xe = token_lists[e]
         if isinstance(ex, LinearExpert):
             w = ex.weights
-            q = _weight_only(w, o) if xe is None else _aware(w, xe, o, gptq)
+            q = _weight_only(w, cfg) if xe is None else _aware(w, xe, cfg, gptq, gopts)
             new_experts.append(ex.with_pieces(q))
         else:
-            new_experts.append(_quantize_gated(ex, xe, o, gptq))
-    out = layer.with_experts(new_experts)
+            new_experts.append(_quantize_gated(ex, xe, cfg, gptq, gopts))
     aware = tuple(e for e, t in enumerate(token_lists) if t is not None)
     fallback = () if counts is None else tuple(int(e) for e in np.flatnonzero(counts < min_tokens))
-    out._report = MoEQuantizationReport(
-        qtype=o.qtype.value,
-        granularity=o.granularity.value,
-        scheme=o.scheme.value,
-        group_size=group_size,
-        method=method,
+    d = cfg.to_dict()
+    report = MoEQuantizationReport(
+        qtype=d["qtype"],
+        granularity=d["granularity"],
+        scheme=d["scheme"],
+        group_size=cfg.group_size,
+        method=cfg.method,
         min_tokens=int(min_tokens),
         tokens_per_expert=None if counts is None else tuple(int(c) for c in counts),
         activation_aware=aware,
         weight_only_fallback=fallback,
     )
-    return out
+    return layer.with_experts(new_experts, quantization_report=report)
 
 
 def _quantize_gated(
-    ex: GatedExpert, xe: np.ndarray | None, o: _Options, gptq: Callable | None
+    ex: GatedExpert, xe: np.ndarray | None, cfg: QuantConfig, gptq: Callable | None, gopts: dict
 ) -> GatedExpert:
     if xe is None:
-        g, u, d = (_weight_only(p, o) for p in (ex.gate, ex.up, ex.down))
+        g, u, d = (_weight_only(p, cfg) for p in (ex.gate, ex.up, ex.down))
         return ex.with_pieces(g, u, d)
-    g = _aware(ex.gate, xe, o, gptq)
-    u = _aware(ex.up, xe, o, gptq)
+    g = _aware(ex.gate, xe, cfg, gptq, gopts)
+    u = _aware(ex.up, xe, cfg, gptq, gopts)
     half = ex.with_pieces(g, u, ex.down)
-    d = _aware(ex.down, half.hidden(xe), o, gptq)
+    d = _aware(ex.down, half.hidden(xe), cfg, gptq, gopts)
     return ex.with_pieces(g, u, d)

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError, InvalidParamsError
-from .gptq import gptq_quantize
-from .io import layer_tensors
-from .linear import QuantizedLinear
-from .quantconfig import QuantConfig
+from ..errors import InvalidInputError, InvalidParamsError
+from ..gptq import gptq_quantize
+from ..io import layer_tensors
+from ..linear import QuantizedLinear
+from ..quantconfig import QuantConfig
 
 __all__ = ["EvalReport", "evaluate_model", "quantize_linears"]
 
@@ -114,7 +114,7 @@ def evaluate_model(
     model package is missing, FormatError for a malformed model directory, and
     InvalidParamsError for a bad config.
     """
-    from . import models
+    from .. import models
 
     cfg = QuantConfig.coerce(config)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
