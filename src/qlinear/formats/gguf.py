@@ -113,8 +113,12 @@ def decode_layer(
         zp = np.where(neg, -1, 0).astype(np.int32)
         q = np.where(neg[..., None], -q - 1, q)
         q = np.where(zero[..., None], 0, q)
-        return QuantizedLinear.from_codes(
-            q.reshape(out_f, in_f), _params(scale, zp, "int8"), backend=backend
+        return QuantizedLinear._from_stored(
+            q.reshape(out_f, in_f).astype(np.int8),
+            _params(scale, zp, "int8"),
+            in_f,
+            backend=backend,
+            lazy=True,
         )
     first = 4 if kind == "q4_1" else 2
     n = _nibbles_gguf_to_cols(blocks[..., first:]).astype(np.int16).reshape(out_f, nb, BLOCK)
@@ -127,6 +131,7 @@ def decode_layer(
             _params(scale, zp, "int4"),
             in_f,
             backend=backend,
+            lazy=True,
         )
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
     if not np.all(np.isfinite(m)):
@@ -139,6 +144,7 @@ def decode_layer(
         _params(scale, np.zeros(scale.shape, np.int32), "int4"),
         in_f,
         backend=backend,
+        lazy=True,
     )
     return OffsetLinear(inner, offsets)
 
