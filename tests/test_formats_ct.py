@@ -297,6 +297,11 @@ def test_qlinear_reads_what_compressed_tensors_writes(tmp_path, preset, gs, fmt)
     for name, w in ref.items():
         np.testing.assert_array_equal(q[name].dequantize().astype(np.float32), w, err_msg=name)
         assert info.activations[name] == ("int8" if preset == "W8A8" else "float")
+    described = qlinear.io.inspect(tmp_path / "ct")
+    assert described.format == "compressed-tensors" and set(described.layers) == set(ref)
+    lay = described.layers["model.layers.0.mlp.down_proj"]
+    assert lay["qtype"] == ("int4" if "W4" in preset else "int8")
+    assert lay["shape"] == [128, 256] and lay["format"] == fmt
     x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
     name = "model.layers.0.self_attn.q_proj"
     np.testing.assert_allclose(q[name](x), x @ ref[name].T, rtol=1e-4, atol=1e-4)

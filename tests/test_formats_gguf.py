@@ -231,7 +231,7 @@ def test_cli_quantize_to_gguf_and_inspect(tmp_path, rng, capsys):
     from qlinear.cli import main
 
     Q = gguf.GGMLQuantizationType
-    path, ws = _gguf_file(tmp_path, rng, [Q.Q8_0, Q.F16])
+    path, _ = _gguf_file(tmp_path, rng, [Q.Q8_0, Q.F16])
     out = tmp_path / "o.gguf"
     args = ["quantize", str(path), "-o", str(out), "--format", "gguf", "--gguf-type", "q4_1"]
     assert main([*args, "--no-progress"]) == 0
