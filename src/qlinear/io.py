@@ -40,6 +40,7 @@ from ._safetensors import (
     TensorInfo,
     atomic_write,
     dtype_name,
+    parse_json,
 )
 from .errors import FormatError, InvalidInputError, QuantizationError
 from .linear import QuantizedLinear
@@ -63,6 +64,7 @@ __all__ = [
     "save",
 ]
 
+MAX_INDEX = 100 * 1024 * 1024  # bytes of model.safetensors.index.json
 FORMAT_NAME = "qlinear"
 FORMAT_VERSION = 1
 METADATA_KEY = "qlinear"
@@ -253,18 +255,16 @@ def _shard_paths(path: Path) -> list[Path]:
 def read_index(index: Path) -> dict[str, Any]:
     """A validated ``model.safetensors.index.json`` (its ``weight_map`` maps tensor
     names to shard file names in the same directory)."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{index}: not valid JSON ({exc})") from None
+    size = index.stat().st_size
+    if size > MAX_INDEX:
+        raise FormatError(f"{index}: {size} bytes; an index is at most {MAX_INDEX} bytes")
+    data = parse_json(index.read_bytes(), str(index))
     wm = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(wm, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
-    ):
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise FormatError(f"{index}: expected an object with a 'weight_map' of str -> str")
     for shard in set(wm.values()):
-        if Path(shard).name != shard:
-            raise FormatError(f"{index}: shard {shard!r} must be a file name, not a path")
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\x00" in shard:
+            raise FormatError(f"{index}: shard {shard!r:.200} must be a file name, not a path")
     return data
 
 
@@ -276,10 +276,7 @@ def _read_config(f: SafetensorsFile) -> dict[str, dict[str, Any]]:
     text = f.metadata.get(METADATA_KEY)
     if text is None:
         return {}
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{f.path.name}: metadata {METADATA_KEY!r} is not JSON ({exc})") from None
+    cfg = parse_json(text, f"{f.path.name}: metadata {METADATA_KEY!r}")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
         raise FormatError(
             f"{f.path.name}: metadata {METADATA_KEY!r} must be an object with "
@@ -439,12 +436,16 @@ def _verify_codes(
         )
 
 
-def _open_all(path: str | os.PathLike[str]) -> _Tensors:
-    return _Tensors([SafetensorsFile(p) for p in _shard_paths(Path(path))])
+def _open_all(path: str | os.PathLike[str], mmap: bool = True) -> _Tensors:
+    return _Tensors([SafetensorsFile(p, mmap=mmap) for p in _shard_paths(Path(path))])
 
 
 def load(
-    path: str | os.PathLike[str], *, backend: str | None = None, verify: bool = False
+    path: str | os.PathLike[str],
+    *,
+    backend: str | None = None,
+    verify: bool = False,
+    mmap: bool = True,
 ) -> dict[str, Item]:
     """Load layers and arrays written by :func:`save` (or by ``quantize_checkpoint``).
 
@@ -454,6 +455,12 @@ def load(
         backend: kernel backend for the layers (default: the active one).
         verify: also read every code and check it lies in its code range (touches all
             the data; off by default so that loading stays O(number of tensors)).
+        mmap: memory-map the files (default): loading costs time proportional to the
+            number of tensors, and a file truncated or rewritten while mapped raises
+            FormatError "file changed on disk" at the next access that would read it
+            (the first forward, dequantize, qweight) instead of killing the process
+            with SIGBUS; plain arrays returned are views of the mapping, which only
+            ``mmap=False`` protects. ``mmap=False`` reads every file into memory.
 
     Returns:
         name -> :class:`QuantizedLinear` for every layer in the file's config, and
@@ -464,10 +471,11 @@ def load(
         FormatError: a malformed file (truncated, bad header, unknown dtype, offsets that
             overlap or leave the file, a quantized weight without its scale, shapes or
             dtypes that disagree with the config, a future format version), naming the
-            tensor or field.
+            tensor or field; never another exception type for a file's contents (see
+            docs/reliability.md).
         FileNotFoundError: no such file or shard.
     """
-    t = _open_all(path)
+    t = _open_all(path, mmap)
     configs: dict[str, dict[str, Any]] = {}
     for f in t.files:
         for lname, cfg in _read_config(f).items():
@@ -521,7 +529,7 @@ def inspect(path: str | os.PathLike[str]) -> FileInfo:
     for f in t.files:
         cfg = _read_config(f)
         if METADATA_KEY in f.metadata:
-            version = json.loads(f.metadata[METADATA_KEY])["format_version"]
+            version = parse_json(f.metadata[METADATA_KEY], METADATA_KEY)["format_version"]
         layers.update(cfg)
         meta.update({k: v for k, v in f.metadata.items() if k != METADATA_KEY})
     tensors = {n: (i.dtype, i.shape, i.nbytes) for n, f in t.where.items() for i in [f.tensors[n]]}
