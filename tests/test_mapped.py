@@ -76,9 +76,7 @@ def _rewrite_in_place(path):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("what", ["forward", "dequantize", "qweight"])
 @pytest.mark.parametrize("qtype", ["int8", "int4"])
-def test_truncated_while_mapped_raises_format_error_not_sigbus(
-    tmp_path, rng, backend, what, qtype
-):
+def test_truncated_while_mapped_raises_format_error_not_sigbus(tmp_path, rng, backend, what, qtype):
     path = tmp_path / "m.safetensors"
     _saved(path, rng, qtype)
     code, out, err = _run_child(path, backend, what, _truncate)

@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_dir, atomic_write
 from ._safetensors import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
     SafetensorsFile,
     SafetensorsWriter,
-    atomic_write,
 )
 from .calibrate import params_from_range
 from .errors import FormatError, InvalidParamsError
@@ -299,7 +299,7 @@ def _resolve(src: Path, dst: Path) -> tuple[Path, list[str], dict | None, Path, 
     )
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+def _copy_side_files(src_dir: Path, out_dir: Path, dst_dir: Path) -> list[str]:
     copied = []
     dst_abs = dst_dir.resolve()
     for p in sorted(src_dir.rglob("*")):
@@ -310,7 +310,7 @@ def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
             continue
         if p.suffix.lower() in WEIGHT_EXTENSIONS or p.name == "model.safetensors.index.json":
             continue
-        target = dst_dir / rel
+        target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "rb") as fin, atomic_write(target) as fout:
             shutil.copyfileobj(fin, fout)
@@ -326,6 +326,7 @@ def quantize_checkpoint(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> CheckpointReport:
     """Quantize the linear weights of a safetensors checkpoint into ``dst``.
 
@@ -341,13 +342,25 @@ def quantize_checkpoint(
         include, exclude: glob patterns (``fnmatch``, case-sensitive) matched against
             the tensor name and the layer name; see :func:`should_quantize`.
         progress: show a tqdm progress bar on stderr when tqdm is installed.
+        overwrite: allow replacing an existing ``dst`` directory that is neither empty
+            nor a previous qlinear output (see below).
+
+    Outputs are all or nothing (:mod:`qlinear._atomic`): a ``.safetensors`` ``dst`` is
+    written to a temporary file and renamed over it; a directory ``dst`` is built whole
+    under ``.DST.tmp-<pid>-<random>`` beside it, fsynced, then swapped in, so a run that
+    fails or is killed leaves ``dst`` absent or exactly as it was. An existing ``dst``
+    directory is replaced whole (files in it are not merged): without ``overwrite`` only
+    when it is empty or a previous qlinear output (every ``*.safetensors`` in it carries
+    qlinear's config), so a rerun needs no flag. A ``dst`` that contains ``src`` is
+    refused. Leftover temporaries of killed runs are removed by the next run.
 
     Returns:
         A :class:`CheckpointReport` (per tensor: shape, format, relative error, SNR,
         bytes before/after; totals; ``to_json()``).
 
     Raises:
-        InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``.
+        InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``
+            or containing it, an existing ``dst`` that needs ``overwrite=True``.
         FormatError: malformed source files or index, NaN/Inf in a weight to quantize,
             or a bias beside such a weight that is not float, of shape ``(out,)`` and
             finite (checked before anything is written).
@@ -373,7 +386,6 @@ def quantize_checkpoint(
             raise FileNotFoundError(f"shard {s} listed in the index is missing from {src_dir}")
         files[s] = SafetensorsFile(src_dir / s)
     holder = {n: sf for sf in files.values() for n in sf.tensors}
-    all_names = set(holder)
     if index is not None:
         for n, s in index["weight_map"].items():
             if n not in files[s]:
@@ -383,7 +395,47 @@ def quantize_checkpoint(
             bname = f"{n[: -len('.weight')]}.bias"
             if bname in holder and should_quantize(n, info.shape, info.dtype, include, exclude):
                 _check_bias(holder[bname], bname, info.shape[0])
-    dst_dir.mkdir(parents=True, exist_ok=True)
+    if src_p.is_file() and dst_p.suffix == ".safetensors":  # one file: atomic_write
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        return _write_outputs(dst_dir, dst_dir, src_p, dst_p, src_dir, shards, files, index,
+                              out_names, cfg, include, exclude, progress, t0)  # fmt: skip
+    _check_replaceable(dst_dir, src_dir, overwrite)
+    with atomic_dir(dst_dir) as out_dir:
+        return _write_outputs(out_dir, dst_dir, src_p, dst_p, src_dir, shards, files, index,
+                              out_names, cfg, include, exclude, progress, t0)  # fmt: skip
+
+
+def _check_replaceable(dst: Path, src_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a directory holding the source, or (without ``overwrite``) one
+    that is neither empty nor a previous qlinear output."""
+    if not dst.exists():
+        return
+    if src_dir.resolve().is_relative_to(dst.resolve()):
+        raise InvalidParamsError(
+            f"destination {dst} contains the source {src_dir}; it is replaced whole, "
+            "so choose another destination"
+        )
+    if overwrite or not dst.is_dir():
+        return
+    entries = [p for p in dst.iterdir() if not p.name.startswith(".")]
+    shards = [p for p in entries if p.suffix == ".safetensors"]
+    try:
+        ours = bool(shards) and all(METADATA_KEY in SafetensorsFile(p).metadata for p in shards)
+    except (OSError, FormatError):
+        ours = False
+    if entries and not ours:
+        raise InvalidParamsError(
+            f"destination {dst} exists and is not a qlinear output; it would be replaced "
+            "whole: pass overwrite=True (--overwrite) or choose another destination"
+        )
+
+
+def _write_outputs(out_dir, dst_dir, src_p, dst_p, src_dir, shards, files, index,
+                   out_names, cfg, include, exclude, progress, t0) -> CheckpointReport:  # fmt: skip
+    """Write every output into ``out_dir`` (``dst_dir`` itself or its staging directory);
+    paths in the report name ``dst_dir``."""
+    holder = {n: sf for sf in files.values() for n in sf.tensors}
+    all_names = set(holder)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)
     reports: list[TensorReport] = []
@@ -407,7 +459,7 @@ def quantize_checkpoint(
             meta = {k: v for k, v in sf.metadata.items() if k != METADATA_KEY}
             meta[METADATA_KEY] = format_config(layer_cfgs)
             writer = SafetensorsWriter(entries, meta)
-            with atomic_write(dst_dir / out_names[s]) as f:
+            with atomic_write(out_dir / out_names[s]) as f:
                 writer.begin(f)
                 for n in names:
                     info = sf.tensors[n]
@@ -457,11 +509,11 @@ def quantize_checkpoint(
         old_meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
         new_index["metadata"] = {**old_meta, "total_size": total_size}
         new_index["weight_map"] = dict(sorted(weight_map.items()))
-        with atomic_write(dst_dir / "model.safetensors.index.json") as f:
+        with atomic_write(out_dir / "model.safetensors.index.json") as f:
             f.write(json.dumps(new_index, indent=2).encode("utf-8"))
         written.append(str(dst_dir / "model.safetensors.index.json"))
     if src_p.is_dir():
-        written += [str(dst_dir / r) for r in _copy_side_files(src_dir, dst_dir)]
+        written += [str(dst_dir / r) for r in _copy_side_files(src_dir, out_dir, dst_dir)]
     return CheckpointReport(
         str(src_p),
         str(dst_p),

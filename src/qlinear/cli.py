@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     qu.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     qu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    qu.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DST directory that is not a previous qlinear output",
+    )
 
     ins = sub.add_parser(
         "inspect",
@@ -192,6 +197,7 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         include=args.include,
         exclude=args.exclude,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
     for t in report.tensors:
