@@ -45,4 +45,8 @@ class HFTokenizer:
         self.max_length = max_length
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
+        try:
+            encs = self._tok.encode_batch(texts, add_special_tokens=True)
+        except Exception as e:  # a tokenizer.json the Rust side accepts but cannot run
+            raise FormatError(f"tokenizer cannot encode the texts: {e}") from None
+        return [enc.ids for enc in encs]
