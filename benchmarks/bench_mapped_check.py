@@ -6,7 +6,7 @@ interleaved, with pauses; prints the ratio per backend and batch size, and the c
 one check_mapped call. Native backends check only at the first forward (the lazy pack);
 the NumPy backend reads the mapping, and checks, at every forward.
 
-    python benchmarks/bench_mapped_check.py [--rounds 7]
+    python benchmarks/bench_mapped_check.py [--rounds 11] [--backend avx2 ...]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _per_call(fn, n):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--backend", action="append", help="default: the active one and numpy")
     ap.add_argument("--size", type=int, default=1024)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -41,13 +42,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.safetensors"
         qlinear.save(path, {"fc": qlinear.QuantizedLinear.from_fp(w, qlinear.calibrate_linear(w))})
-        for backend in qlinear.kernels.available_backends():
+        backends = args.backend or sorted({qlinear.backend_info()["backend"], "numpy"})
+        for backend in backends:
             layer = qlinear.load(path, backend=backend)["fc"]
             canon = layer.stored_weight
             for batch in (1, 16):
                 x = rng.standard_normal((batch, n)).astype(np.float32)
                 layer.forward(x)  # pack, warm up
-                reps = 2000 if backend != "numpy" else 200
+                reps = 500 if backend != "numpy" else 40
                 on, off = [], []
                 saved = dict(_mapped._GUARDS)
                 for _ in range(args.rounds):
@@ -59,10 +61,12 @@ def main() -> None:
                     finally:
                         _mapped._GUARDS.update(saved)
                     time.sleep(0.05)
-                r = statistics.median(a / b for a, b in zip(on, off, strict=True))
+                ratios = sorted(a / b for a, b in zip(on, off, strict=True))
+                q1, r, q3 = statistics.quantiles(ratios, n=4)
                 print(
                     f"{backend:9s} batch {batch:3d}: forward with check / without = {r:.3f} "
-                    f"(median of {args.rounds}; {statistics.median(off) * 1e6:.1f} us/call)"
+                    f"(median of {args.rounds} interleaved rounds, quartiles {q1:.3f}..{q3:.3f}; "
+                    f"{statistics.median(off) * 1e6:.1f} us/call)"
                 )
         t = _per_call(lambda: _mapped.check_mapped(canon), 200_000)
         print(f"one check_mapped on a mapped array (fstat): {t * 1e9:.0f} ns")

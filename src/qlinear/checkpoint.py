@@ -395,14 +395,13 @@ def quantize_checkpoint(
             bname = f"{n[: -len('.weight')]}.bias"
             if bname in holder and should_quantize(n, info.shape, info.dtype, include, exclude):
                 _check_bias(holder[bname], bname, info.shape[0])
+    job = (src_p, src_dir, shards, files, index, out_names, cfg, include, exclude, progress, t0)
     if src_p.is_file() and dst_p.suffix == ".safetensors":  # one file: atomic_write
         dst_dir.mkdir(parents=True, exist_ok=True)
-        return _write_outputs(dst_dir, dst_dir, src_p, dst_p, src_dir, shards, files, index,
-                              out_names, cfg, include, exclude, progress, t0)  # fmt: skip
+        return _write_outputs(dst_dir, dst_dir, dst_p, *job)
     _check_replaceable(dst_dir, src_dir, overwrite)
     with atomic_dir(dst_dir) as out_dir:
-        return _write_outputs(out_dir, dst_dir, src_p, dst_p, src_dir, shards, files, index,
-                              out_names, cfg, include, exclude, progress, t0)  # fmt: skip
+        return _write_outputs(out_dir, dst_dir, dst_p, *job)
 
 
 def _check_replaceable(dst: Path, src_dir: Path, overwrite: bool) -> None:
@@ -419,10 +418,7 @@ def _check_replaceable(dst: Path, src_dir: Path, overwrite: bool) -> None:
         return
     entries = [p for p in dst.iterdir() if not p.name.startswith(".")]
     shards = [p for p in entries if p.suffix == ".safetensors"]
-    try:
-        ours = bool(shards) and all(METADATA_KEY in SafetensorsFile(p).metadata for p in shards)
-    except (OSError, FormatError):
-        ours = False
+    ours = bool(shards) and all(_is_qlinear_file(p) for p in shards)
     if entries and not ours:
         raise InvalidParamsError(
             f"destination {dst} exists and is not a qlinear output; it would be replaced "
@@ -430,10 +426,23 @@ def _check_replaceable(dst: Path, src_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _write_outputs(out_dir, dst_dir, src_p, dst_p, src_dir, shards, files, index,
-                   out_names, cfg, include, exclude, progress, t0) -> CheckpointReport:  # fmt: skip
-    """Write every output into ``out_dir`` (``dst_dir`` itself or its staging directory);
-    paths in the report name ``dst_dir``."""
+def _is_qlinear_file(path: Path) -> bool:
+    try:
+        sf = SafetensorsFile(path, mmap=False) if path.stat().st_size < 1 << 20 else None
+        if sf is None:
+            sf = SafetensorsFile(path)
+            sf.close()
+    except (OSError, FormatError):
+        return False
+    return METADATA_KEY in sf.metadata
+
+
+def _write_outputs(
+    out_dir, dst_dir, dst_p, src_p, src_dir, shards, files, index, out_names, cfg, include, exclude,
+    progress, t0,
+) -> CheckpointReport:  # fmt: skip
+    """Write every output into ``out_dir`` (``dst_dir`` itself or its staging
+    directory); paths in the report name ``dst_dir``."""
     holder = {n: sf for sf in files.values() for n in sf.tensors}
     all_names = set(holder)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
