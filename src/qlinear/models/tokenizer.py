@@ -24,6 +24,13 @@ def import_tokenizers() -> Any:
     return tokenizers
 
 
+def _reraise_unless_rust_error(e: BaseException) -> None:
+    """Let KeyboardInterrupt and the like through; a Rust error (a bare Exception) or a
+    Rust panic (pyo3's PanicException, a BaseException) becomes the caller's FormatError."""
+    if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+        raise e
+
+
 class HFTokenizer:
     """A ``tokenizer.json`` tokenizer set up as sentence-transformers uses it.
 
@@ -37,7 +44,8 @@ class HFTokenizer:
         tokenizers = import_tokenizers()
         try:
             tok = tokenizers.Tokenizer.from_file(os.fspath(path))
-        except Exception as e:  # the Rust side raises a bare Exception on bad JSON
+        except BaseException as e:  # the Rust side raises a bare Exception on bad JSON
+            _reraise_unless_rust_error(e)
             raise FormatError(f"cannot read tokenizer {os.fspath(path)!r}: {e}") from None
         tok.no_padding()
         tok.enable_truncation(max_length=max_length)
@@ -47,6 +55,7 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         try:
             encs = self._tok.encode_batch(texts, add_special_tokens=True)
-        except Exception as e:  # a tokenizer.json the Rust side accepts but cannot run
+        except BaseException as e:  # a tokenizer.json the Rust side accepts but cannot run
+            _reraise_unless_rust_error(e)
             raise FormatError(f"tokenizer cannot encode the texts: {e}") from None
         return [enc.ids for enc in encs]
