@@ -23,6 +23,18 @@ def test_tokenizer_that_loads_but_cannot_encode(tmp_path):
         tok.encode_batch(["Hello world"])
 
 
+def test_tokenizer_whose_normalizer_makes_rust_panic(tmp_path):
+    # fuzz_tokenizer (structured mutation): "normalizer": [""] loads, then encoding
+    # panicked in Rust (pyo3 PanicException, a BaseException that `except Exception`
+    # misses): "index out of bounds" in normalizer.rs.
+    pytest.importorskip("tokenizers")
+    from qlinear.models.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(FINDINGS / "tokenizer-normalizer-list-panics.json", max_length=16)
+    with pytest.raises(FormatError, match="cannot encode"):
+        tok.encode_batch(["Hello world"])
+
+
 @pytest.mark.parametrize(
     "text",
     [
