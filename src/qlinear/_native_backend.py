@@ -17,6 +17,7 @@ import numpy as np
 
 from . import kernels, ref
 from ._checks import check_finite
+from ._mapped import check_mapped
 from .packing import unpack_int4
 from .qtypes import QuantizationType
 
@@ -61,6 +62,7 @@ class _Packed:
         if self.codes is None:
             with self._lock:  # type: ignore[union-attr]
                 if self.codes is None:
+                    check_mapped(self._canon)  # a truncated mapped file: FormatError, no SIGBUS
                     codes = _native.pack(self._canon, self.bits, out, in_features)
                     codes.setflags(write=False)
                     self.codes, self._canon = codes, None
@@ -115,6 +117,7 @@ class NativeBackend:
         lazy_canon = d._canon  # read before codes: packing sets codes first, then clears it
         codes = d.codes
         if codes is None:  # still lazy: the canonical codes are at hand
+            check_mapped(lazy_canon)
             canon = lazy_canon.view(np.int8) if d.bits == 8 else lazy_canon
             return canon if not canon.flags.writeable else _readonly_copy(canon)
         canon = _native.unpack(codes, d.bits, pw.out_features, pw.in_features)

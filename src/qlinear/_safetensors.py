@@ -5,11 +5,16 @@ File layout (the safetensors format): an 8-byte little-endian unsigned header le
 ``{"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}`` (offsets relative to
 the start of the data buffer) and may hold ``"__metadata__"``, a str -> str mapping.
 
-:class:`SafetensorsFile` memory-maps a file and validates every entry before any data is
-touched: the dtype is known, ``prod(shape) * itemsize == end - begin``, offsets lie inside
-the file, and the entries, sorted by offset, tile the data buffer exactly (no overlap, no
-gap, nothing after the last one). Anything else raises
-:class:`~qlinear.errors.FormatError` naming the tensor or field.
+:class:`SafetensorsFile` reads the header with ``pread`` (its length checked against the
+file's real size and a 100 MB limit before anything is allocated), parses it as strict
+JSON and validates every entry before any data is touched: the dtype is a known name,
+the shape a list of at most 32 integers >= 0, ``prod(shape) * itemsize == end - begin``
+(computed so that no huge integer is built), offsets lie inside the file, and the
+entries, sorted by offset, tile the data buffer exactly (no overlap, no gap, nothing
+after the last one). Anything else raises :class:`~qlinear.errors.FormatError` naming
+the tensor or field, never another exception type. Then it memory-maps the file (kept
+descriptor, checked before every access: :mod:`qlinear._mapped`) or reads it into
+memory (``mmap=False``).
 
 :class:`SafetensorsWriter` plans a layout (tensors ordered by decreasing item size so each
 one is aligned to its item size, header padded with spaces to 8 bytes) and writes the
@@ -19,20 +24,20 @@ destination directory, then fsyncs and ``os.replace``-s it over the destination.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
-import mmap
+import mmap as _mmap
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import _mapped
+from ._atomic import atomic_write
 from .errors import FormatError, InvalidInputError
 
 __all__ = [
@@ -43,9 +48,11 @@ __all__ = [
     "TensorInfo",
     "atomic_write",
     "dtype_name",
+    "parse_json",
 ]
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit the reference implementation enforces
+MAX_DIMS = 32  # NumPy 1.x's limit (2.x allows 64); no real tensor comes near it
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
@@ -119,25 +126,64 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constant(name: str) -> Any:
+    raise FormatError(f"header JSON holds {name}, which JSON does not allow")
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """Strict JSON from outside bytes: FormatError (never another exception) for invalid
+    UTF-8 or JSON, duplicate keys, NaN/Infinity, integers over 4300 digits and nesting
+    deeper than the interpreter's recursion limit."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{where} is not JSON we read: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise FormatError(f"{where} is not JSON (or not UTF-8): {exc}") from None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _checked_nbytes(where: str, dtype: str, shape: list[int], limit: int) -> int:
+    """``prod(shape) * itemsize``, computed without building integers larger than needed
+    to know it exceeds ``limit`` (a hostile shape of many huge dimensions)."""
+    if 0 in shape:
+        return 0
+    n = DTYPE_SIZES[dtype]
+    for i, d in enumerate(shape):
+        n *= d
+        if n > limit:
+            more = "at least " if i + 1 < len(shape) else ""
+            raise FormatError(
+                f"{where}: {dtype} shape {shape!r:.200} needs {more}{n} bytes but the data "
+                f"buffer holds {limit}; the file is truncated or the header is wrong"
+            )
+    return n
+
+
 def _parse_entry(name: str, entry: Any, data_len: int, data_start: int) -> TensorInfo:
-    where = f"tensor {name!r}"
+    where = f"tensor {name!r:.200}"
     if not isinstance(entry, dict):
         raise FormatError(f"{where}: header entry must be an object; got {entry!r:.80}")
     extra = set(entry) - {"dtype", "shape", "data_offsets"}
     if extra:
-        raise FormatError(f"{where}: unexpected header fields {sorted(extra)}")
+        raise FormatError(f"{where}: unexpected header fields {sorted(extra)!r:.200}")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise FormatError(
-            f"{where}: unknown dtype {dtype!r}; expected one of {sorted(DTYPE_SIZES)}"
+            f"{where}: unknown dtype {dtype!r:.80}; expected one of {sorted(DTYPE_SIZES)}"
         )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: shape must be a list of integers >= 0; got {shape!r}")
+        raise FormatError(f"{where}: shape must be a list of integers >= 0; got {shape!r:.200}")
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{where}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
     offs = entry.get("data_offsets")
     if (
         not isinstance(offs, list)
@@ -146,64 +192,103 @@ def _parse_entry(name: str, entry: Any, data_len: int, data_start: int) -> Tenso
         or not 0 <= offs[0] <= offs[1]
     ):
         raise FormatError(
-            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; got {offs!r}"
+            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; got {offs!r:.200}"
         )
     begin, end = offs
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
-    if end - begin != expected:
-        raise FormatError(
-            f"{where}: data_offsets {offs} span {end - begin} bytes but {dtype} shape "
-            f"{shape} needs {expected}"
-        )
     if end > data_len:
         raise FormatError(
             f"{where}: data_offsets {offs} run past the end of the data buffer "
             f"({data_len} bytes); the file is truncated or the header is wrong"
         )
+    expected = _checked_nbytes(where, dtype, shape, data_len)
+    if end - begin != expected:
+        raise FormatError(
+            f"{where}: data_offsets {offs} span {end - begin} bytes but {dtype} shape "
+            f"{shape} needs {expected}"
+        )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-class SafetensorsFile:
-    """A validated, memory-mapped safetensors file. Arrays it returns are read-only views
-    of the mapping (no copy) whenever the dtype is NumPy-native and aligned."""
+def _pread_all(fd: int, n: int, offset: int, path: Path) -> bytes:
+    """Exactly ``n`` bytes at ``offset`` (``n`` already checked against the file size)."""
+    chunks = []
+    got = 0
+    while got < n:
+        b = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not b:
+            raise FormatError(
+                f"{path}: file changed on disk while reading it (ended after {offset + got} bytes)"
+            )
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class SafetensorsFile:
+    """A validated safetensors file, memory-mapped (default) or read into memory
+    (``mmap=False``). Arrays it returns are read-only views of the data (no copy)
+    whenever the dtype is NumPy-native and aligned.
+
+    A mapped file keeps its descriptor open; every array or byte access first checks
+    (``fstat``) that the file still has the size, inode and modification time it had
+    when validated, and raises FormatError "file changed on disk" otherwise, instead of
+    the SIGBUS that reading a truncated mapping would raise (see :mod:`qlinear._mapped`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, mmap: bool = True) -> None:
         self.path = Path(path)
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
             raise FileNotFoundError(f"no such file: {self.path}") from None
+        except ValueError as exc:  # a NUL byte in the path
+            raise FormatError(f"bad file name {str(self.path)!r:.200}: {exc}") from None
+        guard = None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{self.path}: not a regular file")
+            size = st.st_size
             if size < 8:
                 raise FormatError(
                     f"{self.path}: file is {size} bytes; a safetensors file starts with an "
                     "8-byte header length"
                 )
-            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            n = int.from_bytes(_pread_all(fd, 8, 0, self.path), "little")
+            if n > size - 8:
+                raise FormatError(
+                    f"{self.path}: header length {n} is larger than the file ({size} bytes)"
+                )
+            if n > MAX_HEADER:
+                raise FormatError(f"{self.path}: header length {n} exceeds the {MAX_HEADER} limit")
+            header = parse_json(_pread_all(fd, n, 8, self.path), f"{self.path}: header")
+            self._parse(header, n, size)
+            if mmap:
+                self._mm: Any = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ)
+                guard = _mapped.FileGuard(str(self.path), fd, st)
+                _mapped.register(self._mm, guard)
+            else:
+                buf = bytearray(_pread_all(fd, size, 0, self.path))
+                if os.fstat(fd).st_size != size:
+                    raise FormatError(f"{self.path}: file changed on disk while reading it")
+                self._mm = memoryview(buf).toreadonly()
         finally:
-            os.close(fd)
+            if guard is None:
+                os.close(fd)
         self.size = size
-        n = int.from_bytes(self._mm[:8], "little")
-        if n > size - 8:
-            raise FormatError(
-                f"{self.path}: header length {n} is larger than the file ({size} bytes)"
-            )
-        if n > MAX_HEADER:
-            raise FormatError(f"{self.path}: header length {n} exceeds the {MAX_HEADER} limit")
-        try:
-            header = json.loads(
-                bytes(self._mm[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates
-            )
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{self.path}: header is not valid UTF-8 JSON ({exc})") from None
+        self._guard = guard
+
+    def _parse(self, header: Any, n: int, size: int) -> None:
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: header must be a JSON object; got {header!r:.80}")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-        ):
-            raise FormatError(f"{self.path}: __metadata__ must map strings to strings")
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise FormatError(
+                f"{self.path}: __metadata__ must map strings to strings; got {meta!r:.200}"
+            )
         self.metadata: dict[str, str] = meta
         data_start = 8 + n
         data_len = size - data_start
@@ -212,11 +297,11 @@ class SafetensorsFile:
         for info in sorted(infos, key=lambda i: (i.begin, i.end)):
             if info.begin < pos:
                 raise FormatError(
-                    f"tensor {info.name!r}: data_offsets overlap the previous tensor's bytes"
+                    f"tensor {info.name!r:.200}: data_offsets overlap the previous tensor's bytes"
                 )
             if info.begin > pos:
                 raise FormatError(
-                    f"tensor {info.name!r}: {info.begin - pos} unused bytes before it; "
+                    f"tensor {info.name!r:.200}: {info.begin - pos} unused bytes before it; "
                     "expected tensors to tile the data buffer"
                 )
             pos = info.end
@@ -227,6 +312,16 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {i.name: i for i in infos}
 
     # ------------------------------------------------------------------ access
+    @property
+    def mapped(self) -> bool:
+        """True if the data is a memory mapping of the file (``mmap=True``)."""
+        return self._guard is not None
+
+    def check(self) -> None:
+        """Raise FormatError if a mapped file changed on disk since it was validated."""
+        if self._guard is not None:
+            self._guard.check()
+
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
 
@@ -235,13 +330,15 @@ class SafetensorsFile:
 
     def raw(self, name: str, begin: int = 0, end: int | None = None) -> memoryview:
         """Bytes ``[begin, end)`` of a tensor's data, without copying."""
+        self.check()
         info = self.tensors[name]
         stop = info.end if end is None else info.begin + end
         return memoryview(self._mm)[info.begin + begin : stop]
 
     def array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor (or rows ``[a, b)`` of its first axis) as a read-only NumPy array:
-        a view of the mapping when possible. BF16 is widened to float32 (a copy)."""
+        a view of the data when possible. BF16 is widened to float32 (a copy)."""
+        self.check()
         info = self.tensors[name]
         shape = list(info.shape)
         begin = info.begin
@@ -276,41 +373,20 @@ class SafetensorsFile:
         """Drop this process's resident pages of the mapping (they stay in the page
         cache): keeps RSS flat while streaming through a large file."""
         advise = getattr(self._mm, "madvise", None)
-        flag = getattr(mmap, "MADV_DONTNEED", None)
+        flag = getattr(_mmap, "MADV_DONTNEED", None)
         if advise is not None and flag is not None:
             advise(flag)
 
     def close(self) -> None:
-        """Unmap now if no array still views the data (otherwise when the last one goes)."""
-        with contextlib.suppress(BufferError):
-            self._mm.close()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Yield a file in ``path``'s directory; on success fsync it and ``os.replace`` it
-    over ``path``; on any exception (KeyboardInterrupt included) delete it and re-raise,
-    leaving the old file (or none) untouched."""
-    target = Path(path)
-    if target.is_dir():  # else os.replace fails later, naming the temporary file
-        raise IsADirectoryError(errno.EISDIR, "is a directory, expected a file path", str(target))
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename; not possible everywhere
-        dfd = os.open(target.parent, os.O_RDONLY)
+        """Unmap now if no array still views the data (otherwise when the last one goes;
+        the file's descriptor is closed with the mapping)."""
+        if self._guard is None:
+            return
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            self._mm.close()
+        except BufferError:
+            return
+        self._guard.close()
 
 
 class SafetensorsWriter:

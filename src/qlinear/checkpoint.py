@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_dir, atomic_write
 from ._safetensors import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
     SafetensorsFile,
     SafetensorsWriter,
-    atomic_write,
 )
 from .calibrate import params_from_range
 from .errors import FormatError, InvalidParamsError
@@ -342,7 +342,7 @@ def _destination(shards: Shards, dst: Path) -> tuple[Path, dict[str, str]]:
     return dst, {s: s for s in shards.names}
 
 
-def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+def _copy_side_files(src_dir: Path, out_dir: Path, dst_dir: Path) -> list[str]:
     copied = []
     dst_abs = dst_dir.resolve()
     for p in sorted(src_dir.rglob("*")):
@@ -353,7 +353,7 @@ def _copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
             continue
         if p.suffix.lower() in WEIGHT_EXTENSIONS or p.name == "model.safetensors.index.json":
             continue
-        target = dst_dir / rel
+        target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "rb") as fin, atomic_write(target) as fout:
             shutil.copyfileobj(fin, fout)
@@ -373,6 +373,7 @@ def quantize_checkpoint(
     activations: str = "float",
     strict_group_size: bool = False,
     gguf_type: str | None = None,
+    overwrite: bool = False,
 ) -> CheckpointReport:
     """Quantize the linear weights of a safetensors checkpoint into ``dst``.
 
@@ -399,14 +400,26 @@ def quantize_checkpoint(
         strict_group_size: compressed-tensors only: a layer whose in_features is not a
             multiple of the group size is an error instead of getting the largest group
             size that divides it (a multiple of 8; per-channel if none).
+        overwrite: allow replacing an existing ``dst`` directory that is neither empty
+            nor a previous qlinear output (see below).
+
+    Outputs are all or nothing (:mod:`qlinear._atomic`): a ``.safetensors`` ``dst`` is
+    written to a temporary file and renamed over it; a directory ``dst`` is built whole
+    under ``.DST.tmp-<pid>-<random>`` beside it, fsynced, then swapped in, so a run that
+    fails or is killed leaves ``dst`` absent or exactly as it was. An existing ``dst``
+    directory is replaced whole (files in it are not merged): without ``overwrite`` only
+    when it is empty or a previous qlinear output (every ``*.safetensors`` in it carries
+    qlinear's or compressed-tensors' metadata), so a rerun needs no flag. A ``dst`` that
+    contains ``src`` is refused. Leftover temporaries of killed runs are removed by the next run.
 
     Returns:
         A :class:`CheckpointReport` (per tensor: shape, format, relative error, SNR,
         bytes before/after, notes such as a changed group size; totals; ``to_json()``).
 
     Raises:
-        InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``,
-            an unknown format or activation mode.
+        InvalidParamsError: a bad config, an unavailable method, ``dst`` equal to ``src``
+            or containing it, an existing ``dst`` that needs ``overwrite=True``, an
+            unknown format or activation mode.
         FormatError: malformed source files or index, NaN/Inf in a weight to quantize,
             or a bias beside such a weight that is not float, of shape ``(out,)`` and
             finite (checked before anything is written); with ``strict_group_size``, a
@@ -473,7 +486,82 @@ def quantize_checkpoint(
     config_json = src_dir / "config.json" if shards.is_dir else None
     if format == "compressed-tensors" and plans:
         ct_config = ct.config_dict({p.lname: p.spec for p in plans.values()}, ignore)
-    dst_dir.mkdir(parents=True, exist_ok=True)
+    job = _Job(
+        src_p, dst_p, src_dir, shards, files, out_names, cfg, plans, format, ct_config,
+        config_json, progress, t0,
+    )  # fmt: skip
+    if not shards.is_dir and dst_p.suffix == ".safetensors":  # one file: atomic_write
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        return _write_outputs(job, dst_dir, dst_dir)
+    _check_replaceable(dst_dir, src_dir, overwrite)
+    with atomic_dir(dst_dir) as out_dir:
+        return _write_outputs(job, out_dir, dst_dir)
+
+
+def _check_replaceable(dst: Path, src_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a directory holding the source, or (without ``overwrite``) one
+    that is neither empty nor a previous qlinear output."""
+    if not dst.exists():
+        return
+    if src_dir.resolve().is_relative_to(dst.resolve()):
+        raise InvalidParamsError(
+            f"destination {dst} contains the source {src_dir}; it is replaced whole, "
+            "so choose another destination"
+        )
+    if overwrite or not dst.is_dir():
+        return
+    entries = [p for p in dst.iterdir() if not p.name.startswith(".")]
+    shards = [p for p in entries if p.suffix == ".safetensors"]
+    ours = bool(shards) and all(_is_qlinear_output(p) for p in shards)
+    if entries and not ours:
+        raise InvalidParamsError(
+            f"destination {dst} exists and is not a qlinear output; it would be replaced "
+            "whole: pass overwrite=True (--overwrite) or choose another destination"
+        )
+
+
+_OUTPUT_MARKERS = (qf.METADATA_KEY, ct.CONFIG_KEY, ct.CODE_RANGE_KEY)
+
+
+def _is_qlinear_output(path: Path) -> bool:
+    """True for a shard qlinear wrote: its metadata carries one of qlinear's keys."""
+    try:
+        sf = SafetensorsFile(path, mmap=False) if path.stat().st_size < 1 << 20 else None
+        if sf is None:
+            sf = SafetensorsFile(path)
+            sf.close()
+    except (OSError, FormatError):
+        return False
+    return any(k in sf.metadata for k in _OUTPUT_MARKERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Everything :func:`_write_outputs` needs, planned from the headers."""
+
+    src_p: Path
+    dst_p: Path
+    src_dir: Path
+    shards: Shards
+    files: dict[str, SafetensorsFile]
+    out_names: dict[str, str]
+    cfg: QuantConfig
+    plans: dict[str, Any]
+    format: str
+    ct_config: dict | None
+    config_json: Path | None
+    progress: bool
+    t0: float
+
+
+def _write_outputs(job: _Job, out_dir: Path, dst_dir: Path) -> CheckpointReport:
+    """Write every output into ``out_dir`` (``dst_dir`` itself or its staging
+    directory); paths in the report name ``dst_dir``."""
+    src_p, dst_p, src_dir, shards, files = job.src_p, job.dst_p, job.src_dir, job.shards, job.files
+    out_names, cfg, plans, format, ct_config = (
+        job.out_names, job.cfg, job.plans, job.format, job.ct_config,
+    )  # fmt: skip
+    config_json, progress, t0, index = job.config_json, job.progress, job.t0, shards.index
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)
     reports: list[TensorReport] = []
@@ -501,7 +589,7 @@ def quantize_checkpoint(
                 if config_json is None or not config_json.is_file():
                     meta[ct.CONFIG_KEY] = json.dumps(ct_config, separators=(",", ":"))
             writer = SafetensorsWriter(entries, meta)
-            with atomic_write(dst_dir / out_names[s]) as f:
+            with atomic_write(out_dir / out_names[s]) as f:
                 writer.begin(f)
                 for n in names:
                     info = sf.tensors[n]
@@ -553,13 +641,13 @@ def quantize_checkpoint(
         old_meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
         new_index["metadata"] = {**old_meta, "total_size": total_size}
         new_index["weight_map"] = dict(sorted(weight_map.items()))
-        with atomic_write(dst_dir / "model.safetensors.index.json") as f:
+        with atomic_write(out_dir / "model.safetensors.index.json") as f:
             f.write(json.dumps(new_index, indent=2).encode("utf-8"))
         written.append(str(dst_dir / "model.safetensors.index.json"))
     if shards.is_dir:
-        written += [str(dst_dir / r) for r in _copy_side_files(src_dir, dst_dir)]
+        written += [str(dst_dir / r) for r in _copy_side_files(src_dir, out_dir, dst_dir)]
     if config_json is not None and config_json.is_file():
-        _write_model_config(config_json, dst_dir / "config.json", ct_config)
+        _write_model_config(config_json, out_dir / "config.json", ct_config)
     return CheckpointReport(
         str(src_p),
         str(dst_p),

@@ -177,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     qu.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     qu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    qu.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DST directory that is not a previous qlinear output",
+    )
     _add_gptq_options(qu)
 
     ins = sub.add_parser(
@@ -357,6 +362,7 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         activations=args.activations,
         strict_group_size=args.strict_group_size,
         gguf_type=args.gguf_type,
+        overwrite=args.overwrite,
     )
     rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
     for t in report.tensors:

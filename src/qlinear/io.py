@@ -202,7 +202,11 @@ def _write_tensor(writer: SafetensorsWriter, f: Any, name: str, arr: np.ndarray)
 
 # --------------------------------------------------------------------------- load
 def load(
-    path: str | os.PathLike[str], *, backend: str | None = None, verify: bool = False
+    path: str | os.PathLike[str],
+    *,
+    backend: str | None = None,
+    verify: bool = False,
+    mmap: bool = True,
 ) -> dict[str, Any]:
     """Load layers and arrays from a file or checkpoint directory in any format qlinear
     reads: qlinear's own, compressed-tensors (pack-quantized int4/int8, int-quantized,
@@ -216,6 +220,12 @@ def load(
         backend: kernel backend for the layers (default: the active one).
         verify: also read every code and check it lies in its code range (touches all
             the data; off by default so that loading stays O(number of tensors)).
+        mmap: memory-map safetensors files (default): loading costs time proportional to
+            the number of tensors, and a file truncated or rewritten while mapped raises
+            FormatError "file changed on disk" at the next access that would read it
+            (the first forward, dequantize, qweight) instead of killing the process
+            with SIGBUS; plain arrays returned are views of the mapping, which only
+            ``mmap=False`` protects. ``mmap=False`` reads every file into memory.
 
     Returns:
         name -> :class:`QuantizedLinear` for every quantized layer (GGUF Q4_1:
@@ -228,10 +238,11 @@ def load(
         FormatError: a malformed file (truncated, bad header, unknown dtype, offsets that
             overlap or leave the file, a quantized weight without its scale, shapes or
             dtypes that disagree with the config, a future format version, an unknown
-            compressed-tensors format, strategy or config key), naming the tensor or field.
+            compressed-tensors format, strategy or config key), naming the tensor or field;
+            never another exception type for a file's contents (docs/reliability.md).
         FileNotFoundError: no such file or shard.
     """
-    return read(path, backend=backend, verify=verify)[0]
+    return read(path, backend=backend, verify=verify, mmap=mmap)[0]
 
 
 def load_with_info(

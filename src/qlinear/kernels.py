@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import ref
+from ._mapped import check_mapped
 from .errors import InvalidParamsError
 from .packing import unpack_int4
 from .qtypes import QuantizationType
@@ -105,6 +106,7 @@ class NumpyBackend:
         return PackedWeight(self.name, qtype, data.shape[0], in_features, data, data.nbytes)
 
     def unpack(self, pw: PackedWeight) -> np.ndarray:
+        check_mapped(pw.data)  # codes of a loaded file are a view of its mapping
         return pw.data
 
     @staticmethod
@@ -117,6 +119,7 @@ class NumpyBackend:
 
     def linear(self, pw, x, scales, zp, group_size, bias, activations):
         fn = ref.linear_int8act if activations == "int8" else ref.linear_float
+        check_mapped(pw.data)
         return fn(self.rows_fn(pw), pw.out_features, scales, zp, group_size, x, bias)
 
     def info(self) -> dict[str, Any]:

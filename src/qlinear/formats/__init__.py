@@ -107,7 +107,7 @@ def _ct_scheme(cfg: ct.CompressedTensorsConfig, name: str) -> ct.Scheme:
 
 
 def read(
-    path: str | Path, *, backend: str | None = None, verify: bool = False
+    path: str | Path, *, backend: str | None = None, verify: bool = False, mmap: bool = True
 ) -> tuple[dict[str, Item], LoadInfo]:
     """Load every layer and tensor of ``path`` in whatever format it is; see
     :func:`qlinear.load`."""
@@ -117,7 +117,7 @@ def read(
 
         return gguf.read(p, backend=backend)
     shards = resolve_shards(p)
-    t = TensorSet.open(shards)
+    t = TensorSet.open(shards, mmap=mmap)
     fmt, cfg = _detect(shards, t)
     result: dict[str, Item] = {}
     claimed: set[str] = set()

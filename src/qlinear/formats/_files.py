@@ -7,14 +7,13 @@ shards) into a list of shard files, used by loading, inspecting and quantizing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._safetensors import SafetensorsFile, TensorInfo
+from .._safetensors import SafetensorsFile, TensorInfo, parse_json
 from ..errors import FormatError
 
 __all__ = ["Shards", "TensorSet", "need", "read_index", "read_json", "resolve_shards"]
@@ -38,12 +37,17 @@ class Shards:
         return [self.directory / n for n in self.names]
 
 
+MAX_JSON = 100 * 1024 * 1024
+"""Bytes of a JSON side file (index, config.json) qlinear reads at most."""
+
+
 def read_json(path: Path) -> Any:
-    """Parsed JSON of ``path``; FormatError naming the file when it is not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    """Parsed JSON of ``path`` (strict: :func:`qlinear._safetensors.parse_json`);
+    FormatError naming the file when it is larger than :data:`MAX_JSON` or not JSON."""
+    size = path.stat().st_size
+    if size > MAX_JSON:
+        raise FormatError(f"{path}: {size} bytes; a JSON side file is at most {MAX_JSON} bytes")
+    return parse_json(path.read_bytes(), str(path))
 
 
 def read_index(index: Path) -> dict[str, Any]:
@@ -56,8 +60,8 @@ def read_index(index: Path) -> dict[str, Any]:
     ):
         raise FormatError(f"{index}: expected an object with a 'weight_map' of str -> str")
     for shard in set(wm.values()):
-        if Path(shard).name != shard:
-            raise FormatError(f"{index}: shard {shard!r} must be a file name, not a path")
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\x00" in shard:
+            raise FormatError(f"{index}: shard {shard!r:.200} must be a file name, not a path")
     return data
 
 
@@ -103,8 +107,8 @@ class TensorSet:
                 self.where[name] = f
 
     @classmethod
-    def open(cls, shards: Shards) -> TensorSet:
-        return cls([SafetensorsFile(p) for p in shards.paths])
+    def open(cls, shards: Shards, *, mmap: bool = True) -> TensorSet:
+        return cls([SafetensorsFile(p, mmap=mmap) for p in shards.paths])
 
     def __contains__(self, name: object) -> bool:
         return name in self.where

@@ -4,12 +4,12 @@ strategies are FormatErrors naming the field) and writing, for
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._safetensors import parse_json
 from ..errors import FormatError
 from ..qtypes import QuantizationGranularity, QuantizationType
 from ._spec import LayerSpec
@@ -299,8 +299,4 @@ def config_dict(specs: Mapping[str, LayerSpec], ignore: Iterable[str]) -> dict[s
 
 
 def config_from_json_text(text: str, where: str) -> CompressedTensorsConfig:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{where}: not valid JSON ({exc})") from None
-    return parse_config(data, where)
+    return parse_config(parse_json(text, where), where)

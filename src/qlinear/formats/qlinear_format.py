@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._safetensors import FLOAT_DTYPES, SafetensorsFile
+from .._safetensors import FLOAT_DTYPES, SafetensorsFile, parse_json
 from ..errors import FormatError, QuantizationError
 from ..linear import QuantizedLinear
 from ..packing import packed_cols, unpack_int4
@@ -156,8 +156,8 @@ def is_config(text: str | None) -> bool:
     if text is None:
         return False
     try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError:
+        cfg = parse_json(text, METADATA_KEY)
+    except FormatError:
         return True  # read_config reports it
     return not isinstance(cfg, dict) or cfg.get("format") in (FORMAT_NAME, None)
 
@@ -167,10 +167,7 @@ def read_config(f: SafetensorsFile) -> tuple[int | None, dict[str, dict[str, Any
     text = f.metadata.get(METADATA_KEY)
     if text is None:
         return None, {}
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{f.path.name}: metadata {METADATA_KEY!r} is not JSON ({exc})") from None
+    cfg = parse_json(text, f"{f.path.name}: metadata {METADATA_KEY!r}")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
         raise FormatError(
             f"{f.path.name}: metadata {METADATA_KEY!r} must be an object with "

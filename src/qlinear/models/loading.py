@@ -41,7 +41,7 @@ def _read_json(path: Path) -> object:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, huge ints
         raise FormatError(f"cannot read {str(path)!r}: {e}") from None
 
 

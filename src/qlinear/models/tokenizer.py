@@ -26,6 +26,33 @@ def import_tokenizers() -> Any:
     return tokenizers
 
 
+def _reraise_unless_rust_error(e: BaseException) -> None:
+    """Let KeyboardInterrupt and the like through; a Rust error (a bare Exception) or a
+    Rust panic (pyo3's PanicException, a BaseException) becomes the caller's FormatError."""
+    if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+        raise e
+
+
+def _read_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """``tokenizers.Tokenizer.from_file(path)``; FormatError for a file it cannot read."""
+    tokenizers = import_tokenizers()
+    try:
+        return tokenizers.Tokenizer.from_file(os.fspath(path))
+    except BaseException as e:  # the Rust side raises a bare Exception on bad JSON
+        _reraise_unless_rust_error(e)
+        raise FormatError(f"cannot read tokenizer {os.fspath(path)!r}: {e}") from None
+
+
+def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a tokenizer method; FormatError for a tokenizer.json the Rust side accepts but
+    cannot run (found by fuzzing: an error or a panic at encode time)."""
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as e:
+        _reraise_unless_rust_error(e)
+        raise FormatError(f"the tokenizer cannot process the text: {e}") from None
+
+
 class HFTokenizer:
     """A ``tokenizer.json`` tokenizer set up as sentence-transformers uses it.
 
@@ -36,18 +63,15 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike[str], max_length: int) -> None:
-        tokenizers = import_tokenizers()
-        try:
-            tok = tokenizers.Tokenizer.from_file(os.fspath(path))
-        except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-            raise FormatError(f"cannot read tokenizer {os.fspath(path)!r}: {e}") from None
+        tok = _read_tokenizer(path)
         tok.no_padding()
         tok.enable_truncation(max_length=max_length)
         self._tok = tok
         self.max_length = max_length
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
+        encs = _run(self._tok.encode_batch, texts, add_special_tokens=True)
+        return [enc.ids for enc in encs]
 
 
 class Tokenizer:
@@ -68,11 +92,7 @@ class Tokenizer:
         eos_token_id: int | None = None,
         special_tokens: dict[str, Any] | None = None,
     ) -> None:
-        tokenizers = import_tokenizers()
-        try:
-            tok = tokenizers.Tokenizer.from_file(os.fspath(path))
-        except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-            raise FormatError(f"cannot read tokenizer {os.fspath(path)!r}: {e}") from None
+        tok = _read_tokenizer(path)
         tok.no_padding()
         tok.no_truncation()
         self._tok = tok
@@ -97,7 +117,9 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise InvalidInputError(f"text must be a str; got {type(text).__name__}")
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(_run(self._tok.encode, text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Any, *, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _run(
+            self._tok.decode, [int(i) for i in ids], skip_special_tokens=skip_special_tokens
+        )

@@ -1,0 +1,52 @@
+"""Regression tests for the inputs the fuzzers in fuzz/ found (reduced by hand), and a
+short run of each harness's input function over its seed corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlinear import FormatError
+
+FINDINGS = Path(__file__).parent / "fuzz_findings"
+
+
+def test_tokenizer_that_loads_but_cannot_encode(tmp_path):
+    # fuzz_tokenizer: a Unigram model whose "unk_id" key is misspelled loads, then
+    # encoding raised the Rust side's bare Exception ("unk_id is missing").
+    pytest.importorskip("tokenizers")
+    from qlinear.models.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(FINDINGS / "tokenizer-unigram-without-unk-id.json", max_length=16)
+    with pytest.raises(FormatError, match="cannot encode"):
+        tok.encode_batch(["Hello world"])
+
+
+def test_tokenizer_whose_normalizer_makes_rust_panic(tmp_path):
+    # fuzz_tokenizer (structured mutation): "normalizer": [""] loads, then encoding
+    # panicked in Rust (pyo3 PanicException, a BaseException that `except Exception`
+    # misses): "index out of bounds" in normalizer.rs.
+    pytest.importorskip("tokenizers")
+    from qlinear.models.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(FINDINGS / "tokenizer-normalizer-list-panics.json", max_length=16)
+    with pytest.raises(FormatError, match="cannot encode"):
+        tok.encode_batch(["Hello world"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[" * 100_000,  # RecursionError
+        b'{"hidden_size": ' + b"9" * 5000 + b"}",  # ValueError: over 4300 digits
+        b'{"a": "\xff"}',  # UnicodeDecodeError
+    ],
+)
+def test_config_json_that_json_cannot_read(tmp_path, text):
+    from qlinear.models.loading import _read_json
+
+    p = tmp_path / "config.json"
+    p.write_bytes(text)
+    with pytest.raises(FormatError, match="cannot read"):
+        _read_json(p)
