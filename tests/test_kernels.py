@@ -275,6 +275,30 @@ def test_results_do_not_depend_on_thread_count(backend, rng):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+def test_results_do_not_depend_on_the_pool_wait_policy(backend, rng):
+    # The pool's wait policy (spin time, pause or yield, sleeping at once) decides when a
+    # worker joins a job, never what a task computes.
+    native = pytest.importorskip("qlinear._native")
+    layer = make_layer(rng, 300, 500, FORMATS[4], "asymmetric", backend)
+    x = rng.standard_normal((40, 500)).astype(np.float32)
+    before_policy, before_threads = native.spin_policy(), kernels.get_num_threads()
+    out = []
+    try:
+        qlinear.set_num_threads(2)
+        for spin_us, yield_ in ((0, False), (50, False), (5000, False), (200, True)):
+            native.set_spin_policy(spin_us, yield_)
+            for _ in range(3):  # back to back: workers caught spinning and sleeping
+                out.append((layer(x), layer(x, activations="int8")))
+    finally:
+        native.set_spin_policy(*before_policy)
+        qlinear.set_num_threads(before_threads)
+    assert native.spin_policy() == before_policy
+    for y_float, y_int8 in out[1:]:
+        np.testing.assert_array_equal(y_float, out[0][0])
+        np.testing.assert_array_equal(y_int8, out[0][1])
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("qtype", ["int8", "int4"])
 def test_packing_round_trip_and_nbytes(backend, qtype, rng):
     for out_f, in_f in ((1, 1), (17, 3), (63, 65), (128, 4096)):

@@ -74,6 +74,17 @@ bool cpu_has_avx512vnni();
 // pool.cpp: run fn(task) for task in [0, ntasks) on up to `threads` threads (the caller
 // is one of them). Which thread runs a task never changes its result.
 void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), void* ctx);
+// Worker wait policy: poll for `spin_us` microseconds after a job (sched_yield between
+// polls if `yield`, else the pause instruction), then sleep.
+#ifndef QL_DEFAULT_SPIN_US
+#define QL_DEFAULT_SPIN_US 50
+#endif
+#ifndef QL_DEFAULT_SPIN_YIELD
+#define QL_DEFAULT_SPIN_YIELD 0
+#endif
+void set_spin_policy(int spin_us, bool yield);
+int spin_policy_us();
+bool spin_policy_yield();
 
 // Decoding helpers shared by all files (plain scalar code).
 // Fill out64[r*4+kk] with the unsigned code of row r (< rb), column 4*s+kk of block

@@ -157,4 +157,6 @@ PYBIND11_MODULE(_native, m) {
     m.def("pack", &pack);
     m.def("unpack", &unpack);
     m.def("linear", &linear);
+    m.def("set_spin_policy", &set_spin_policy, py::arg("spin_us"), py::arg("yield_"));
+    m.def("spin_policy", [] { return py::make_tuple(spin_policy_us(), spin_policy_yield()); });
 }
