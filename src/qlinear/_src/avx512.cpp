@@ -14,12 +14,17 @@ namespace avx512 {
 constexpr int MR_I = 12;
 constexpr int MR_F = 6;
 
-// 32 bytes of nibbles -> 64 unsigned codes (low nibbles first, then high nibbles).
-static inline __m512i load_step4(const uint8_t* p) {
+// The one vector unpacking of an int4 step (layout.h): 32 bytes of nibbles -> codes
+// 0..31 (low nibbles) and 32..63 (high nibbles).
+static inline void load_step4_halves(const uint8_t* p, __m256i* lo, __m256i* hi) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(b, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    *lo = _mm256_and_si256(b, mask);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+}
+static inline __m512i load_step4(const uint8_t* p) {
+    __m256i lo, hi;
+    load_step4_halves(p, &lo, &hi);
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
@@ -360,7 +365,11 @@ static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs
         rs[g] = _mm512_reduce_add_epi32(acc);
     }
 }
-#define QL_QUANTIZE_ROW quantize_row_avx512
+template <class T>
+static inline void quantize_row_isa(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                                    int8_t* q, double* sx, int32_t* rs) {
+    quantize_row_avx512<T>(x, in, kpad, gs, ng, q, sx, rs);
+}
 
 // Float mode for a few rows of x: convert codes in registers, no weight buffer.
 static inline void step_pieces(const uint8_t* w, int bits, int64_t s, __m128i* p) {
@@ -368,10 +377,8 @@ static inline void step_pieces(const uint8_t* w, int bits, int64_t s, __m128i* p
         const uint8_t* q = w + s * 64;
         for (int j = 0; j < 4; ++j) p[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
     } else {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        const __m256i lo = _mm256_and_si256(b, mask);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        __m256i lo, hi;
+        load_step4_halves(w + s * Step<4>::bytes, &lo, &hi);
         p[0] = _mm256_castsi256_si128(lo);
         p[1] = _mm256_extracti128_si256(lo, 1);
         p[2] = _mm256_castsi256_si128(hi);
@@ -460,7 +467,7 @@ static void f_direct(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, c
 #undef QL_CASE
     }
 }
-#define QL_HAS_F_DIRECT 1
+static constexpr bool HAS_F_DIRECT = true;
 
 // Float32 mode, a few rows of x, every group of a block in one pass: per group, the
 // codes are converted in registers (u - zp exact in float), multiplied by x, the 4 lanes
@@ -590,7 +597,7 @@ static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t
     }
     return true;
 }
-#define QL_HAS_F_BLOCK_DIRECT 1
+static constexpr bool HAS_F_BLOCK_DIRECT = true;
 constexpr int F_BLOCK_DIRECT_ROWS = 16;
 
 // Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.

@@ -1,19 +1,4 @@
-// Shared declarations of the qlinear native kernel core.
-//
-// Packed weight layout (one layout for every native backend, built by pack.cpp):
-// output rows are cut into blocks of NR = 16 (the last block may have rb < 16 rows);
-// block b starts at byte b * block_bytes(16). Inside a block of rb rows, with
-// K4 = in / 4 full k-steps and t = in % 4 tail columns:
-//   int8: step s (0 <= s < K4) is rb*4 bytes, byte r*4 + kk holds u = code + 128 of
-//         row r, column 4s + kk (u is unsigned: the u8 operand of vpdpbusd); then the
-//         tail, rb*t bytes, byte r*t + j = column 4*K4 + j.
-//   int4: step s is rb*2 bytes holding the rb*4 nibbles e = r*4 + kk: nibble e lives in
-//         byte e % (rb*2), low half when e < rb*2 else high half (so a full step is 32
-//         bytes whose low nibbles are elements 0..31 and high nibbles 32..63); then the
-//         tail, ceil(rb*t / 2) bytes, element e = r*t + j in byte e % h, high when e >= h
-//         (h = ceil(rb*t/2)). Nibbles are the stored values 0..15 (code + storage offset).
-// Total: exactly out*in bytes (int8); int4 blocks take rb*2*K4 + ceil(rb*t/2) bytes,
-// ceil(out*in/2) in all (no per-row padding).
+// Shared declarations of the qlinear native kernel core. The packed layout is in layout.h.
 //
 // Kernels see "unsigned" codes u and an effective zero point zpu (out, n_groups) in the
 // same domain, so that w[o, k] = (u[o, k] - zpu[o, g]) * scale[o, g].
@@ -21,20 +6,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "layout.h"
+
 namespace qlinear {
-
-constexpr int NR = 16;
-
-inline int64_t block_bytes(int bits, int64_t rb, int64_t in) {
-    const int64_t k4 = in / 4, t = in % 4;
-    if (bits == 8) return rb * in;
-    return rb * 2 * k4 + (rb * t + 1) / 2;
-}
-
-inline int64_t packed_bytes(int bits, int64_t out, int64_t in) {
-    const int64_t nfull = out / NR, rem = out % NR;
-    return nfull * block_bytes(bits, NR, in) + (rem ? block_bytes(bits, rem, in) : 0);
-}
 
 struct Layer {
     const uint8_t* w;      // packed codes
