@@ -393,3 +393,28 @@ def test_concurrent_python_threads_get_the_serial_results(backend, rng):
     for (a, b), (c, d) in zip(serial, par, strict=True):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("gs", [32, 128])
+@pytest.mark.parametrize("qtype", ["int4", "int8"])
+def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtype, rng):
+    # W4A8 / W8A8 per group (the GGUF group of 32 and group 128): step pairs with an odd
+    # step left over (in % 8 == 4), partial last groups, tails (in % 4 != 0), partial
+    # blocks (out % 16 != 0), 1..17 rows of x, 1/2/3 threads.
+    before = kernels.get_num_threads()
+    try:
+        for i, (out_f, in_f) in enumerate([(17, 1), (64, 3), (65, 63), (63, 65), (33, 127),
+                                           (80, 4095), (64, 4092), (16, 260)]):  # fmt: skip
+            fmt = (qtype, "per_group", gs)
+            scheme = "asymmetric" if i % 2 else "symmetric"
+            layer = make_layer(rng, out_f, in_f, fmt, scheme, backend, bias=i % 3 == 0)
+            ref = reference_of(layer)
+            for n in (1, 2, 7, 17):
+                x = rng.standard_normal((n, in_f)).astype(np.float32 if n % 2 else np.float64)
+                expected = ref(x, activations="int8")
+                for t in (1, 2, 3):
+                    qlinear.set_num_threads(t)
+                    np.testing.assert_array_equal(layer(x, activations="int8"), expected)
+    finally:
+        qlinear.set_num_threads(before)

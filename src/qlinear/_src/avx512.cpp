@@ -224,6 +224,104 @@ static void i_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq
 #undef QL_ST
 }
 
+// int4, two steps at a time: one 64-byte load holds steps s and s+1 of a block (32
+// bytes each, layout.h); one AND and one shift+AND give their low and high nibbles, two
+// 128-bit-lane shuffles regroup them into step s (rows 0..7 from the low nibbles, 8..15
+// from the high) and step s+1: 5 operations per 2 steps instead of 4 per step.
+static inline void load_pair4(const uint8_t* p, __m512i* s0, __m512i* s1) {
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(v, mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    *s0 = _mm512_shuffle_i64x2(lo, hi, 0x44);
+    *s1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);
+}
+
+// vpdpbusd with the 4 activation bytes broadcast from memory (no register for x).
+static inline void dpm(__m512i& acc, __m512i w, const int8_t* x4) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const alias_i32*>(x4)));
+}
+
+// Four int4 blocks x R <= 6 rows of x, steps in pairs. With R <= 2 the odd steps go to
+// their own accumulators (more independent vpdpbusd chains when there are few rows).
+template <int R>
+static void i4_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                        int32_t* const* acc) {
+    constexpr bool SPLIT = R <= 2;
+    const __m512i z = _mm512_setzero_si512();
+#define QL_LD(i)                                                      \
+    __m512i a##i = R > i ? _mm512_loadu_si512(acc[0] + i * NR) : z;   \
+    __m512i b##i = R > i ? _mm512_loadu_si512(acc[1] + i * NR) : z;   \
+    __m512i c##i = R > i ? _mm512_loadu_si512(acc[2] + i * NR) : z;   \
+    __m512i d##i = R > i ? _mm512_loadu_si512(acc[3] + i * NR) : z;   \
+    __m512i ao##i = z, bo##i = z, co##i = z, do##i = z;               \
+    const int8_t* x##i = xq + (R > i ? i : 0) * xq_rs;
+    QL_LD(0) QL_LD(1) QL_LD(2) QL_LD(3) QL_LD(4) QL_LD(5)
+#undef QL_LD
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    int64_t s = 0;
+    for (; s + 2 <= nsteps; s += 2) {
+#define QL_ROW(i, A, AO, V0, V1)                              \
+    if (R > i) {                                              \
+        dpm(A##i, V0, x##i + 4 * s);                          \
+        if (SPLIT) dpm(AO##i, V1, x##i + 4 * s + 4);          \
+        else dpm(A##i, V1, x##i + 4 * s + 4);                 \
+    }
+#define QL_BLOCK(W, A, AO)                                                          \
+    {                                                                               \
+        __m512i v0, v1;                                                             \
+        load_pair4(W + s * 32, &v0, &v1);                                           \
+        QL_ROW(0, A, AO, v0, v1) QL_ROW(1, A, AO, v0, v1) QL_ROW(2, A, AO, v0, v1)  \
+        QL_ROW(3, A, AO, v0, v1) QL_ROW(4, A, AO, v0, v1) QL_ROW(5, A, AO, v0, v1)  \
+    }
+        QL_BLOCK(w0, a, ao) QL_BLOCK(w1, b, bo) QL_BLOCK(w2, c, co) QL_BLOCK(w3, d, do)
+#undef QL_BLOCK
+#undef QL_ROW
+    }
+    for (; s < nsteps; ++s) {
+        const __m512i v0 = load_step4(w0 + s * 32), v1 = load_step4(w1 + s * 32);
+        const __m512i v2 = load_step4(w2 + s * 32), v3 = load_step4(w3 + s * 32);
+#define QL_ROW(i)                           \
+    if (R > i) {                            \
+        dpm(a##i, v0, x##i + 4 * s);        \
+        dpm(b##i, v1, x##i + 4 * s);        \
+        dpm(c##i, v2, x##i + 4 * s);        \
+        dpm(d##i, v3, x##i + 4 * s);        \
+    }
+        QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+    }
+#define QL_ST(i)                                                                         \
+    if (R > i) {                                                                         \
+        if (SPLIT) {                                                                     \
+            a##i = _mm512_add_epi32(a##i, ao##i);                                        \
+            b##i = _mm512_add_epi32(b##i, bo##i);                                        \
+            c##i = _mm512_add_epi32(c##i, co##i);                                        \
+            d##i = _mm512_add_epi32(d##i, do##i);                                        \
+        }                                                                                \
+        _mm512_storeu_si512(acc[0] + i * NR, a##i);                                      \
+        _mm512_storeu_si512(acc[1] + i * NR, b##i);                                      \
+        _mm512_storeu_si512(acc[2] + i * NR, c##i);                                      \
+        _mm512_storeu_si512(acc[3] + i * NR, d##i);                                      \
+    }
+    QL_ST(0) QL_ST(1) QL_ST(2) QL_ST(3) QL_ST(4) QL_ST(5)
+#undef QL_ST
+}
+
+// One group's epilogue for one row of x and one block, 16 lanes at once:
+// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r] (exact int32 difference, then one
+// rounding for the product and one for the sum, as the scalar version).
+static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
+                                  const double* sv, double* ad, bool first) {
+    const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a),
+                                       _mm512_mullo_epi32(_mm512_loadu_si512(zpv), _mm512_set1_epi32(rs)));
+    const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(d)), _mm512_loadu_pd(sv));
+    const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1)), _mm512_loadu_pd(sv + 8));
+    const __m512d z = _mm512_setzero_pd();
+    _mm512_storeu_pd(ad, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad), lo));
+    _mm512_storeu_pd(ad + 8, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad + 8), hi));
+}
+
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
 static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
                             int64_t xq_rs, int mr, int32_t* const* acc);
@@ -483,15 +581,15 @@ static inline __m512 rows16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 template <int BITS, int MR>
 static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
-                       int64_t sg, int64_t ng, const int32_t* zpu, const double* scales,
+                       int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu, const double* scales,
                        int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
     const __m512i lane_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
-    const __m512i ridx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int>(ng)));
+    // Group-major scales and zero points: group g of the 16 rows at g * gstride + r.
+    const __m512i ridx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512i gi = _mm512_add_epi32(ridx, _mm512_set1_epi32(static_cast<int>(g)));
+        const __m512i gi = _mm512_add_epi32(ridx, _mm512_set1_epi32(static_cast<int>(g * gstride)));
         const __m512i z16 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rmask, gi, zpu, 4);
         const __m512 sc = _mm512_insertf32x8(
             _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mask_i32gather_pd(
@@ -566,7 +664,7 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
 
 // y[m, o0 + r] = total + bias for r < rb; returns false if this kernel does not apply.
 static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t* tail64,
-                           int64_t kp, int64_t sg, int64_t ng, const int32_t* zpu,
+                           int64_t kp, int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu,
                            const double* scales, const double* bias, int64_t rb,
                            const float* x, int64_t x_rs, const float* xt, int mr, float* y,
                            int64_t y_rs) {
@@ -583,8 +681,8 @@ static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t
         const float* xm = x + m * x_rs;
         const float* xtm = xt + m * 4;
 #define QL_CALL(R)                                                                             \
-    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total); \
-    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total);
+    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total); \
+    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total);
         switch (r) {
             case 1: QL_CALL(1) break;
             case 2: QL_CALL(2) break;
@@ -694,10 +792,26 @@ static void i_micro4_b(const uint8_t* const* w, int64_t nsteps, const int8_t* xq
     }
 }
 
+static void i4_micro4_b(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                        int mr, int32_t* const* acc) {
+    for (int m = 0; m < mr; m += 6) {
+        int32_t* am[4] = {acc[0] + m * NR, acc[1] + m * NR, acc[2] + m * NR, acc[3] + m * NR};
+        const int8_t* xm = xq + m * xq_rs;
+        switch (mr - m) {
+            case 1: i4_micro4_r<1>(w, nsteps, xm, xq_rs, am); break;
+            case 2: i4_micro4_r<2>(w, nsteps, xm, xq_rs, am); break;
+            case 3: i4_micro4_r<3>(w, nsteps, xm, xq_rs, am); break;
+            case 4: i4_micro4_r<4>(w, nsteps, xm, xq_rs, am); break;
+            case 5: i4_micro4_r<5>(w, nsteps, xm, xq_rs, am); break;
+            default: i4_micro4_r<6>(w, nsteps, xm, xq_rs, am); break;
+        }
+    }
+}
+
 static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
                             int64_t xq_rs, int mr, int32_t* const* acc) {
     if (bits == 8) i_micro4_b<8>(w, nsteps, xq, xq_rs, mr, acc);
-    else i_micro4_b<4>(w, nsteps, xq, xq_rs, mr, acc);
+    else i4_micro4_b(w, nsteps, xq, xq_rs, mr, acc);
 }
 }  // namespace avx512
 }  // namespace qlinear

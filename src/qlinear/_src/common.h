@@ -1,7 +1,8 @@
 // Shared declarations of the qlinear native kernel core. The packed layout is in layout.h.
 //
-// Kernels see "unsigned" codes u and an effective zero point zpu (out, n_groups) in the
-// same domain, so that w[o, k] = (u[o, k] - zpu[o, g]) * scale[o, g].
+// Kernels see "unsigned" codes u and an effective zero point zpu in the same domain, so
+// that w[o, k] = (u[o, k] - zpu[g, o]) * scale[g, o]; scales and zero points are
+// group-major (n_groups, out): a block's 16 rows of one group are contiguous.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -16,8 +17,8 @@ struct Layer {
     int64_t out, in;
     int64_t group_size;    // multiple of 4, or == in (one group)
     int64_t n_groups;
-    const double* scales;  // (out, n_groups)
-    const int32_t* zpu;    // (out, n_groups), unsigned-code domain
+    const double* scales;  // (n_groups, out)
+    const int32_t* zpu;    // (n_groups, out), unsigned-code domain
     const double* bias;    // (out,) or nullptr
 };
 

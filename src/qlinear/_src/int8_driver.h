@@ -1,7 +1,7 @@
 // int8-activation driver (dynamic W8A8 and W4A8): quantize x per row, then tasks of
 // I8_BLOCKS blocks x a chunk of rows run the ISA's integer micro-kernels, exact int32
 // (int64 past INT_CHUNK steps) sums, epilogue in double in the reference's order.
-// Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>.
+// Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -70,7 +70,10 @@ void i8_task(void* p, int64_t task, int) {
             if (wide) std::fill(acc64, acc64 + nacc, int64_t(0));
             for (int64_t ca = sa; ca < sb; ca += INT_CHUNK) {
                 const int64_t ce = std::min(sb, ca + INT_CHUNK);
-                std::fill(acc, acc + nacc, 0);
+                // Only the tile's rows of each block: a whole-array clear per group
+                // costs more than a small group's products at batch 1.
+                for (int b = 0; b < nb; ++b)
+                    std::fill(acc + b * bstride, acc + b * bstride + mr * NR, 0);
                 if (quad) {
                     const int64_t de = std::min(ce, vs[0].nd), sb4 = vs[0].bits == 8 ? 64 : 32;
                     const uint8_t* w4[4] = {vs[0].w + ca * sb4, vs[1].w + ca * sb4,
@@ -127,31 +130,29 @@ void i8_task(void* p, int64_t task, int) {
                 continue;
             }
             // dot = sum u*xq - zpu * sum xq, exact in int64; accd += dot * scale (unfused,
-            // in the reference's order; accd starts at +0.0 and 0.0 + v == v).
+            // in the reference's order; accd starts at +0.0 and 0.0 + v == v). Within one
+            // int32 chunk (<= INT_CHUNK steps) both terms are below 255 * 127 * 4 * 8192
+            // < 2^30, so dot is exact in int32 too: the loops below vectorize.
             for (int b = 0; b < nb; ++b) {
                 const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
-                int64_t zpv[NR];
-                double sv[NR];
-                for (int r = 0; r < NR; ++r) {
-                    zpv[r] = r < vs[b].rb ? L.zpu[(o0 + r) * ng + g] : 0;
-                    sv[r] = r < vs[b].rb ? L.scales[(o0 + r) * ng + g] : 0.0;
-                }
+                const int64_t rb = vs[b].rb;
+                alignas(64) int32_t zpv[NR] = {};
+                alignas(64) double sv[NR] = {};
+                // Group-major scales and zero points: one contiguous run per block.
+                std::memcpy(zpv, L.zpu + g * L.out + o0, static_cast<size_t>(rb) * sizeof(int32_t));
+                std::memcpy(sv, L.scales + g * L.out + o0, static_cast<size_t>(rb) * sizeof(double));
                 for (int mm = 0; mm < mr; ++mm) {
-                    const int64_t rsm = c.rs[(m + mm) * ng + g];
+                    const int32_t rsm = c.rs[(m + mm) * ng + g];
                     double* ad = accd + b * bstride + mm * NR;
                     if (wide) {
                         const int64_t* a = acc64 + b * bstride + mm * NR;
                         for (int r = 0; r < NR; ++r) {
-                            const double v = static_cast<double>(a[r] - zpv[r] * rsm) * sv[r];
+                            const double v =
+                                static_cast<double>(a[r] - static_cast<int64_t>(zpv[r]) * rsm) * sv[r];
                             ad[r] = g == 0 ? 0.0 + v : ad[r] + v;
                         }
                     } else {
-                        const int32_t* a = acc + b * bstride + mm * NR;
-                        for (int r = 0; r < NR; ++r) {
-                            const double v =
-                                static_cast<double>(static_cast<int64_t>(a[r]) - zpv[r] * rsm) * sv[r];
-                            ad[r] = g == 0 ? 0.0 + v : ad[r] + v;
-                        }
+                        group_epilogue(acc + b * bstride + mm * NR, zpv, rsm, sv, ad, g == 0);
                     }
                 }
             }

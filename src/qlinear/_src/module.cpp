@@ -104,9 +104,9 @@ py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_styl
     check(bits == 8 || bits == 4, "bits must be 8 or 4");
     check(out > 0 && in > 0, "out and in must be positive");
     check(packed.size() == packed_bytes(bits, out, in), "packed codes have the wrong size");
-    check(scales.ndim() == 2 && scales.shape(0) == out, "scales must be (out, n_groups)");
-    const int64_t ng = scales.shape(1);
-    check(zpu.ndim() == 2 && zpu.shape(0) == out && zpu.shape(1) == ng,
+    check(scales.ndim() == 2 && scales.shape(1) == out, "scales must be (n_groups, out)");
+    const int64_t ng = scales.shape(0);
+    check(zpu.ndim() == 2 && zpu.shape(1) == out && zpu.shape(0) == ng,
           "zero points must match scales");
     check(ng >= 1, "n_groups must be >= 1");
     if (ng == 1) {

@@ -10,7 +10,7 @@ static constexpr int F_BLOCK_DIRECT_ROWS = 0;
 template <class T>
 inline void f_direct(const uint8_t*, int, int64_t, const T*, const T*, int64_t, int, T*) {}
 inline bool f_block_direct(const uint8_t*, int, int64_t, const uint8_t*, int64_t, int64_t,
-                           int64_t, const int32_t*, const double*, const double*, int64_t,
+                           int64_t, int64_t, const int32_t*, const double*, const double*, int64_t,
                            const float*, int64_t, const float*, int, float*, int64_t) {
     return false;
 }

@@ -113,8 +113,8 @@ class NativeWeight(KernelWeight):
             self.out_features,
             self.in_features,
             self.group_size,
-            self.scales,
-            self.zero_points,
+            self.scales.T,  # C-contiguous (n_groups, out)
+            self.zero_points.T,
             bias,
             x,
             int8act,
@@ -132,6 +132,12 @@ class NativeWeight(KernelWeight):
                 return None
             return self._reference(ref.linear_int8act, x, bias)
         return self._call(x, bias, True)  # None: x holds a NaN or an infinity
+
+
+def _group_major(a: np.ndarray) -> np.ndarray:
+    g = np.ascontiguousarray(a.T)
+    g.setflags(write=False)
+    return g.T
 
 
 class NativeBackend:
@@ -161,6 +167,9 @@ class NativeBackend:
             packed, nbytes = _LazyCodes(codes), codes.nbytes
         offset = INT8_CODE_OFFSET if bits == 8 else 0
         scales, zp, gs = kernel_params(params, out, in_features, offset)
+        # The kernels read scales and zero points group-major, (n_groups, out): the
+        # weight keeps those arrays and shows them as (out, n_groups) views.
+        scales, zp = _group_major(scales), _group_major(zp)
         return NativeWeight(
             self.name, params.qtype, bits, out, in_features, gs, scales, zp, nbytes,
             packed=packed,
