@@ -583,43 +583,32 @@ template <int BITS, int MR>
 static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
                        int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu, const double* scales,
                        int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
-    const __m512i lane_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
-    // Group-major scales and zero points: group g of the 16 rows at g * gstride + r.
-    const __m512i ridx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512i gi = _mm512_add_epi32(ridx, _mm512_set1_epi32(static_cast<int>(g * gstride)));
-        const __m512i z16 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rmask, gi, zpu, 4);
+        // Group-major scales and zero points: the 16 rows of group g are contiguous.
+        const __m512i z16 = _mm512_maskz_loadu_epi32(rmask, zpu + g * gstride);
+        const double* sg_p = scales + g * gstride;
         const __m512 sc = _mm512_insertf32x8(
-            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mask_i32gather_pd(
-                _mm512_setzero_pd(), __mmask8(rmask), _mm512_castsi512_si256(gi), scales, 8))),
-            _mm512_cvtpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(rmask >> 8),
-                                                     _mm512_extracti64x4_epi64(gi, 1), scales, 8)),
-            1);
-        __m512 zp[4];
-        for (int j = 0; j < 4; ++j)
-            zp[j] = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
-                _mm512_add_epi32(lane_row, _mm512_set1_epi32(4 * j)), z16));
+            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), sg_p))),
+            _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), sg_p + 8)), 1);
         // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
         // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
         const __m512i magic = _mm512_set1_epi32(0x4B000000);
-        for (int j = 0; j < 4; ++j) zp[j] = _mm512_add_ps(zp[j], _mm512_set1_ps(8388608.0f));
         __m512 a[MR][4];
         for (int m = 0; m < MR; ++m)
             for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
-        if (BITS == 8) {
-            // int8: lanes = the 16 rows, one vector per column kk of the step: byte kk of
-            // each 32-bit lane taken out by a shift and masked under 2^23's exponent (no
-            // shuffles). The same sums as below in the same order: lane r of a[m][kk]
-            // accumulates row r's products of columns 4s + kk, then (k0+k1)+(k2+k3).
+        {
+            // Lanes = the 16 rows, one vector per column kk of the step: byte kk of each
+            // 32-bit lane taken out by a shift and masked under 2^23's exponent (no
+            // shuffles, no conversion). int8 steps are read as they are; int4 steps two
+            // at a time through load_pair4, which gives them in the int8 step order.
+            // Lane r of a[m][kk] accumulates row r's products of columns 4s + kk, then
+            // (k0+k1)+(k2+k3).
             const __m512 zr = _mm512_add_ps(_mm512_cvtepi32_ps(z16), _mm512_set1_ps(8388608.0f));
             const __m512i lo8 = _mm512_set1_epi32(0xFF);
-            for (int64_t s = sa; s < sb; ++s) {
-                const __m512i v = _mm512_loadu_si512((s < nd ? w + s * 64 : tail64));
-                const float* xs = s < nd ? x + 4 * s : xt;
-                const int64_t xrs = s < nd ? x_rs : 4;
+            auto step = [&](__m512i v, const float* xs, int64_t xrs) {
                 __m512 wf[4];
                 wf[0] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, lo8, magic, 0xEA));
                 wf[1] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8), lo8, magic, 0xEA));
@@ -629,36 +618,26 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
                 for (int m = 0; m < MR; ++m)
                     for (int j = 0; j < 4; ++j)
                         a[m][j] = _mm512_fmadd_ps(wf[j], _mm512_set1_ps(xs[m * xrs + j]), a[m][j]);
+            };
+            int64_t s = sa;
+            if (BITS == 4) {
+                const int64_t pe = sb < nd ? sb : nd;
+                for (; s + 2 <= pe; s += 2) {
+                    __m512i v0, v1;
+                    load_pair4(w + s * 32, &v0, &v1);
+                    step(v0, x + 4 * s, x_rs);
+                    step(v1, x + 4 * s + 4, x_rs);
+                }
+            }
+            for (; s < sb; ++s) {
+                if (s < nd) step(BITS == 8 ? _mm512_loadu_si512(w + s * 64) : load_step4(w + s * 32), x + 4 * s, x_rs);
+                else step(_mm512_loadu_si512(tail64), xt, 4);
             }
             for (int m = 0; m < MR; ++m)
                 total[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]),
                                                          _mm512_add_ps(a[m][2], a[m][3])),
                                            sc, total[m]);
-            continue;
         }
-        for (int64_t s = sa; s < sb; ++s) {
-            __m128i p[4];
-            const float* xs;
-            int64_t xrs;
-            if (s < nd) {
-                step_pieces(w, BITS, s, p);
-                xs = x + 4 * s;
-                xrs = x_rs;
-            } else {
-                step_pieces(tail64, 8, 0, p);
-                xs = xt;
-                xrs = 4;
-            }
-            __m512 wf[4];
-            for (int j = 0; j < 4; ++j)
-                wf[j] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_cvtepu8_epi32(p[j]), magic)), zp[j]);
-            for (int m = 0; m < MR; ++m) {
-                const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m * xrs));
-                for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
-            }
-        }
-        for (int m = 0; m < MR; ++m)
-            total[m] = _mm512_fmadd_ps(rows16(a[m][0], a[m][1], a[m][2], a[m][3]), sc, total[m]);
     }
 }
 
