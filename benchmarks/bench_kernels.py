@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_kernels.py                     # issue 12's shapes + SmolLM2's
     python benchmarks/bench_kernels.py --shapes 4096x4096 --batches 1,16 --no-smollm2
 
-Columns (milliseconds, 2 threads each, shape is out x in), the table of issue 12:
+Columns (milliseconds, ``--threads`` (2) threads each, shape is out x in), the table of issue 12:
 qlinear int4 g128 with int8 activations (``activations="int8"``, W4A8) next to ONNX
 Runtime ``MatMulNBits`` with ``accuracy_level=4`` (int8 activations, VNNI); qlinear int4
 g128 with float activations next to ``MatMulNBits`` ``accuracy_level=0`` (float compute);
@@ -35,7 +35,7 @@ import numpy as np
 import qlinear
 from qlinear import QuantizedLinear, calibrate_linear
 
-THREADS = 2
+THREADS = [2]  # every contender's thread count (--threads)
 
 
 def timeit(fn: Callable[[], object], budget: float = 0.15, min_reps: int = 5) -> float:
@@ -56,7 +56,7 @@ def torch_peer(w: np.ndarray, bias: np.ndarray):
         import torch
     except ImportError:
         return None, "torch not installed"
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(THREADS[0])
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
     lin = torch.nn.Linear(w.shape[1], w.shape[0])
@@ -102,7 +102,7 @@ def _ort_single_node(node, inits, in_f: int, out_f: int):
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
     )
-    sess = _ort_session(model, THREADS)
+    sess = _ort_session(model, THREADS[0])
 
     def make(x: np.ndarray):
         return lambda: sess.run(None, {"A": x})
@@ -259,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=ISSUE_SHAPES)
     ap.add_argument("--batches", default="1,16,256")
     ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2's shapes at B=1")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every contender")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pause", type=float, default=0.3)
     ap.add_argument("--budget", type=float, default=0.15)
     args = ap.parse_args(argv)
-    qlinear.set_num_threads(THREADS)
+    THREADS[0] = args.threads
+    qlinear.set_num_threads(args.threads)
     print(f"qlinear {qlinear.__version__}: {qlinear.backend_info()}")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 threads per contender)")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({args.threads} threads per contender)")
     rng = np.random.default_rng(0)
     bench(args.shapes, [int(b) for b in args.batches.split(",")], args, rng, True)
     if not args.no_smollm2:

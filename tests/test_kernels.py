@@ -404,13 +404,14 @@ def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtyp
     # blocks (out % 16 != 0), 1..17 rows of x, 1/2/3 threads.
     before = kernels.get_num_threads()
     try:
-        for i, (out_f, in_f) in enumerate([(17, 1), (64, 3), (65, 63), (63, 65), (33, 127),
-                                           (80, 4095), (64, 4092), (16, 260)]):  # fmt: skip
+        shapes = [(17, 1), (64, 3), (65, 63), (63, 65), (33, 127), (80, 4095), (64, 4092)]
+        shapes += [(16, 260), (128, 260), (64, 1028)]  # 4 full blocks: the fused 1-row path
+        for i, (out_f, in_f) in enumerate(shapes):
             fmt = (qtype, "per_group", gs)
             scheme = "asymmetric" if i % 2 else "symmetric"
             layer = make_layer(rng, out_f, in_f, fmt, scheme, backend, bias=i % 3 == 0)
             ref = reference_of(layer)
-            for n in (1, 2, 7, 17):
+            for n in (1, 2, 7, 13, 17):  # 13 = a tile of 12 rows + 1
                 x = rng.standard_normal((n, in_f)).astype(np.float32 if n % 2 else np.float64)
                 expected = ref(x, activations="int8")
                 for t in (1, 2, 3):

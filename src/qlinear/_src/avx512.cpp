@@ -322,6 +322,70 @@ static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t 
     _mm512_storeu_pd(ad + 8, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad + 8), hi));
 }
 
+// One row of x, four full blocks, every group in one call (decode): per group the
+// integer sums stay in registers (even and odd steps apart: 8 independent chains), then
+// accd[b][r] (+)= double(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
+template <int BITS>
+static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
+                          const int8_t* xq, const int32_t* rs, const int32_t* zpu,
+                          const double* scales, int64_t gstride, double* accd, int64_t bstride) {
+    const __m512i z = _mm512_setzero_si512();
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    __m512d d[4][2];
+    for (int j = 0; j < 4; ++j) d[j][0] = d[j][1] = _mm512_setzero_pd();
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        __m512i a0 = z, a1 = z, a2 = z, a3 = z, e0 = z, e1 = z, e2 = z, e3 = z;
+        int64_t s = sa;
+        for (; s + 2 <= sb; s += 2) {
+            __m512i v0, v1;
+#define QL_B(W, A, E)                                                  \
+    if (BITS == 4) load_pair4(W + s * 32, &v0, &v1);                   \
+    else {                                                             \
+        v0 = _mm512_loadu_si512(W + s * 64);                           \
+        v1 = _mm512_loadu_si512(W + s * 64 + 64);                      \
+    }                                                                  \
+    dpm(A, v0, xq + 4 * s);                                            \
+    dpm(E, v1, xq + 4 * s + 4);
+            QL_B(w0, a0, e0) QL_B(w1, a1, e1) QL_B(w2, a2, e2) QL_B(w3, a3, e3)
+#undef QL_B
+        }
+        if (s < sb) {
+            dpm(a0, load_step<BITS>(w0, s), xq + 4 * s);
+            dpm(a1, load_step<BITS>(w1, s), xq + 4 * s);
+            dpm(a2, load_step<BITS>(w2, s), xq + 4 * s);
+            dpm(a3, load_step<BITS>(w3, s), xq + 4 * s);
+        }
+        const __m512i r = _mm512_set1_epi32(rs[g]);
+        const int32_t* zg = zpu + g * gstride;
+        const double* sgp = scales + g * gstride;
+        const __m512i sums[4] = {_mm512_add_epi32(a0, e0), _mm512_add_epi32(a1, e1),
+                                 _mm512_add_epi32(a2, e2), _mm512_add_epi32(a3, e3)};
+        for (int j = 0; j < 4; ++j) {
+            const __m512i dot = _mm512_sub_epi32(
+                sums[j], _mm512_mullo_epi32(_mm512_loadu_si512(zg + 16 * j), r));
+            const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(dot)),
+                                             _mm512_loadu_pd(sgp + 16 * j));
+            const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dot, 1)),
+                                             _mm512_loadu_pd(sgp + 16 * j + 8));
+            d[j][0] = _mm512_add_pd(d[j][0], lo);  // starts at +0.0, as the reference
+            d[j][1] = _mm512_add_pd(d[j][1], hi);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        _mm512_storeu_pd(accd + j * bstride, d[j][0]);
+        _mm512_storeu_pd(accd + j * bstride + 8, d[j][1]);
+    }
+}
+static constexpr bool HAS_GROUPS_R1 = true;
+static inline void i_groups_r1(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
+                               int64_t kp, const int8_t* xq, const int32_t* rs,
+                               const int32_t* zpu, const double* scales, int64_t gstride,
+                               double* accd, int64_t bstride) {
+    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
+    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
+}
+
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
 static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
                             int64_t xq_rs, int mr, int32_t* const* acc);

@@ -43,7 +43,6 @@ void f_convert(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, T* wbuf
 template <class T>
 void f_convert_scaled(const Layer& L, const BlockView& v, int64_t o0, int64_t s0, int64_t nsteps,
                       int64_t sg, T* wbuf) {
-    const int64_t ng = L.n_groups;
     alignas(64) T zl[64], sl[64];
     alignas(64) uint8_t u[64];
     int64_t gcur = -1;

@@ -1,7 +1,8 @@
 // int8-activation driver (dynamic W8A8 and W4A8): quantize x per row, then tasks of
 // I8_BLOCKS blocks x a chunk of rows run the ISA's integer micro-kernels, exact int32
 // (int64 past INT_CHUNK steps) sums, epilogue in double in the reference's order.
-// Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue.
+// Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue, and
+// HAS_GROUPS_R1 with i_groups_r1 (stubs: no_direct_float.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -63,7 +64,17 @@ void i8_task(void* p, int64_t task, int) {
         const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
         const int8_t* xm = c.xq + m * c.xq_rs;
         const size_t nacc = static_cast<size_t>(I8_BLOCKS * bstride);
-        for (int64_t g = 0; g < ng; ++g) {
+        // One row of x over four full blocks and several groups (decode): the ISA may run
+        // every group in one call, sums and epilogue in registers, into accd.
+        const bool fused = HAS_GROUPS_R1 && quad && mr == 1 && ng > 1 && !vs[0].has_tail &&
+                           sg <= INT_CHUNK;
+        if (fused) {
+            const int64_t o0 = bp * I8_BLOCKS * NR;
+            const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
+            i_groups_r1(w4, L.bits, ng, sg, kp, xm, c.rs + m * ng, L.zpu + o0, L.scales + o0,
+                        L.out, accd, bstride);
+        }
+        for (int64_t g = 0; g < (fused ? 0 : ng); ++g) {
             const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
             // int32 stays exact for INT_CHUNK steps; longer groups carry int64 sums.
             const bool wide = sb - sa > INT_CHUNK;

@@ -1,5 +1,6 @@
-// For ISAs whose float mode has no in-register code conversion (generic, avx2): the
-// float driver's constexpr settings say so, and these stubs are never called.
+// For ISAs without the optional kernels (generic, avx2): float mode's in-register code
+// conversion and int8 mode's fused one-row group kernel. The constexpr settings say so,
+// and these stubs are never called.
 #pragma once
 
 static constexpr bool HAS_F_DIRECT = false;
@@ -14,3 +15,9 @@ inline bool f_block_direct(const uint8_t*, int, int64_t, const uint8_t*, int64_t
                            const float*, int64_t, const float*, int, float*, int64_t) {
     return false;
 }
+
+// No fused all-groups kernel for one row of x (int8_driver.h).
+static constexpr bool HAS_GROUPS_R1 = false;
+inline void i_groups_r1(const uint8_t* const*, int, int64_t, int64_t, int64_t, const int8_t*,
+                        const int32_t*, const int32_t*, const double*, int64_t, double*,
+                        int64_t) {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -102,9 +102,6 @@ class KernelWeight:
     scales: np.ndarray
     zero_points: np.ndarray
     nbytes: int  # bytes of the codes in the backend's layout
-
-    # True: the kernels may see NaN/Inf in x and report it (see forward).
-    reports_bad_x: ClassVar[bool] = True
 
     @property
     def n_groups(self) -> int:
