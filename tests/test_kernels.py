@@ -411,7 +411,7 @@ def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtyp
             scheme = "asymmetric" if i % 2 else "symmetric"
             layer = make_layer(rng, out_f, in_f, fmt, scheme, backend, bias=i % 3 == 0)
             ref = reference_of(layer)
-            for n in (1, 2, 7, 13, 17):  # 13 = a tile of 12 rows + 1
+            for n in (1, 2, 7, 13, 17, 49):  # 13: a 12-row tile + 1; 49: int4 expanded
                 x = rng.standard_normal((n, in_f)).astype(np.float32 if n % 2 else np.float64)
                 expected = ref(x, activations="int8")
                 for t in (1, 2, 3):

@@ -237,6 +237,21 @@ static inline void load_pair4(const uint8_t* p, __m512i* s0, __m512i* s1) {
     *s1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);
 }
 
+// int4 steps -> the same codes as bytes in the int8 step order, two steps per load.
+// vpdpbusd takes any unsigned bytes, so the int8 micro-kernels run on the result with
+// the int4 zero points unchanged.
+static constexpr int64_t I4_EXPAND_ROWS = 48;  // four 12-row tiles or more
+static inline void expand_steps4(const uint8_t* w, int64_t nsteps, uint8_t* dst) {
+    int64_t s = 0;
+    for (; s + 2 <= nsteps; s += 2) {
+        __m512i v0, v1;
+        load_pair4(w + s * 32, &v0, &v1);
+        _mm512_storeu_si512(dst + s * 64, v0);
+        _mm512_storeu_si512(dst + s * 64 + 64, v1);
+    }
+    if (s < nsteps) _mm512_storeu_si512(dst + s * 64, load_step4(w + s * 32));
+}
+
 // vpdpbusd with the 4 activation bytes broadcast from memory (no register for x).
 static inline void dpm(__m512i& acc, __m512i w, const int8_t* x4) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const alias_i32*>(x4)));

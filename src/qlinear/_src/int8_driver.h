@@ -2,7 +2,8 @@
 // I8_BLOCKS blocks x a chunk of rows run the ISA's integer micro-kernels, exact int32
 // (int64 past INT_CHUNK steps) sums, epilogue in double in the reference's order.
 // Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue, and
-// HAS_GROUPS_R1 with i_groups_r1 (stubs: no_direct_float.h).
+// HAS_GROUPS_R1 with i_groups_r1, I4_EXPAND_ROWS with expand_steps4 (stubs:
+// no_direct_float.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -52,6 +53,20 @@ void i8_task(void* p, int64_t task, int) {
     for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
         view_block(L, bi, scratch, vs[nb]);
     const bool quad = nb == 4 && vs[3].rb == NR;  // only the last block can be partial
+    // Many rows of x over int4 blocks: the ISA may expand the task's four blocks once
+    // into unsigned bytes (the int8 step order), so every row tile runs the int8
+    // micro-kernel on them instead of unpacking each step again per tile.
+    thread_local std::vector<uint8_t> expanded;
+    if (I4_EXPAND_ROWS > 0 && L.bits == 4 && quad && m1 - m0 >= I4_EXPAND_ROWS &&
+        vs[0].nd * 64 * 4 <= (int64_t(2) << 20)) {
+        const int64_t nd = vs[0].nd;
+        if (expanded.size() < static_cast<size_t>(4 * nd * 64)) expanded.resize(4 * nd * 64);
+        for (int b = 0; b < 4; ++b) {
+            expand_steps4(vs[b].w, nd, expanded.data() + b * nd * 64);
+            vs[b].w = expanded.data() + b * nd * 64;
+            vs[b].bits = 8;
+        }
+    }
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
     // One tile of MR_I rows at a time runs through every step (the weights of the task's
     // blocks stay in L2), so its accumulators stay in L1: [block][row][16].
@@ -71,7 +86,7 @@ void i8_task(void* p, int64_t task, int) {
         if (fused) {
             const int64_t o0 = bp * I8_BLOCKS * NR;
             const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
-            i_groups_r1(w4, L.bits, ng, sg, kp, xm, c.rs + m * ng, L.zpu + o0, L.scales + o0,
+            i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L.zpu + o0, L.scales + o0,
                         L.out, accd, bstride);
         }
         for (int64_t g = 0; g < (fused ? 0 : ng); ++g) {

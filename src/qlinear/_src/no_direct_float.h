@@ -21,3 +21,8 @@ static constexpr bool HAS_GROUPS_R1 = false;
 inline void i_groups_r1(const uint8_t* const*, int, int64_t, int64_t, int64_t, const int8_t*,
                         const int32_t*, const int32_t*, const double*, int64_t, double*,
                         int64_t) {}
+
+// No expansion of int4 blocks to bytes for many rows (int8_driver.h): the avx2 int8
+// micro-kernel reads bytes as code + 128.
+static constexpr int64_t I4_EXPAND_ROWS = 0;
+inline void expand_steps4(const uint8_t*, int64_t, uint8_t*) {}
