@@ -275,6 +275,30 @@ def test_results_do_not_depend_on_thread_count(backend, rng):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+def test_results_do_not_depend_on_the_pool_wait_policy(backend, rng):
+    # The pool's wait policy (spin time, pause or yield, sleeping at once) decides when a
+    # worker joins a job, never what a task computes.
+    native = pytest.importorskip("qlinear._native")
+    layer = make_layer(rng, 300, 500, FORMATS[4], "asymmetric", backend)
+    x = rng.standard_normal((40, 500)).astype(np.float32)
+    before_policy, before_threads = native.spin_policy(), kernels.get_num_threads()
+    out = []
+    try:
+        qlinear.set_num_threads(2)
+        for spin_us, yield_ in ((0, False), (50, False), (5000, False), (200, True)):
+            native.set_spin_policy(spin_us, yield_)
+            for _ in range(3):  # back to back: workers caught spinning and sleeping
+                out.append((layer(x), layer(x, activations="int8")))
+    finally:
+        native.set_spin_policy(*before_policy)
+        qlinear.set_num_threads(before_threads)
+    assert native.spin_policy() == before_policy
+    for y_float, y_int8 in out[1:]:
+        np.testing.assert_array_equal(y_float, out[0][0])
+        np.testing.assert_array_equal(y_int8, out[0][1])
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("qtype", ["int8", "int4"])
 def test_packing_round_trip_and_nbytes(backend, qtype, rng):
     for out_f, in_f in ((1, 1), (17, 3), (63, 65), (128, 4096)):
@@ -286,8 +310,9 @@ def test_packing_round_trip_and_nbytes(backend, qtype, rng):
         np.testing.assert_array_equal(layer.dequantize(), ref.dequantize())
         # Packed codes take what canonical storage takes (int4: no per-row padding).
         expected = out_f * in_f if qtype == "int8" else (out_f * in_f + 1) // 2
-        assert expected <= layer._packed.nbytes <= ref.stored_weight.nbytes
-        assert layer.nbytes <= 1.05 * ref.nbytes
+        assert expected <= layer._weight.nbytes <= ref.stored_weight.nbytes
+        # Native int8 kernels keep their own zero points (+128, the unsigned-code domain).
+        assert layer.nbytes <= 1.05 * ref.nbytes + layer.zero_points.nbytes
 
 
 def test_per_group_sizes_not_multiple_of_four_still_match(rng):
@@ -368,3 +393,29 @@ def test_concurrent_python_threads_get_the_serial_results(backend, rng):
     for (a, b), (c, d) in zip(serial, par, strict=True):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("gs", [32, 128])
+@pytest.mark.parametrize("qtype", ["int4", "int8"])
+def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtype, rng):
+    # W4A8 / W8A8 per group (the GGUF group of 32 and group 128): step pairs with an odd
+    # step left over (in % 8 == 4), partial last groups, tails (in % 4 != 0), partial
+    # blocks (out % 16 != 0), 1..17 rows of x, 1/2/3 threads.
+    before = kernels.get_num_threads()
+    try:
+        shapes = [(17, 1), (64, 3), (65, 63), (63, 65), (33, 127), (80, 4095), (64, 4092)]
+        shapes += [(16, 260), (128, 260), (64, 1028)]  # 4 full blocks: the fused 1-row path
+        for i, (out_f, in_f) in enumerate(shapes):
+            fmt = (qtype, "per_group", gs)
+            scheme = "asymmetric" if i % 2 else "symmetric"
+            layer = make_layer(rng, out_f, in_f, fmt, scheme, backend, bias=i % 3 == 0)
+            ref = reference_of(layer)
+            for n in (1, 2, 7, 13, 17, 49):  # 13: a 12-row tile + 1; 49: int4 expanded
+                x = rng.standard_normal((n, in_f)).astype(np.float32 if n % 2 else np.float64)
+                expected = ref(x, activations="int8")
+                for t in (1, 2, 3):
+                    qlinear.set_num_threads(t)
+                    np.testing.assert_array_equal(layer(x, activations="int8"), expected)
+    finally:
+        qlinear.set_num_threads(before)

@@ -16,6 +16,7 @@ import numpy as np
 from . import kernels
 from ._checks import as_array, as_float_matrix, check_finite
 from .errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
+from .kernels import ACTIVATION_MODES, KernelWeight
 from .packing import pack_int4, packed_cols, unpack_int4
 from .params import QuantizationParams
 from .qtypes import (
@@ -29,7 +30,6 @@ from .ref import dequantize_rows, quantize_codes
 __all__ = ["QuantizedLinear"]
 
 SUPPORTED_QTYPES = (QuantizationType.INT8, QuantizationType.INT4)
-ACTIVATION_MODES = ("float", "int8")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -49,17 +49,11 @@ class QuantizedLinear:
     for per-tensor layers.
     """
 
-    __slots__ = (
-        "_bias",
-        "_packed",
-        "_params",
-        "_s2",
-        "_zp2",
-    )
+    __slots__ = ("_bias", "_params", "_weight")
 
     def __init__(
         self,
-        _packed: kernels.PackedWeight,
+        _weight: KernelWeight,
         _params: QuantizationParams,
         _bias: np.ndarray | None,
         *,
@@ -70,25 +64,9 @@ class QuantizedLinear:
                 "QuantizedLinear is built with QuantizedLinear.from_fp(weight, params) or "
                 "QuantizedLinear.from_codes(codes, params)"
             )
-        p = _params
-        out_f = _packed.out_features
-        # Kernels see every layer as per-group: (out, n_groups) scales and *effective*
-        # zero points (zero point + storage offset), group_size == in_features when
-        # there is one group per row.
-        offset = storage_offset(p.qtype, p.scheme)
-        zp = p.zero_point if offset == 0 else _readonly(p.zero_point + np.int32(offset))
-        if p.granularity is QuantizationGranularity.PER_GROUP:
-            s2, zp2 = p.scale, zp
-        elif p.granularity is QuantizationGranularity.PER_CHANNEL:
-            s2, zp2 = p.scale.reshape(-1, 1), zp.reshape(-1, 1)  # views, no copies
-        else:
-            s2 = _readonly(np.full((out_f, 1), p.scale[0]))
-            zp2 = _readonly(np.full((out_f, 1), zp[0], dtype=np.int32))
-        self._packed = _packed
-        self._params = p
+        self._weight = _weight  # every kernel-side fact (zero point domain, groups, layout)
+        self._params = _params
         self._bias = _bias
-        self._s2 = s2
-        self._zp2 = zp2
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -182,9 +160,8 @@ class QuantizedLinear:
                 f"{stored.dtype} {stored.shape}"
             )
         params.check_weight_shape(stored.shape[0], in_features)
-        b = kernels.get_backend(backend)
-        packed = b.pack(stored, params.qtype, in_features, lazy=lazy)
-        return cls(packed, params, cls._check_bias(bias, stored.shape[0]), _token=_PRIVATE)
+        weight = kernels.get_backend(backend).prepare(stored, params, in_features, lazy=lazy)
+        return cls(weight, params, cls._check_bias(bias, stored.shape[0]), _token=_PRIVATE)
 
     @classmethod
     def _from_checked_codes(cls, codes, params, bias, backend) -> QuantizedLinear:
@@ -232,16 +209,16 @@ class QuantizedLinear:
         Raises ShapeMismatchError if ``len(bias) != out_features``.
         """
         b = self._check_bias(bias, self.out_features)
-        return QuantizedLinear(self._packed, self._params, b, _token=_PRIVATE)
+        return QuantizedLinear(self._weight, self._params, b, _token=_PRIVATE)
 
     # ---------------------------------------------------------------- properties
     @property
     def out_features(self) -> int:
-        return self._packed.out_features
+        return self._weight.out_features
 
     @property
     def in_features(self) -> int:
-        return self._packed.in_features
+        return self._weight.in_features
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -287,13 +264,13 @@ class QuantizedLinear:
     @property
     def backend(self) -> str:
         """Name of the kernel backend that packed this layer."""
-        return self._packed.backend
+        return self._weight.backend
 
     @property
     def qweight(self) -> np.ndarray:
         """The codes as a read-only int8 ``(out_features, in_features)`` array (int4 codes
         unpacked, one per element; symmetric -7..7, asymmetric 0..15)."""
-        stored = kernels.get_backend(self._packed.backend).unpack(self._packed)
+        stored = self._weight.stored()
         if self.qtype is QuantizationType.INT4:
             offset = storage_offset(self.qtype, self.scheme)
             stored = (unpack_int4(stored, self.in_features).astype(np.int16) - offset).astype(
@@ -307,16 +284,17 @@ class QuantizedLinear:
     def stored_weight(self) -> np.ndarray:
         """Canonical stored codes: int8 ``(out, in)``, or int4 packed ``uint8 (out, ceil(in/2))``
         (see :mod:`qlinear.packing`)."""
-        return kernels.get_backend(self._packed.backend).unpack(self._packed)
+        return self._weight.stored()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the layer: packed codes, scales, zero points and bias."""
-        arrays = [self._params.scale, self._params.zero_point, self._s2, self._zp2]
+        w = self._weight
+        arrays = [self._params.scale, self._params.zero_point, w.scales, w.zero_points]
         if self._bias is not None:
             arrays.append(self._bias)
         seen: set[int] = set()
-        total = self._packed.nbytes
+        total = w.nbytes
         for a in arrays:
             base = a if a.base is None else a.base
             if id(base) not in seen and isinstance(base, np.ndarray):
@@ -341,9 +319,10 @@ class QuantizedLinear:
         codes = self.stored_weight
         if self.qtype is QuantizationType.INT4:
             codes = unpack_int4(codes, self.in_features)
-        gs = self.group_size or self.in_features
+        # Canonical codes with the zero points of the canonical domain.
+        kw = kernels.kernel_params(self._params, self.out_features, self.in_features, 0)
         with np.errstate(over="ignore", invalid="ignore"):
-            w = dequantize_rows(codes, self._s2, self._zp2, gs, dt)
+            w = dequantize_rows(codes, kw[0], kw[1], kw[2], dt)
         if not np.isfinite(w).all():  # a scale beyond dt's range: Inf, and 0 * Inf = NaN
             raise InvalidParamsError(
                 f"the weight (scales up to {float(self.scales.max()):.3g}) does not fit in "
@@ -392,63 +371,16 @@ class QuantizedLinear:
         x2 = a.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return np.zeros((*lead, self.out_features), dtype=a.dtype)
-        backend = kernels.get_backend(self._packed.backend)
-        # Native int8 mode checks x while quantizing it. In native float mode a NaN/Inf
-        # in x makes its output rows NaN/Inf (every x element meets every weight, and
-        # Inf * 0 is NaN), so x is only checked when the result is not all finite.
-        flag = "checks_int8_input" if activations == "int8" else "checks_float_input_via_output"
-        x_checked = not getattr(backend, flag, False)
-        if x_checked:
-            check_finite("x", x2)
-        # Finite x can still overflow x's dtype (float32 x near 1e38, or weights beyond
-        # float32's range): checked once on the result, with an error instead of Inf/NaN.
-        args = (
-            self._packed,
-            x2,
-            self._s2,
-            self._zp2,
-            self.group_size or self.in_features,
-            self._bias,
-            activations,
-        )
-        if getattr(backend, "fp_warnings_silenced", False):
-            y = backend.linear(*args)  # compiled kernels: NumPy never sees their overflow
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):
-                y = backend.linear(*args)
-        if not np.isfinite(y).all():
-            if not x_checked:
-                check_finite("x", x2)
-            raise InvalidInputError(
-                f"the output overflowed {y.dtype} to Inf/NaN (largest |x| is "
-                f"{float(np.abs(x2).max()):.3g}, largest weight scale "
-                f"{float(self.scales.max()):.3g}); expected inputs and weights whose product "
-                "fits the dtype (pass float64 x for a wider range)"
-            )
-        return y.reshape(*lead, self.out_features)
+        return self._weight.forward(x2, self._bias, activations).reshape(*lead, self.out_features)
+
+    def _forward_2d(self, x: np.ndarray, activations: str = "float") -> np.ndarray:
+        """The unchecked path for qlinear's own modules (gptq, moe, models), whose public
+        entry points already checked x: ``x`` float32/float64 ``(n, in_features)``,
+        ``n >= 1``, ``activations`` in ``("float", "int8")``; returns ``(n, out_features)``
+        in x's dtype. NaN/Inf in x and overflow still raise InvalidInputError."""
+        return self._weight.forward(x, self._bias, activations)
 
     __call__ = forward
-
-    def _forward_unchecked(self, x2: np.ndarray) -> np.ndarray:
-        """:meth:`forward` for package-internal callers that validated ``x`` once at their
-        own boundary (the decoder models): ``x2`` float32/float64 ``(tokens,
-        in_features)``, tokens > 0, weight-only float activations. Nothing is checked
-        here, and Inf/NaN in the result are returned, not raised: the caller checks its
-        final output once."""
-        backend = kernels.get_backend(self._packed.backend)
-        args = (
-            self._packed,
-            x2,
-            self._s2,
-            self._zp2,
-            self.group_size or self.in_features,
-            self._bias,
-            "float",
-        )
-        if getattr(backend, "fp_warnings_silenced", False):
-            return backend.linear(*args)
-        with np.errstate(over="ignore", invalid="ignore"):
-            return backend.linear(*args)
 
     def __reduce__(self):
         # Pickle / copy the canonical codes and rebuild: the copy is packed for the active

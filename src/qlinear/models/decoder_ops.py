@@ -38,7 +38,7 @@ def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
     """``lin(x)`` as float32 for a float32 ``(tokens, in)`` x the model already checked:
     QuantizedLinear through its unchecked path (the model checks its logits once)."""
     if type(lin) is QuantizedLinear and x.shape[0]:
-        y = lin._forward_unchecked(x)
+        y = lin._forward_2d(x)
     else:
         y = lin.forward(x)
     return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)

@@ -14,12 +14,17 @@ namespace avx512 {
 constexpr int MR_I = 12;
 constexpr int MR_F = 6;
 
-// 32 bytes of nibbles -> 64 unsigned codes (low nibbles first, then high nibbles).
-static inline __m512i load_step4(const uint8_t* p) {
+// The one vector unpacking of an int4 step (layout.h): 32 bytes of nibbles -> codes
+// 0..31 (low nibbles) and 32..63 (high nibbles).
+static inline void load_step4_halves(const uint8_t* p, __m256i* lo, __m256i* hi) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(b, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    *lo = _mm256_and_si256(b, mask);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+}
+static inline __m512i load_step4(const uint8_t* p) {
+    __m256i lo, hi;
+    load_step4_halves(p, &lo, &hi);
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
@@ -219,6 +224,183 @@ static void i_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq
 #undef QL_ST
 }
 
+// int4, two steps at a time: one 64-byte load holds steps s and s+1 of a block (32
+// bytes each, layout.h); one AND and one shift+AND give their low and high nibbles, two
+// 128-bit-lane shuffles regroup them into step s (rows 0..7 from the low nibbles, 8..15
+// from the high) and step s+1: 5 operations per 2 steps instead of 4 per step.
+static inline void load_pair4(const uint8_t* p, __m512i* s0, __m512i* s1) {
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_and_si512(v, mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    *s0 = _mm512_shuffle_i64x2(lo, hi, 0x44);
+    *s1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);
+}
+
+// int4 steps -> the same codes as bytes in the int8 step order, two steps per load.
+// vpdpbusd takes any unsigned bytes, so the int8 micro-kernels run on the result with
+// the int4 zero points unchanged.
+static constexpr int64_t I4_EXPAND_ROWS = 48;  // four 12-row tiles or more
+static inline void expand_steps4(const uint8_t* w, int64_t nsteps, uint8_t* dst) {
+    int64_t s = 0;
+    for (; s + 2 <= nsteps; s += 2) {
+        __m512i v0, v1;
+        load_pair4(w + s * 32, &v0, &v1);
+        _mm512_storeu_si512(dst + s * 64, v0);
+        _mm512_storeu_si512(dst + s * 64 + 64, v1);
+    }
+    if (s < nsteps) _mm512_storeu_si512(dst + s * 64, load_step4(w + s * 32));
+}
+
+// vpdpbusd with the 4 activation bytes broadcast from memory (no register for x).
+static inline void dpm(__m512i& acc, __m512i w, const int8_t* x4) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const alias_i32*>(x4)));
+}
+
+// Four int4 blocks x R <= 6 rows of x, steps in pairs. With R <= 2 the odd steps go to
+// their own accumulators (more independent vpdpbusd chains when there are few rows).
+template <int R>
+static void i4_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                        int32_t* const* acc) {
+    constexpr bool SPLIT = R <= 2;
+    const __m512i z = _mm512_setzero_si512();
+#define QL_LD(i)                                                      \
+    __m512i a##i = R > i ? _mm512_loadu_si512(acc[0] + i * NR) : z;   \
+    __m512i b##i = R > i ? _mm512_loadu_si512(acc[1] + i * NR) : z;   \
+    __m512i c##i = R > i ? _mm512_loadu_si512(acc[2] + i * NR) : z;   \
+    __m512i d##i = R > i ? _mm512_loadu_si512(acc[3] + i * NR) : z;   \
+    __m512i ao##i = z, bo##i = z, co##i = z, do##i = z;               \
+    const int8_t* x##i = xq + (R > i ? i : 0) * xq_rs;
+    QL_LD(0) QL_LD(1) QL_LD(2) QL_LD(3) QL_LD(4) QL_LD(5)
+#undef QL_LD
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    int64_t s = 0;
+    for (; s + 2 <= nsteps; s += 2) {
+#define QL_ROW(i, A, AO, V0, V1)                              \
+    if (R > i) {                                              \
+        dpm(A##i, V0, x##i + 4 * s);                          \
+        if (SPLIT) dpm(AO##i, V1, x##i + 4 * s + 4);          \
+        else dpm(A##i, V1, x##i + 4 * s + 4);                 \
+    }
+#define QL_BLOCK(W, A, AO)                                                          \
+    {                                                                               \
+        __m512i v0, v1;                                                             \
+        load_pair4(W + s * 32, &v0, &v1);                                           \
+        QL_ROW(0, A, AO, v0, v1) QL_ROW(1, A, AO, v0, v1) QL_ROW(2, A, AO, v0, v1)  \
+        QL_ROW(3, A, AO, v0, v1) QL_ROW(4, A, AO, v0, v1) QL_ROW(5, A, AO, v0, v1)  \
+    }
+        QL_BLOCK(w0, a, ao) QL_BLOCK(w1, b, bo) QL_BLOCK(w2, c, co) QL_BLOCK(w3, d, do)
+#undef QL_BLOCK
+#undef QL_ROW
+    }
+    for (; s < nsteps; ++s) {
+        const __m512i v0 = load_step4(w0 + s * 32), v1 = load_step4(w1 + s * 32);
+        const __m512i v2 = load_step4(w2 + s * 32), v3 = load_step4(w3 + s * 32);
+#define QL_ROW(i)                           \
+    if (R > i) {                            \
+        dpm(a##i, v0, x##i + 4 * s);        \
+        dpm(b##i, v1, x##i + 4 * s);        \
+        dpm(c##i, v2, x##i + 4 * s);        \
+        dpm(d##i, v3, x##i + 4 * s);        \
+    }
+        QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+    }
+#define QL_ST(i)                                                                         \
+    if (R > i) {                                                                         \
+        if (SPLIT) {                                                                     \
+            a##i = _mm512_add_epi32(a##i, ao##i);                                        \
+            b##i = _mm512_add_epi32(b##i, bo##i);                                        \
+            c##i = _mm512_add_epi32(c##i, co##i);                                        \
+            d##i = _mm512_add_epi32(d##i, do##i);                                        \
+        }                                                                                \
+        _mm512_storeu_si512(acc[0] + i * NR, a##i);                                      \
+        _mm512_storeu_si512(acc[1] + i * NR, b##i);                                      \
+        _mm512_storeu_si512(acc[2] + i * NR, c##i);                                      \
+        _mm512_storeu_si512(acc[3] + i * NR, d##i);                                      \
+    }
+    QL_ST(0) QL_ST(1) QL_ST(2) QL_ST(3) QL_ST(4) QL_ST(5)
+#undef QL_ST
+}
+
+// One group's epilogue for one row of x and one block, 16 lanes at once:
+// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r] (exact int32 difference, then one
+// rounding for the product and one for the sum, as the scalar version).
+static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
+                                  const double* sv, double* ad, bool first) {
+    const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a),
+                                       _mm512_mullo_epi32(_mm512_loadu_si512(zpv), _mm512_set1_epi32(rs)));
+    const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(d)), _mm512_loadu_pd(sv));
+    const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1)), _mm512_loadu_pd(sv + 8));
+    const __m512d z = _mm512_setzero_pd();
+    _mm512_storeu_pd(ad, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad), lo));
+    _mm512_storeu_pd(ad + 8, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad + 8), hi));
+}
+
+// One row of x, four full blocks, every group in one call (decode): per group the
+// integer sums stay in registers (even and odd steps apart: 8 independent chains), then
+// accd[b][r] (+)= double(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
+template <int BITS>
+static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
+                          const int8_t* xq, const int32_t* rs, const int32_t* zpu,
+                          const double* scales, int64_t gstride, double* accd, int64_t bstride) {
+    const __m512i z = _mm512_setzero_si512();
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    __m512d d[4][2];
+    for (int j = 0; j < 4; ++j) d[j][0] = d[j][1] = _mm512_setzero_pd();
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        __m512i a0 = z, a1 = z, a2 = z, a3 = z, e0 = z, e1 = z, e2 = z, e3 = z;
+        int64_t s = sa;
+        for (; s + 2 <= sb; s += 2) {
+            __m512i v0, v1;
+#define QL_B(W, A, E)                                                  \
+    if (BITS == 4) load_pair4(W + s * 32, &v0, &v1);                   \
+    else {                                                             \
+        v0 = _mm512_loadu_si512(W + s * 64);                           \
+        v1 = _mm512_loadu_si512(W + s * 64 + 64);                      \
+    }                                                                  \
+    dpm(A, v0, xq + 4 * s);                                            \
+    dpm(E, v1, xq + 4 * s + 4);
+            QL_B(w0, a0, e0) QL_B(w1, a1, e1) QL_B(w2, a2, e2) QL_B(w3, a3, e3)
+#undef QL_B
+        }
+        if (s < sb) {
+            dpm(a0, load_step<BITS>(w0, s), xq + 4 * s);
+            dpm(a1, load_step<BITS>(w1, s), xq + 4 * s);
+            dpm(a2, load_step<BITS>(w2, s), xq + 4 * s);
+            dpm(a3, load_step<BITS>(w3, s), xq + 4 * s);
+        }
+        const __m512i r = _mm512_set1_epi32(rs[g]);
+        const int32_t* zg = zpu + g * gstride;
+        const double* sgp = scales + g * gstride;
+        const __m512i sums[4] = {_mm512_add_epi32(a0, e0), _mm512_add_epi32(a1, e1),
+                                 _mm512_add_epi32(a2, e2), _mm512_add_epi32(a3, e3)};
+        for (int j = 0; j < 4; ++j) {
+            const __m512i dot = _mm512_sub_epi32(
+                sums[j], _mm512_mullo_epi32(_mm512_loadu_si512(zg + 16 * j), r));
+            const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(dot)),
+                                             _mm512_loadu_pd(sgp + 16 * j));
+            const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dot, 1)),
+                                             _mm512_loadu_pd(sgp + 16 * j + 8));
+            d[j][0] = _mm512_add_pd(d[j][0], lo);  // starts at +0.0, as the reference
+            d[j][1] = _mm512_add_pd(d[j][1], hi);
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        _mm512_storeu_pd(accd + j * bstride, d[j][0]);
+        _mm512_storeu_pd(accd + j * bstride + 8, d[j][1]);
+    }
+}
+static constexpr bool HAS_GROUPS_R1 = true;
+static inline void i_groups_r1(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
+                               int64_t kp, const int8_t* xq, const int32_t* rs,
+                               const int32_t* zpu, const double* scales, int64_t gstride,
+                               double* accd, int64_t bstride) {
+    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
+    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
+}
+
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
 static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
                             int64_t xq_rs, int mr, int32_t* const* acc);
@@ -360,7 +542,11 @@ static void quantize_row_avx512(const T* x, int64_t in, int64_t kpad, int64_t gs
         rs[g] = _mm512_reduce_add_epi32(acc);
     }
 }
-#define QL_QUANTIZE_ROW quantize_row_avx512
+template <class T>
+static inline void quantize_row_isa(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                                    int8_t* q, double* sx, int32_t* rs) {
+    quantize_row_avx512<T>(x, in, kpad, gs, ng, q, sx, rs);
+}
 
 // Float mode for a few rows of x: convert codes in registers, no weight buffer.
 static inline void step_pieces(const uint8_t* w, int bits, int64_t s, __m128i* p) {
@@ -368,10 +554,8 @@ static inline void step_pieces(const uint8_t* w, int bits, int64_t s, __m128i* p
         const uint8_t* q = w + s * 64;
         for (int j = 0; j < 4; ++j) p[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j));
     } else {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        const __m256i lo = _mm256_and_si256(b, mask);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        __m256i lo, hi;
+        load_step4_halves(w + s * Step<4>::bytes, &lo, &hi);
         p[0] = _mm256_castsi256_si128(lo);
         p[1] = _mm256_extracti128_si256(lo, 1);
         p[2] = _mm256_castsi256_si128(hi);
@@ -460,7 +644,7 @@ static void f_direct(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, c
 #undef QL_CASE
     }
 }
-#define QL_HAS_F_DIRECT 1
+static constexpr bool HAS_F_DIRECT = true;
 
 // Float32 mode, a few rows of x, every group of a block in one pass: per group, the
 // codes are converted in registers (u - zp exact in float), multiplied by x, the 4 lanes
@@ -476,45 +660,34 @@ static inline __m512 rows16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 template <int BITS, int MR>
 static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
-                       int64_t sg, int64_t ng, const int32_t* zpu, const double* scales,
+                       int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu, const double* scales,
                        int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
-    const __m512i lane_row = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
-    const __m512i ridx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int>(ng)));
     for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        const __m512i gi = _mm512_add_epi32(ridx, _mm512_set1_epi32(static_cast<int>(g)));
-        const __m512i z16 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rmask, gi, zpu, 4);
+        // Group-major scales and zero points: the 16 rows of group g are contiguous.
+        const __m512i z16 = _mm512_maskz_loadu_epi32(rmask, zpu + g * gstride);
+        const double* sg_p = scales + g * gstride;
         const __m512 sc = _mm512_insertf32x8(
-            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mask_i32gather_pd(
-                _mm512_setzero_pd(), __mmask8(rmask), _mm512_castsi512_si256(gi), scales, 8))),
-            _mm512_cvtpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8(rmask >> 8),
-                                                     _mm512_extracti64x4_epi64(gi, 1), scales, 8)),
-            1);
-        __m512 zp[4];
-        for (int j = 0; j < 4; ++j)
-            zp[j] = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(
-                _mm512_add_epi32(lane_row, _mm512_set1_epi32(4 * j)), z16));
+            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), sg_p))),
+            _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), sg_p + 8)), 1);
         // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
         // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
         const __m512i magic = _mm512_set1_epi32(0x4B000000);
-        for (int j = 0; j < 4; ++j) zp[j] = _mm512_add_ps(zp[j], _mm512_set1_ps(8388608.0f));
         __m512 a[MR][4];
         for (int m = 0; m < MR; ++m)
             for (int j = 0; j < 4; ++j) a[m][j] = _mm512_setzero_ps();
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
-        if (BITS == 8) {
-            // int8: lanes = the 16 rows, one vector per column kk of the step: byte kk of
-            // each 32-bit lane taken out by a shift and masked under 2^23's exponent (no
-            // shuffles). The same sums as below in the same order: lane r of a[m][kk]
-            // accumulates row r's products of columns 4s + kk, then (k0+k1)+(k2+k3).
+        {
+            // Lanes = the 16 rows, one vector per column kk of the step: byte kk of each
+            // 32-bit lane taken out by a shift and masked under 2^23's exponent (no
+            // shuffles, no conversion). int8 steps are read as they are; int4 steps two
+            // at a time through load_pair4, which gives them in the int8 step order.
+            // Lane r of a[m][kk] accumulates row r's products of columns 4s + kk, then
+            // (k0+k1)+(k2+k3).
             const __m512 zr = _mm512_add_ps(_mm512_cvtepi32_ps(z16), _mm512_set1_ps(8388608.0f));
             const __m512i lo8 = _mm512_set1_epi32(0xFF);
-            for (int64_t s = sa; s < sb; ++s) {
-                const __m512i v = _mm512_loadu_si512((s < nd ? w + s * 64 : tail64));
-                const float* xs = s < nd ? x + 4 * s : xt;
-                const int64_t xrs = s < nd ? x_rs : 4;
+            auto step = [&](__m512i v, const float* xs, int64_t xrs) {
                 __m512 wf[4];
                 wf[0] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, lo8, magic, 0xEA));
                 wf[1] = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 8), lo8, magic, 0xEA));
@@ -524,42 +697,32 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
                 for (int m = 0; m < MR; ++m)
                     for (int j = 0; j < 4; ++j)
                         a[m][j] = _mm512_fmadd_ps(wf[j], _mm512_set1_ps(xs[m * xrs + j]), a[m][j]);
+            };
+            int64_t s = sa;
+            if (BITS == 4) {
+                const int64_t pe = sb < nd ? sb : nd;
+                for (; s + 2 <= pe; s += 2) {
+                    __m512i v0, v1;
+                    load_pair4(w + s * 32, &v0, &v1);
+                    step(v0, x + 4 * s, x_rs);
+                    step(v1, x + 4 * s + 4, x_rs);
+                }
+            }
+            for (; s < sb; ++s) {
+                if (s < nd) step(BITS == 8 ? _mm512_loadu_si512(w + s * 64) : load_step4(w + s * 32), x + 4 * s, x_rs);
+                else step(_mm512_loadu_si512(tail64), xt, 4);
             }
             for (int m = 0; m < MR; ++m)
                 total[m] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]),
                                                          _mm512_add_ps(a[m][2], a[m][3])),
                                            sc, total[m]);
-            continue;
         }
-        for (int64_t s = sa; s < sb; ++s) {
-            __m128i p[4];
-            const float* xs;
-            int64_t xrs;
-            if (s < nd) {
-                step_pieces(w, BITS, s, p);
-                xs = x + 4 * s;
-                xrs = x_rs;
-            } else {
-                step_pieces(tail64, 8, 0, p);
-                xs = xt;
-                xrs = 4;
-            }
-            __m512 wf[4];
-            for (int j = 0; j < 4; ++j)
-                wf[j] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_cvtepu8_epi32(p[j]), magic)), zp[j]);
-            for (int m = 0; m < MR; ++m) {
-                const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m * xrs));
-                for (int j = 0; j < 4; ++j) a[m][j] = _mm512_fmadd_ps(wf[j], xv, a[m][j]);
-            }
-        }
-        for (int m = 0; m < MR; ++m)
-            total[m] = _mm512_fmadd_ps(rows16(a[m][0], a[m][1], a[m][2], a[m][3]), sc, total[m]);
     }
 }
 
 // y[m, o0 + r] = total + bias for r < rb; returns false if this kernel does not apply.
 static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t* tail64,
-                           int64_t kp, int64_t sg, int64_t ng, const int32_t* zpu,
+                           int64_t kp, int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu,
                            const double* scales, const double* bias, int64_t rb,
                            const float* x, int64_t x_rs, const float* xt, int mr, float* y,
                            int64_t y_rs) {
@@ -576,8 +739,8 @@ static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t
         const float* xm = x + m * x_rs;
         const float* xtm = xt + m * 4;
 #define QL_CALL(R)                                                                             \
-    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total); \
-    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, zpu, scales, rb, xm, x_rs, xtm, total);
+    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total); \
+    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total);
         switch (r) {
             case 1: QL_CALL(1) break;
             case 2: QL_CALL(2) break;
@@ -590,7 +753,7 @@ static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t
     }
     return true;
 }
-#define QL_HAS_F_BLOCK_DIRECT 1
+static constexpr bool HAS_F_BLOCK_DIRECT = true;
 constexpr int F_BLOCK_DIRECT_ROWS = 16;
 
 // Float: 64 lanes per step = 4 zmm (float) or 8 zmm (double); lane r*4+kk.
@@ -687,10 +850,26 @@ static void i_micro4_b(const uint8_t* const* w, int64_t nsteps, const int8_t* xq
     }
 }
 
+static void i4_micro4_b(const uint8_t* const* w, int64_t nsteps, const int8_t* xq, int64_t xq_rs,
+                        int mr, int32_t* const* acc) {
+    for (int m = 0; m < mr; m += 6) {
+        int32_t* am[4] = {acc[0] + m * NR, acc[1] + m * NR, acc[2] + m * NR, acc[3] + m * NR};
+        const int8_t* xm = xq + m * xq_rs;
+        switch (mr - m) {
+            case 1: i4_micro4_r<1>(w, nsteps, xm, xq_rs, am); break;
+            case 2: i4_micro4_r<2>(w, nsteps, xm, xq_rs, am); break;
+            case 3: i4_micro4_r<3>(w, nsteps, xm, xq_rs, am); break;
+            case 4: i4_micro4_r<4>(w, nsteps, xm, xq_rs, am); break;
+            case 5: i4_micro4_r<5>(w, nsteps, xm, xq_rs, am); break;
+            default: i4_micro4_r<6>(w, nsteps, xm, xq_rs, am); break;
+        }
+    }
+}
+
 static inline void i_micro4(const uint8_t* const* w, int bits, int64_t nsteps, const int8_t* xq,
                             int64_t xq_rs, int mr, int32_t* const* acc) {
     if (bits == 8) i_micro4_b<8>(w, nsteps, xq, xq_rs, mr, acc);
-    else i_micro4_b<4>(w, nsteps, xq, xq_rs, mr, acc);
+    else i4_micro4_b(w, nsteps, xq, xq_rs, mr, acc);
 }
 }  // namespace avx512
 }  // namespace qlinear

@@ -1,8 +1,12 @@
-// A small persistent thread pool. Workers spin briefly after a job (so back-to-back
-// calls pay no wake-up), then sleep on a condition variable. Tasks are taken from an
-// atomic counter; a task's result never depends on which thread runs it.
+// A small persistent thread pool. After a job a worker waits for the next one for a
+// bounded time (the spin policy below), then sleeps on a condition variable (a futex).
+// Tasks are taken from an atomic counter; a task's result never depends on which thread
+// runs it, nor on the spin policy.
 #include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
+
+#include <chrono>
 
 #include <atomic>
 #include <condition_variable>
@@ -21,6 +25,22 @@
 #endif
 
 namespace qlinear {
+
+// Spin policy (see docs/kernels.md, "Threads"): how long a worker keeps polling for the
+// next job before it sleeps, and whether it yields its core while polling. A worker
+// that burns its core with `pause` between calls takes it from whatever runs between
+// them (NumPy's OpenBLAS threads need both cores of a 2-core machine); one that sleeps
+// at once pays a futex wake-up (~5-50 us) on every call.
+static std::atomic<int> g_spin_us{QL_DEFAULT_SPIN_US};
+static std::atomic<int> g_spin_yield{QL_DEFAULT_SPIN_YIELD};
+
+void set_spin_policy(int spin_us, bool yield) {
+    g_spin_us.store(spin_us < 0 ? 0 : spin_us);
+    g_spin_yield.store(yield ? 1 : 0);
+}
+int spin_policy_us() { return g_spin_us.load(); }
+bool spin_policy_yield() { return g_spin_yield.load() != 0; }
+
 namespace {
 
 // Job protocol: `gen` is odd while the caller sets a job up and even once it is published.
@@ -62,9 +82,16 @@ struct Pool {
     void worker(int idx, uint64_t seen) {
         for (;;) {
             uint64_t g = gen.load(std::memory_order_acquire);
-            for (int spin = 0; (g == seen || (g & 1)) && spin < 20000; ++spin) {
-                QL_PAUSE();
-                g = gen.load(std::memory_order_acquire);
+            const int spin_us = g_spin_us.load(std::memory_order_relaxed);
+            const bool yield = g_spin_yield.load(std::memory_order_relaxed) != 0;
+            if (spin_us > 0 && (g == seen || (g & 1))) {
+                const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                for (int spin = 1; g == seen || (g & 1); ++spin) {
+                    if (yield) sched_yield();
+                    else QL_PAUSE();
+                    g = gen.load(std::memory_order_acquire);
+                    if ((spin & 63) == 0 && std::chrono::steady_clock::now() > until) break;
+                }
             }
             if (g == seen || (g & 1)) {
                 std::unique_lock<std::mutex> lk(m);

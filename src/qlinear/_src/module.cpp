@@ -1,4 +1,4 @@
-// Python bindings of the native kernel core. Python (qlinear._native_backend) validates
+// Python bindings of the native kernel core. Python (qlinear.kernels.native) validates
 // every argument; this file only re-checks what guards memory safety (sizes, dtypes).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -104,9 +104,9 @@ py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_styl
     check(bits == 8 || bits == 4, "bits must be 8 or 4");
     check(out > 0 && in > 0, "out and in must be positive");
     check(packed.size() == packed_bytes(bits, out, in), "packed codes have the wrong size");
-    check(scales.ndim() == 2 && scales.shape(0) == out, "scales must be (out, n_groups)");
-    const int64_t ng = scales.shape(1);
-    check(zpu.ndim() == 2 && zpu.shape(0) == out && zpu.shape(1) == ng,
+    check(scales.ndim() == 2 && scales.shape(1) == out, "scales must be (n_groups, out)");
+    const int64_t ng = scales.shape(0);
+    check(zpu.ndim() == 2 && zpu.shape(1) == out && zpu.shape(0) == ng,
           "zero points must match scales");
     check(ng >= 1, "n_groups must be >= 1");
     if (ng == 1) {
@@ -157,4 +157,6 @@ PYBIND11_MODULE(_native, m) {
     m.def("pack", &pack);
     m.def("unpack", &unpack);
     m.def("linear", &linear);
+    m.def("set_spin_policy", &set_spin_policy, py::arg("spin_us"), py::arg("yield_"));
+    m.def("spin_policy", [] { return py::make_tuple(spin_policy_us(), spin_policy_yield()); });
 }

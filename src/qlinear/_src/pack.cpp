@@ -1,4 +1,4 @@
-// Canonical <-> packed layout conversion (see common.h for the packed layout).
+// Canonical <-> packed layout conversion (the packed layout: layout.h).
 #include "common.h"
 
 namespace qlinear {
@@ -10,13 +10,6 @@ inline uint8_t canon_u(int bits, const uint8_t* canon, int64_t row_bytes, int64_
     if (bits == 8) return static_cast<uint8_t>(canon[o * row_bytes + k] ^ 0x80u);
     const uint8_t b = canon[o * row_bytes + k / 2];
     return (k & 1) ? static_cast<uint8_t>(b >> 4) : static_cast<uint8_t>(b & 0x0F);
-}
-
-// Byte and nibble of element e of a run of `count` int4 elements.
-inline void nib_pos(int64_t e, int64_t count, int64_t* byte, int* high) {
-    const int64_t h = (count + 1) / 2;
-    *byte = e % h;
-    *high = e >= h;
 }
 
 }  // namespace
@@ -42,10 +35,10 @@ void pack_weights(int bits, const uint8_t* canon, int64_t out, int64_t in, uint8
                     int high;
                     uint8_t* base;
                     if (s < k4) {
-                        nib_pos(r * 4 + (k & 3), rb * 4, &byte, &high);
+                        nibble_pos(r * 4 + (k & 3), rb * 4, &byte, &high);
                         base = blk + s * rb * 2;
                     } else {
-                        nib_pos(r * t + (k - 4 * k4), rb * t, &byte, &high);
+                        nibble_pos(r * t + (k - 4 * k4), rb * t, &byte, &high);
                         base = blk + k4 * rb * 2;
                     }
                     base[byte] = static_cast<uint8_t>(base[byte] | (high ? (u << 4) : u));
@@ -97,10 +90,10 @@ void decode_step(int bits, const uint8_t* blk, int64_t rb, int64_t in, int64_t s
                 int high;
                 const uint8_t* base;
                 if (s < k4) {
-                    nib_pos(r * 4 + j, rb * 4, &byte, &high);
+                    nibble_pos(r * 4 + j, rb * 4, &byte, &high);
                     base = blk + s * rb * 2;
                 } else {
-                    nib_pos(r * t + j, rb * t, &byte, &high);
+                    nibble_pos(r * t + j, rb * t, &byte, &high);
                     base = blk + k4 * rb * 2;
                 }
                 u = high ? static_cast<uint8_t>(base[byte] >> 4)

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "quantize_row.h"
 
 #define QL_ISA avx2
 
@@ -15,6 +16,14 @@ namespace avx2 {
 constexpr int MR_I = 8;
 constexpr int MR_F = 4;
 
+// One int4 step (32 bytes, layout.h) as its two halves of codes: 0..31 and 32..63.
+static inline void load_step4(const uint8_t* p, __m256i* lo, __m256i* hi) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *lo = _mm256_and_si256(b, mask);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+}
+
 // int8: stored u = w + 128; vpmaddubsw(|w|, sign(x, w)) gives w*x pairs exactly
 // (|pair| <= 2 * 128 * 127 < 2^15), then sum u*x = sum w*x + 128 * sum x.
 // int4: the nibble u (0..15) is the unsigned operand directly (pairs <= 2 * 15 * 127).
@@ -23,7 +32,6 @@ static void i_microN(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t
                      int32_t* acc) {
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256i a[MR][2];
     for (int m = 0; m < MR; ++m) {
         a[m][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * NR));
@@ -37,9 +45,7 @@ static void i_microN(const uint8_t* w, int64_t nsteps, const int8_t* xq, int64_t
             av[0] = _mm256_abs_epi8(v[0]);
             av[1] = _mm256_abs_epi8(v[1]);
         } else {
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * 32));
-            av[0] = _mm256_and_si256(b, mask);
-            av[1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+            load_step4(w + s * Step<4>::bytes, &av[0], &av[1]);
         }
         for (int m = 0; m < MR; ++m) {
             int32_t xv;
@@ -132,6 +138,25 @@ static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int
 }
 
 #include "micro_compose.h"
+#include "no_direct_float.h"
+
+// One group's epilogue for one row of x and one block (the scalar version):
+// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r], ad starting at +0.0 when `first`. The
+// int32 difference is exact (see int8_driver.h).
+static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
+                                  const double* sv, double* ad, bool first) {
+    if (first) {
+        for (int r = 0; r < NR; ++r) ad[r] = 0.0 + static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+    } else {
+        for (int r = 0; r < NR; ++r) ad[r] += static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+    }
+}
+
+template <class T>
+inline void quantize_row_isa(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                             int8_t* q, double* sx, int32_t* rs) {
+    quantize_row<T>(x, in, kpad, gs, ng, q, sx, rs);
+}
 
 }  // namespace avx2
 }  // namespace qlinear

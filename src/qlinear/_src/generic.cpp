@@ -1,5 +1,6 @@
 // Portable kernels: plain C++, no ISA flags beyond the compiler's baseline.
 #include "common.h"
+#include "quantize_row.h"
 
 #define QL_ISA generic
 
@@ -13,19 +14,12 @@ inline void i_micro(const uint8_t* w, int bits, int64_t nsteps, const int8_t* xq
                     int mr, int32_t* acc) {
     uint8_t u[64];
     for (int64_t s = 0; s < nsteps; ++s) {
-        if (bits == 8) {
-            for (int i = 0; i < 64; ++i) u[i] = w[s * 64 + i];
-        } else {
-            for (int i = 0; i < 32; ++i) {
-                u[i] = w[s * 32 + i] & 0x0F;
-                u[32 + i] = w[s * 32 + i] >> 4;
-            }
-        }
+        const uint8_t* us = step_codes(w, bits, s, u);
         for (int m = 0; m < mr; ++m) {
             const int8_t* xs = xq + m * xq_rs + 4 * s;
             for (int r = 0; r < NR; ++r) {
                 int32_t a = 0;
-                for (int kk = 0; kk < 4; ++kk) a += int32_t(u[r * 4 + kk]) * int32_t(xs[kk]);
+                for (int kk = 0; kk < 4; ++kk) a += int32_t(us[r * 4 + kk]) * int32_t(xs[kk]);
                 acc[m * NR + r] += a;
             }
         }
@@ -48,6 +42,25 @@ void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int mr, T*
 }
 
 #include "micro_compose.h"
+#include "no_direct_float.h"
+
+// One group's epilogue for one row of x and one block (the scalar version):
+// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r], ad starting at +0.0 when `first`. The
+// int32 difference is exact (see int8_driver.h).
+static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
+                                  const double* sv, double* ad, bool first) {
+    if (first) {
+        for (int r = 0; r < NR; ++r) ad[r] = 0.0 + static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+    } else {
+        for (int r = 0; r < NR; ++r) ad[r] += static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+    }
+}
+
+template <class T>
+inline void quantize_row_isa(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                             int8_t* q, double* sx, int32_t* rs) {
+    quantize_row<T>(x, in, kpad, gs, ng, q, sx, rs);
+}
 
 }  // namespace generic
 }  // namespace qlinear

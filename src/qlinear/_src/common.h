@@ -1,0 +1,70 @@
+// Shared declarations of the qlinear native kernel core. The packed layout is in layout.h.
+//
+// Kernels see "unsigned" codes u and an effective zero point zpu in the same domain, so
+// that w[o, k] = (u[o, k] - zpu[g, o]) * scale[g, o]; scales and zero points are
+// group-major (n_groups, out): a block's 16 rows of one group are contiguous.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "layout.h"
+
+namespace qlinear {
+
+struct Layer {
+    const uint8_t* w;      // packed codes
+    int bits;              // 8 or 4
+    int64_t out, in;
+    int64_t group_size;    // multiple of 4, or == in (one group)
+    int64_t n_groups;
+    const double* scales;  // (n_groups, out)
+    const int32_t* zpu;    // (n_groups, out), unsigned-code domain
+    const double* bias;    // (out,) or nullptr
+};
+
+struct Call {
+    int64_t n;             // rows of x
+    const void* x;         // (n, in), row stride x_rs elements, unit column stride
+    int64_t x_rs;
+    void* y;               // (n, out), contiguous
+    bool f64;              // x and y are float64 (else float32)
+    int threads;
+};
+
+// Per-ISA entry points (generic.cpp, avx2.cpp, avx512.cpp).
+struct KernelTable {
+    const char* name;
+    void (*linear_float)(const Layer&, const Call&);
+    bool (*linear_int8act)(const Layer&, const Call&);  // false: x not finite
+};
+
+namespace generic { extern const KernelTable table; }
+namespace avx2 { extern const KernelTable table; }
+namespace avx512 { extern const KernelTable table; }
+
+// cpu.cpp
+bool cpu_has_avx2();
+bool cpu_has_avx512vnni();
+
+// pool.cpp: run fn(task) for task in [0, ntasks) on up to `threads` threads (the caller
+// is one of them). Which thread runs a task never changes its result.
+void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), void* ctx);
+// Worker wait policy: poll for `spin_us` microseconds after a job (sched_yield between
+// polls if `yield`, else the pause instruction), then sleep.
+#ifndef QL_DEFAULT_SPIN_US
+#define QL_DEFAULT_SPIN_US 50
+#endif
+#ifndef QL_DEFAULT_SPIN_YIELD
+#define QL_DEFAULT_SPIN_YIELD 0
+#endif
+void set_spin_policy(int spin_us, bool yield);
+int spin_policy_us();
+bool spin_policy_yield();
+
+// Decoding helpers shared by all files (plain scalar code).
+// Fill out64[r*4+kk] with the unsigned code of row r (< rb), column 4*s+kk of block
+// data `blk` (rb rows), 0 for padding rows/columns; `s == K4` means the tail step.
+void decode_step(int bits, const uint8_t* blk, int64_t rb, int64_t in, int64_t s,
+                 uint8_t* out64);
+
+}  // namespace qlinear

@@ -1,0 +1,253 @@
+// int8-activation driver (dynamic W8A8 and W4A8): quantize x per row, then tasks of
+// I8_BLOCKS blocks x a chunk of rows run the ISA's integer micro-kernels, exact int32
+// (int64 past INT_CHUNK steps) sums, epilogue in double in the reference's order.
+// Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue, and
+// HAS_GROUPS_R1 with i_groups_r1, I4_EXPAND_ROWS with expand_steps4 (stubs:
+// no_direct_float.h).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "driver_common.h"
+
+namespace qlinear {
+namespace QL_ISA {
+
+struct I8Ctx {
+    const Layer* L;
+    const Call* C;
+    int8_t* xq;
+    int64_t xq_rs;
+    double* sx;
+    int32_t* rs;
+    int64_t mchunk, nmchunks;
+    int64_t qrows;  // rows of x per quantization task
+};
+
+template <class T>
+void i8_quant_task(void* p, int64_t task, int) {
+    auto& c = *static_cast<I8Ctx*>(p);
+    const int64_t m0 = task * c.qrows, m1 = std::min(c.C->n, m0 + c.qrows);
+    const int64_t gs = c.L->n_groups == 1 ? c.L->in : c.L->group_size;
+    for (int64_t m = m0; m < m1; ++m) {
+        quantize_row_isa<T>(static_cast<const T*>(c.C->x) + m * c.C->x_rs, c.L->in, c.xq_rs, gs,
+                        c.L->n_groups, c.xq + m * c.xq_rs, c.sx + m, c.rs + m * c.L->n_groups);
+    }
+}
+
+// Output blocks per int8 task: two full blocks share every activation broadcast.
+constexpr int64_t I8_BLOCKS = 4;
+
+template <class T>
+void i8_task(void* p, int64_t task, int) {
+    auto& c = *static_cast<I8Ctx*>(p);
+    const Layer& L = *c.L;
+    const int64_t nblocks = (L.out + NR - 1) / NR;
+    const int64_t bp = task / c.nmchunks, mi = task % c.nmchunks;
+    const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
+    thread_local std::vector<uint8_t> scratch;
+    BlockView vs[I8_BLOCKS];
+    int nb = 0;
+    for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
+        view_block(L, bi, scratch, vs[nb]);
+    const bool quad = nb == 4 && vs[3].rb == NR;  // only the last block can be partial
+    // Many rows of x over int4 blocks: the ISA may expand the task's four blocks once
+    // into unsigned bytes (the int8 step order), so every row tile runs the int8
+    // micro-kernel on them instead of unpacking each step again per tile.
+    thread_local std::vector<uint8_t> expanded;
+    if (I4_EXPAND_ROWS > 0 && L.bits == 4 && quad && m1 - m0 >= I4_EXPAND_ROWS &&
+        vs[0].nd * 64 * 4 <= (int64_t(2) << 20)) {
+        const int64_t nd = vs[0].nd;
+        if (expanded.size() < static_cast<size_t>(4 * nd * 64)) expanded.resize(4 * nd * 64);
+        for (int b = 0; b < 4; ++b) {
+            expand_steps4(vs[b].w, nd, expanded.data() + b * nd * 64);
+            vs[b].w = expanded.data() + b * nd * 64;
+            vs[b].bits = 8;
+        }
+    }
+    const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
+    // One tile of MR_I rows at a time runs through every step (the weights of the task's
+    // blocks stay in L2), so its accumulators stay in L1: [block][row][16].
+    constexpr int64_t bstride = MR_I * NR;
+    alignas(64) int32_t acc[I8_BLOCKS * bstride];
+    alignas(64) int64_t acc64[I8_BLOCKS * bstride];
+    alignas(64) double accd[I8_BLOCKS * bstride];
+    T* y = static_cast<T*>(c.C->y);
+    for (int64_t m = m0; m < m1; m += MR_I) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
+        const int8_t* xm = c.xq + m * c.xq_rs;
+        const size_t nacc = static_cast<size_t>(I8_BLOCKS * bstride);
+        // One row of x over four full blocks and several groups (decode): the ISA may run
+        // every group in one call, sums and epilogue in registers, into accd.
+        const bool fused = HAS_GROUPS_R1 && quad && mr == 1 && ng > 1 && !vs[0].has_tail &&
+                           sg <= INT_CHUNK;
+        if (fused) {
+            const int64_t o0 = bp * I8_BLOCKS * NR;
+            const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
+            i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L.zpu + o0, L.scales + o0,
+                        L.out, accd, bstride);
+        }
+        for (int64_t g = 0; g < (fused ? 0 : ng); ++g) {
+            const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
+            // int32 stays exact for INT_CHUNK steps; longer groups carry int64 sums.
+            const bool wide = sb - sa > INT_CHUNK;
+            if (wide) std::fill(acc64, acc64 + nacc, int64_t(0));
+            for (int64_t ca = sa; ca < sb; ca += INT_CHUNK) {
+                const int64_t ce = std::min(sb, ca + INT_CHUNK);
+                // Only the tile's rows of each block: a whole-array clear per group
+                // costs more than a small group's products at batch 1.
+                for (int b = 0; b < nb; ++b)
+                    std::fill(acc + b * bstride, acc + b * bstride + mr * NR, 0);
+                if (quad) {
+                    const int64_t de = std::min(ce, vs[0].nd), sb4 = vs[0].bits == 8 ? 64 : 32;
+                    const uint8_t* w4[4] = {vs[0].w + ca * sb4, vs[1].w + ca * sb4,
+                                            vs[2].w + ca * sb4, vs[3].w + ca * sb4};
+                    int32_t* a4[4] = {acc, acc + bstride, acc + 2 * bstride, acc + 3 * bstride};
+                    if (de > ca) i_micro4(w4, vs[0].bits, de - ca, xm + 4 * ca, c.xq_rs, mr, a4);
+                } else {
+                    for (int b = 0; b < nb; ++b) {
+                        const BlockView& v = vs[b];
+                        const int64_t de = std::min(ce, v.nd), sbb = v.bits == 8 ? 64 : 32;
+                        if (de > ca)
+                            i_micro(v.w + ca * sbb, v.bits, de - ca, xm + 4 * ca, c.xq_rs, mr,
+                                    acc + b * bstride);
+                    }
+                }
+                for (int b = 0; b < nb; ++b) {
+                    const BlockView& v = vs[b];
+                    if (v.has_tail && ce > v.nd)
+                        i_micro(v.tail64, 8, 1, xm + 4 * v.nd, c.xq_rs, mr, acc + b * bstride);
+                }
+                if (wide)
+                    for (size_t i = 0; i < nacc; ++i) acc64[i] += acc[i];
+            }
+            if (ng == 1 && !wide) {
+                // One group: y = (dot * scale) * sx + bias straight from the int32 sums.
+                // dot = u.xq - zpu * sum xq is an integer below 2^53 and so are both
+                // terms: the double subtraction is exact, as the reference's int64 one.
+                for (int b = 0; b < nb; ++b) {
+                    const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+                    const int64_t rb = vs[b].rb;
+                    double zpd[NR], sv[NR], bv[NR];
+                    for (int r = 0; r < NR; ++r) {
+                        zpd[r] = r < rb ? static_cast<double>(L.zpu[o0 + r]) : 0.0;
+                        sv[r] = r < rb ? L.scales[o0 + r] : 0.0;
+                        bv[r] = r < rb && L.bias ? L.bias[o0 + r] : 0.0;
+                    }
+                    for (int mm = 0; mm < mr; ++mm) {
+                        const double rsm = static_cast<double>(c.rs[m + mm]);
+                        const double sxm = c.sx[m + mm];
+                        const int32_t* a = acc + b * bstride + mm * NR;
+                        T* ym = y + (m + mm) * L.out + o0;
+                        alignas(64) T tmp[NR];
+                        if (L.bias) {
+                            for (int r = 0; r < NR; ++r)
+                                tmp[r] = static_cast<T>(((static_cast<double>(a[r]) - zpd[r] * rsm) * sv[r]) * sxm + bv[r]);
+                        } else {
+                            for (int r = 0; r < NR; ++r)
+                                tmp[r] = static_cast<T>(((static_cast<double>(a[r]) - zpd[r] * rsm) * sv[r]) * sxm);
+                        }
+                        if (rb == NR) std::memcpy(ym, tmp, sizeof(tmp));
+                        else std::memcpy(ym, tmp, static_cast<size_t>(rb) * sizeof(T));
+                    }
+                }
+                continue;
+            }
+            // dot = sum u*xq - zpu * sum xq, exact in int64; accd += dot * scale (unfused,
+            // in the reference's order; accd starts at +0.0 and 0.0 + v == v). Within one
+            // int32 chunk (<= INT_CHUNK steps) both terms are below 255 * 127 * 4 * 8192
+            // < 2^30, so dot is exact in int32 too: the loops below vectorize.
+            for (int b = 0; b < nb; ++b) {
+                const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+                const int64_t rb = vs[b].rb;
+                alignas(64) int32_t zpv[NR] = {};
+                alignas(64) double sv[NR] = {};
+                // Group-major scales and zero points: one contiguous run per block.
+                std::memcpy(zpv, L.zpu + g * L.out + o0, static_cast<size_t>(rb) * sizeof(int32_t));
+                std::memcpy(sv, L.scales + g * L.out + o0, static_cast<size_t>(rb) * sizeof(double));
+                for (int mm = 0; mm < mr; ++mm) {
+                    const int32_t rsm = c.rs[(m + mm) * ng + g];
+                    double* ad = accd + b * bstride + mm * NR;
+                    if (wide) {
+                        const int64_t* a = acc64 + b * bstride + mm * NR;
+                        for (int r = 0; r < NR; ++r) {
+                            const double v =
+                                static_cast<double>(a[r] - static_cast<int64_t>(zpv[r]) * rsm) * sv[r];
+                            ad[r] = g == 0 ? 0.0 + v : ad[r] + v;
+                        }
+                    } else {
+                        group_epilogue(acc + b * bstride + mm * NR, zpv, rsm, sv, ad, g == 0);
+                    }
+                }
+            }
+        }
+        if (ng == 1 && kp <= INT_CHUNK) continue;  // written above
+        for (int b = 0; b < nb; ++b) {
+            const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
+            const double* bias = L.bias ? L.bias + o0 : nullptr;
+            for (int mm = 0; mm < mr; ++mm) {
+                T* ym = y + (m + mm) * L.out + o0;
+                const double sxm = c.sx[m + mm];
+                const double* a = accd + b * bstride + mm * NR;
+                if (vs[b].rb == NR && bias) {
+                    for (int r = 0; r < NR; ++r) ym[r] = static_cast<T>(a[r] * sxm + bias[r]);
+                } else if (vs[b].rb == NR) {
+                    for (int r = 0; r < NR; ++r) ym[r] = static_cast<T>(a[r] * sxm);
+                } else {
+                    for (int64_t r = 0; r < vs[b].rb; ++r) {
+                        double val = a[r] * sxm;
+                        if (bias) val += bias[r];
+                        ym[r] = static_cast<T>(val);
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+// Returns false (y untouched) if x holds a NaN or an infinity.
+template <class T>
+bool linear_int8act_t(const Layer& L, const Call& C) {
+    const int64_t kp = (L.in + 3) / 4;
+    I8Ctx c;
+    c.L = &L;
+    c.C = &C;
+    // Rows of xq 64-byte aligned in length and, when that is a multiple of 4 KiB, one
+    // line longer: rows a power-of-two apart would share L1 sets with each other and with
+    // the weight panel (blocks are 16 * in bytes apart).
+    c.xq_rs = (kp * 4 + 63) / 64 * 64;
+    if (c.xq_rs % 4096 == 0) c.xq_rs += 64;
+    // Quantized x, its scales and row sums: every byte is written by the quantization
+    // (padding included), so a buffer kept by the calling thread is reused without
+    // clearing; calls above 64 MiB use a temporary one.
+    const size_t nxq = static_cast<size_t>(C.n * c.xq_rs);
+    const size_t nsx = static_cast<size_t>(C.n) * sizeof(double);
+    const size_t nrs = static_cast<size_t>(C.n * L.n_groups) * sizeof(int32_t);
+    const size_t need = (nxq + 63) / 64 * 64 + (nsx + 63) / 64 * 64 + nrs + 64;
+    thread_local std::vector<uint8_t> keep;
+    std::vector<uint8_t> temp;
+    std::vector<uint8_t>& buf = need <= (size_t(64) << 20) ? keep : temp;
+    if (buf.size() < need) buf.resize(need);
+    uint8_t* base = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64;
+    c.xq = reinterpret_cast<int8_t*>(base);
+    c.sx = reinterpret_cast<double*>(base + (nxq + 63) / 64 * 64);
+    c.rs = reinterpret_cast<int32_t*>(base + (nxq + 63) / 64 * 64 + (nsx + 63) / 64 * 64);
+    const int threads = pick_threads(L, C);
+    const int qthreads = C.n * L.in < (1 << 16) ? 1 : threads;
+    c.qrows = std::min<int64_t>(16, (C.n + qthreads - 1) / qthreads);
+    parallel_for((C.n + c.qrows - 1) / c.qrows, qthreads, &i8_quant_task<T>, &c);
+    for (int64_t m = 0; m < C.n; ++m)
+        if (std::isnan(c.sx[m])) return false;  // x holds a NaN or an infinity
+    const int64_t nblocks = (L.out + NR - 1) / NR;
+    const int64_t ntask_b = (nblocks + I8_BLOCKS - 1) / I8_BLOCKS;
+    c.mchunk = C.n <= 256 ? C.n : 128;
+    c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
+    parallel_for(ntask_b * c.nmchunks, threads, &i8_task<T>, &c);
+    return true;
+}
+
+}  // namespace QL_ISA
+}  // namespace qlinear

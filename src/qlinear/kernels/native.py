@@ -1,0 +1,194 @@
+"""Native kernel backends (``portable``, ``avx2``, ``avx512``) over the ``_native`` extension.
+
+All three share one packed layout (blocks of 16 output rows, 4 consecutive input columns
+per output row side by side, int8 codes stored as ``code + 128``; see ``_src/layout.h``
+and ``docs/kernels.md``) and differ only in the instructions their kernels use.
+:func:`backends` returns them (none if the extension cannot be imported) and
+:data:`STATUS` says ``"ok"`` or why not; importing this module warns once in that case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .. import ref
+from .._mapped import check_mapped
+from ..packing import unpack_int4
+from ..params import QuantizationParams
+from ..qtypes import QuantizationType
+from .registry import KernelWeight, get_num_threads, kernel_params
+
+__all__ = ["STATUS", "NativeBackend", "NativeWeight", "backends"]
+
+try:
+    from .. import _native  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _native = None
+    STATUS = f"unavailable: {exc}"
+    warnings.warn(
+        f"qlinear native kernels unavailable ({exc}); using the NumPy reference backend",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    STATUS = "ok"
+
+_FEATURES: dict[str, bool] = dict(_native.cpu_features()) if _native is not None else {}
+
+# int8 codes are stored as code + 128 (the u8 operand of vpdpbusd): so is the zero point.
+INT8_CODE_OFFSET = 128
+
+
+class _LazyCodes:
+    """The packed codes, or the canonical codes (for a loaded file: memory-mapped, not
+    copied) until the first forward packs them, once, under a lock."""
+
+    __slots__ = ("_canon", "_lock", "codes")
+
+    def __init__(self, codes: np.ndarray | None, canon: np.ndarray | None = None):
+        self.codes = codes
+        self._canon = canon
+        self._lock = threading.Lock() if codes is None else None
+
+    def get(self, bits: int, out: int, in_features: int) -> np.ndarray:
+        if self.codes is None:
+            with self._lock:  # type: ignore[union-attr]
+                if self.codes is None:
+                    check_mapped(self._canon)  # a truncated mapped file: FormatError, no SIGBUS
+                    codes = _native.pack(self._canon, bits, out, in_features)
+                    codes.setflags(write=False)
+                    self.codes, self._canon = codes, None
+        return self.codes
+
+    def canonical(self) -> np.ndarray | None:
+        """The canonical codes while still lazy, else None."""
+        canon = self._canon  # read before codes: packing sets codes first, then clears it
+        return canon if self.codes is None else None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NativeWeight(KernelWeight):
+    """Codes in the packed layout; zero points in the unsigned-code domain."""
+
+    packed: _LazyCodes = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
+
+    def stored(self) -> np.ndarray:
+        canon = self.packed.canonical()
+        if canon is None:
+            canon = _native.unpack(
+                self.packed.codes, self.bits, self.out_features, self.in_features
+            )
+        else:
+            check_mapped(canon)
+            if canon.flags.writeable:
+                canon = canon.copy()
+        if self.bits == 8:
+            canon = canon.view(np.int8)
+        if canon.flags.writeable:
+            canon.setflags(write=False)
+        return canon
+
+    @property
+    def native_groups(self) -> bool:
+        """Whether the compiled kernels take this grouping (groups start on a multiple
+        of 4 columns); else the reference kernel runs on the unpacked codes."""
+        return self.n_groups == 1 or self.group_size % 4 == 0
+
+    def _reference(self, fn, x, bias):
+        codes = self.stored()
+        if self.bits == 4:
+            codes = unpack_int4(codes, self.in_features)
+        zp = self.zero_points - np.int32(INT8_CODE_OFFSET) if self.bits == 8 else self.zero_points
+        with np.errstate(over="ignore", invalid="ignore"):  # reported by forward()
+            return fn(codes, self.out_features, self.scales, zp, self.group_size, x, bias)
+
+    def _call(self, x, bias, int8act: bool):
+        if x.strides[1] != x.itemsize or x.strides[0] < 0:
+            x = np.ascontiguousarray(x)
+        return _native.linear(
+            self.backend,
+            self.packed.get(self.bits, self.out_features, self.in_features),
+            self.bits,
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            self.scales.T,  # C-contiguous (n_groups, out)
+            self.zero_points.T,
+            bias,
+            x,
+            int8act,
+            get_num_threads(),
+        )
+
+    def _float(self, x, bias):
+        if not self.native_groups:
+            return self._reference(ref.linear_float, x, bias)
+        return self._call(x, bias, False)
+
+    def _int8(self, x, bias):
+        if not self.native_groups:
+            if not np.isfinite(x).all():  # the reference would quantize a NaN: None
+                return None
+            return self._reference(ref.linear_int8act, x, bias)
+        return self._call(x, bias, True)  # None: x holds a NaN or an infinity
+
+
+def _group_major(a: np.ndarray) -> np.ndarray:
+    g = np.ascontiguousarray(a.T)
+    g.setflags(write=False)
+    return g.T
+
+
+class NativeBackend:
+    """One ISA level of the native kernels."""
+
+    def __init__(self, name: str, priority: int, feature: str | None, describe: str) -> None:
+        self.name = name
+        self.priority = priority
+        self._feature = feature
+        self._describe = describe
+
+    def supported(self) -> bool:
+        # CPUID traps to the hypervisor on virtual machines: asked once, at import.
+        return _native is not None and (self._feature is None or _FEATURES[self._feature])
+
+    def prepare(
+        self, stored: np.ndarray, params: QuantizationParams, in_features: int, *, lazy=False
+    ) -> NativeWeight:
+        bits = 4 if params.qtype is QuantizationType.INT4 else 8
+        canon = np.ascontiguousarray(stored).view(np.uint8)
+        out = canon.shape[0]
+        if lazy:
+            packed, nbytes = _LazyCodes(None, canon), canon.nbytes
+        else:
+            codes = _native.pack(canon, bits, out, in_features)
+            codes.setflags(write=False)
+            packed, nbytes = _LazyCodes(codes), codes.nbytes
+        offset = INT8_CODE_OFFSET if bits == 8 else 0
+        scales, zp, gs = kernel_params(params, out, in_features, offset)
+        # The kernels read scales and zero points group-major, (n_groups, out): the
+        # weight keeps those arrays and shows them as (out, n_groups) views.
+        scales, zp = _group_major(scales), _group_major(zp)
+        return NativeWeight(
+            self.name, params.qtype, bits, out, in_features, gs, scales, zp, nbytes,
+            packed=packed,
+        )  # fmt: skip
+
+    def info(self) -> dict[str, Any]:
+        return {"kernels": self._describe}
+
+
+def backends() -> tuple[NativeBackend, ...]:
+    """The native backends, fastest last; none without the extension."""
+    if _native is None:
+        return ()
+    return (
+        NativeBackend("portable", 10, None, "native portable C++ (no ISA extensions)"),
+        NativeBackend("avx2", 20, "avx2", "native AVX2+FMA (int8: vpmaddwd)"),
+        NativeBackend("avx512", 30, "avx512vnni", "native AVX-512 (int8: VNNI vpdpbusd)"),
+    )
