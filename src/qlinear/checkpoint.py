@@ -167,10 +167,10 @@ def _check_bias(sf: SafetensorsFile, bname: str, out_f: int) -> None:
         raise FormatError(f"tensor {bname!r} holds NaN or Inf; expected a finite bias{hint}")
 
 
-def _blocks(rows: int, cols: int):
-    step = max(1, BLOCK_BYTES // (8 * cols))
-    for a in range(0, rows, step):
-        yield a, min(rows, a + step)
+def _blocks(rows: int, cols: int, span: tuple[int, int] | None = None):
+    step, (lo, hi) = max(1, BLOCK_BYTES // (8 * cols)), span or (0, rows)
+    for a in range(lo, hi, step):
+        yield a, min(hi, a + step)
 
 
 def _add_squares(acc: tuple[float, float], a: np.ndarray) -> tuple[float, float]:
@@ -189,10 +189,17 @@ def _add_squares(acc: tuple[float, float], a: np.ndarray) -> tuple[float, float]
 
 
 def _quantize_tensor(
-    src: SafetensorsFile, name: str, cfg: QuantConfig, writer: SafetensorsWriter, f: Any, bar: Any
+    src: SafetensorsFile,
+    name: str,
+    cfg: QuantConfig,
+    writer: SafetensorsWriter,
+    f: Any,
+    bar: Any,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Quantize ``name`` block by block into ``writer``; returns ``||W - Wq||`` and ``||W||``
-    as scaled sums of squares (see :func:`_add_squares`)."""
+    """Quantize ``name`` (or its ``rows`` ``[a, b)``; not per tensor) block by block into
+    ``writer``; returns ``||W - Wq||`` and ``||W||`` as scaled sums of squares (see
+    :func:`_add_squares`). The serial loop and :mod:`qlinear.distributed` tasks call it."""
     info = src.info(name)
     out_f, in_f = info.shape
     lname = name[: -len(".weight")]
@@ -215,7 +222,7 @@ def _quantize_tensor(
             fixed = cfg.calibrate(_finite_block(src, name, 0, out_f))
             src.release_pages()
     err2 = sig2 = (0.0, 0.0)
-    for a, b in _blocks(out_f, in_f):
+    for a, b in _blocks(out_f, in_f, rows):
         w = _finite_block(src, name, a, b)
         params = fixed if fixed is not None else cfg.calibrate(w)
         layer = QuantizedLinear.from_fp(w, params, backend="numpy")
@@ -326,6 +333,7 @@ def quantize_checkpoint(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> CheckpointReport:
     """Quantize the linear weights of a safetensors checkpoint into ``dst``.
 
@@ -341,6 +349,9 @@ def quantize_checkpoint(
         include, exclude: glob patterns (``fnmatch``, case-sensitive) matched against
             the tensor name and the layer name; see :func:`should_quantize`.
         progress: show a tqdm progress bar on stderr when tqdm is installed.
+        executor: None (quantize here, tensor after tensor) or a
+            :class:`qlinear.distributed.TensorExecutor` (e.g. ``RayExecutor``) that
+            quantizes the tensors elsewhere; the output is byte-identical.
 
     Returns:
         A :class:`CheckpointReport` (per tensor: shape, format, relative error, SNR,
@@ -386,6 +397,10 @@ def quantize_checkpoint(
     dst_dir.mkdir(parents=True, exist_ok=True)
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)
+    if executor is not None:  # start every quantize task now; collected in file order below
+        jobs = [(src_dir / s, n, i) for s in shards for n, i in files[s].tensors.items()]
+        keep = [j for j in jobs if should_quantize(j[1], j[2].shape, j[2].dtype, include, exclude)]
+        executor.submit(keep, cfg, dst_dir)
     reports: list[TensorReport] = []
     weight_map: dict[str, str] = {}
     total_size = 0
@@ -412,7 +427,10 @@ def quantize_checkpoint(
                 for n in names:
                     info = sf.tensors[n]
                     if n in plan:
-                        err2, sig2 = _quantize_tensor(sf, n, cfg, writer, f, bar)
+                        if executor is None:
+                            err2, sig2 = _quantize_tensor(sf, n, cfg, writer, f, bar)
+                        else:
+                            err2, sig2 = executor.collect(n, writer, f, bar)
                         after = sum(math.prod(sh) * DTYPE_SIZES[dt] for _, dt, sh in plan[n])
                         (se, qe), (sw, qw) = err2, sig2
                         rel = (se / sw) * math.sqrt(qe / qw) if sw > 0 else se * math.sqrt(qe)
@@ -451,6 +469,8 @@ def quantize_checkpoint(
     finally:
         if bar is not None:
             bar.close()
+        if executor is not None:
+            executor.finish()
     written = [str(dst_dir / out_names[s]) for s in shards]
     if index is not None:
         new_index = {k: v for k, v in index.items() if k not in ("metadata", "weight_map")}
@@ -469,4 +489,5 @@ def quantize_checkpoint(
         tuple(reports),
         tuple(written),
         time.perf_counter() - t0,
+        tasks=() if executor is None else executor.records(),
     )

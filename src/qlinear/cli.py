@@ -140,6 +140,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     qu.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     qu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    qu.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="quantize the tensors as tasks on a Ray cluster at ADDRESS (no value: "
+        'ray.init() default, a local cluster); pip install "qlinear[ray]"',
+    )
 
     ins = sub.add_parser(
         "inspect",
@@ -185,14 +193,24 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from .io import atomic_write_text
 
     cfg = _config(args, parser)
-    report = quantize_checkpoint(
-        args.src,
-        args.output,
-        cfg,
-        include=args.include,
-        exclude=args.exclude,
-        progress=not args.no_progress,
-    )
+    executor = None
+    if args.ray is not None:
+        from .distributed.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray or None)
+    try:
+        report = quantize_checkpoint(
+            args.src,
+            args.output,
+            cfg,
+            include=args.include,
+            exclude=args.exclude,
+            progress=not args.no_progress,
+            executor=executor,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
     for t in report.tensors:
         rows.append(

@@ -39,6 +39,8 @@ class CheckpointReport:
     tensors: tuple[TensorReport, ...]
     files: tuple[str, ...]
     seconds: float
+    tasks: tuple[dict[str, Any], ...] = ()
+    """Executor runs only: per task, the tensor, rows, seconds and the worker that ran it."""
 
     @property
     def bytes_before(self) -> int:
@@ -73,6 +75,7 @@ class CheckpointReport:
                 "bytes_after": self.bytes_after,
                 "max_rel_error": self.max_rel_error,
             },
+            **({"tasks": [dict(t) for t in self.tasks]} if self.tasks else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -1,0 +1,137 @@
+"""Quantize a checkpoint's tensors as Ray tasks (``pip install "qlinear[ray]"``).
+
+Usage::
+
+    from qlinear.distributed.ray_executor import RayExecutor
+    with RayExecutor() as ex:                    # or RayExecutor("head-node:6379")
+        quantize_checkpoint(src, dst, cfg, executor=ex)
+
+or ``qlinear quantize SRC -o DST --ray [ADDRESS]``. Every task is
+:func:`qlinear.distributed.quantize_part` run by a Ray worker: it reads its tensor
+from the source path (which every node must see at the same path: shared storage) and
+writes a part file beside the destination (also shared); only names, offsets and small
+result dicts go through the object store. A task whose worker dies (killed, OOM, node
+lost) is retried by Ray up to ``max_retries`` times; each attempt writes a file of its
+own, so a retry cannot mix with the remains of the attempt before it. Errors of the
+input itself (:class:`qlinear.QuantizationError`, missing files) are not retried and
+are raised in the driver as themselves.
+
+The workers must have qlinear importable (the same version as the driver); a local
+cluster started by ``ray.init()`` uses the driver's Python.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidParamsError, QuantizationError
+from . import TASK_BYTES, TensorExecutor, quantize_part
+
+__all__ = ["RayExecutor", "import_ray"]
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or an :class:`InvalidParamsError` saying how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise InvalidParamsError(
+            'Ray executor requested but ray is not installed; pip install "qlinear[ray]"'
+        ) from exc
+    return ray
+
+
+def _ray_task(
+    shard: str,
+    name: str,
+    config: dict,
+    rows: tuple[int, int] | None,
+    parts: str,
+    stall: tuple[str, str] | None,
+) -> dict[str, Any]:
+    import ray
+
+    if stall is not None and stall[0] == name:
+        # Test hook: the first attempt at this tensor writes its pid and waits to be killed.
+        try:
+            fd = os.open(Path(stall[1]) / "stalled.pid", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            time.sleep(120)
+    res = quantize_part(shard, name, config, rows, parts)
+    res["node"] = ray.get_runtime_context().get_node_id()
+    return res
+
+
+class RayExecutor(TensorExecutor):
+    """Run :func:`quantize_checkpoint`'s tasks on a Ray cluster.
+
+    Args:
+        address: a Ray cluster address (``"host:port"``, ``"auto"``); None uses
+            ``ray.init()``'s default (a new local cluster unless one is found). If Ray
+            is already initialized in this process, that connection is used as it is.
+        task_bytes: float64 bytes per task; larger per-channel / per-group tensors are
+            split into row blocks (see :class:`TensorExecutor`).
+        max_retries: how many times Ray reruns a task whose worker died.
+        init_kwargs: more keyword arguments for ``ray.init`` (``num_cpus``, ...).
+
+    ``close()`` (or leaving the ``with`` block) shuts Ray down if this object started it.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        task_bytes: int = TASK_BYTES,
+        max_retries: int = 3,
+        init_kwargs: dict[str, Any] | None = None,
+        _stall: tuple[str, str] | None = None,
+    ) -> None:
+        super().__init__(task_bytes=task_bytes)
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidParamsError(f"max_retries must be an int >= 0; got {max_retries!r}")
+        ray = import_ray()
+        self._ray = ray
+        self._owner = False
+        if not ray.is_initialized():
+            ray.init(address=address, **(init_kwargs or {}))
+            self._owner = True
+        self._remote = ray.remote(num_cpus=1, max_retries=max_retries)(_ray_task)
+        self._stall = _stall
+
+    def _launch(self, args: tuple) -> Any:
+        return self._remote.remote(*args, self._stall)
+
+    def _wait(self, handle: Any) -> dict[str, Any]:
+        try:
+            return self._ray.get(handle)
+        except self._ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, (QuantizationError, OSError)):
+                raise cause from None
+            raise
+
+    def _cancel(self, handles: list[Any]) -> None:
+        for h in handles:
+            try:
+                self._ray.cancel(h, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
+                pass
+
+    def close(self) -> None:
+        """Shut down Ray if this executor started it."""
+        if self._owner and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._owner = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
