@@ -96,9 +96,11 @@ def test_a_bad_tensor_fails_the_run_and_leaves_no_parts(tmp_path, rng):
 
 def test_merge_squares_sums_scaled_squares(rng):
     a, b = rng.standard_normal(50) * 1e150, rng.standard_normal(70) * 1e-150
+
     def sq(x):
         s = float(np.max(np.abs(x)))
         return s, float(np.sum((x / s) ** 2))
+
     s, q = merge_squares(sq(a), sq(b))
     want = np.sum((a / 1e150) ** 2) + np.sum((b / 1e150) ** 2)
     assert s**2 * q / 1e300 == pytest.approx(want, rel=1e-12)

@@ -121,7 +121,7 @@ class RayExecutor(TensorExecutor):
         for h in handles:
             try:
                 self._ray.cancel(h, force=True)
-            except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
+            except Exception:  # already finished or gone: nothing to cancel
                 pass
 
     def close(self) -> None:
