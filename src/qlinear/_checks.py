@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import InvalidInputError, QuantizationError, ShapeMismatchError
 
-__all__ = ["as_array", "as_float_matrix", "check_finite"]
+__all__ = ["as_array", "as_float_matrix", "check_finite", "check_x"]
 
 
 def as_array(
@@ -56,3 +56,24 @@ def as_float_matrix(name: str, value: Any, dtype: Any = np.float64) -> np.ndarra
     out = a if dtype is None else a.astype(dtype, copy=False)
     check_finite(name, out)
     return out
+
+
+def check_x(name: str, value: Any, dim: int) -> np.ndarray:
+    """The one input check for activations: a floating array of shape ``(..., dim)``,
+    finite. float32/float64 are returned as they are (no copy), float16 as float32 and
+    wider floats (longdouble) as float64.
+
+    Raises InvalidInputError for a non-float dtype or NaN/Inf, ShapeMismatchError for a
+    0-D array or a last dimension other than ``dim``."""
+    a = as_array(name, value)
+    if a.dtype.kind != "f":
+        raise InvalidInputError(
+            f"{name} must be a floating-point array (float16/32/64); got dtype {a.dtype}"
+        )
+    if a.ndim == 0 or a.shape[-1] != dim:
+        raise ShapeMismatchError(f"{name} must have shape (..., {dim}); got {a.shape}")
+    if a.dtype not in (np.float32, np.float64):
+        # float16 -> float32; longdouble and byte-swapped float64 must not lose precision
+        a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
+    check_finite(name, a)
+    return a

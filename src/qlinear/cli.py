@@ -3,7 +3,10 @@
 Commands:
   qlinear eval [--model DIR] [--bits 8|4] [--granularity ...] [--group-size N] ...
   qlinear quantize SRC -o DST [--bits 8|4] [--granularity tensor|channel|group] ...
+                   [--gptq [--calib FILE] [--calib-samples N] [--calib-seqlen N] ...]
   qlinear inspect FILE
+  qlinear perplexity MODEL [--text FILE] [--ctx 512] [--max-tokens N] [--json]
+  qlinear generate MODEL PROMPT [-n 64] [--temperature 0] [--top-k K] [--top-p P] ...
 
 Exit codes: 0 success, 2 bad usage (argparse), 1 failure with one line on stderr
 (``qlinear: error: ...``); ``--debug`` shows the traceback instead.
@@ -148,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         help="quantize the tensors as tasks on a Ray cluster at ADDRESS (no value: "
         'ray.init() default, a local cluster); pip install "qlinear[ray]"',
     )
+    _add_gptq_options(qu)
 
     ins = sub.add_parser(
         "inspect",
@@ -157,7 +161,64 @@ def _parser() -> argparse.ArgumentParser:
         "safetensors file or sharded directory.",
     )
     ins.add_argument("file", metavar="FILE")
+    _add_llm_parsers(sub, common)
     return parser
+
+
+def _add_gptq_options(qu: argparse.ArgumentParser) -> None:
+    g = qu.add_argument_group("GPTQ (decoder LLM and BERT checkpoint directories)")
+    g.add_argument(
+        "--gptq",
+        action="store_true",
+        help="calibrate every decoder layer by GPTQ on the model's own activations, layer "
+        "after layer (SRC: a model directory with config.json and tokenizer.json)",
+    )
+    g.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="calibration text (UTF-8; default: the calibration part of Python's docs)",
+    )
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (128)")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (512)")
+    g.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize columns by decreasing Hessian diagonal (default: on)",
+    )
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (0.01)")
+
+
+def _add_llm_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    pp = sub.add_parser(
+        "perplexity",
+        parents=[common],
+        help="perplexity of a decoder LLM on a text",
+        description="exp(mean negative log-likelihood) over non-overlapping windows of "
+        "--ctx tokens, each scored on every position but its first.",
+    )
+    pp.add_argument("model", metavar="MODEL", help="model directory (float or quantized)")
+    pp.add_argument(
+        "--text", metavar="FILE", help="UTF-8 text (default: the evaluation part of Python's docs)"
+    )
+    pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (512)")
+    pp.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens")
+    pp.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    ge = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="continue a prompt with a decoder LLM",
+        description="Stream the continuation of PROMPT to stdout (stops at end of sequence).",
+    )
+    ge.add_argument("model", metavar="MODEL", help="model directory (float or quantized)")
+    ge.add_argument("prompt", metavar="PROMPT")
+    ge.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to add (64)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ge.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    ge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0)")
+    ge.add_argument("--seed", type=int, help="seed of the sampler")
+    ge.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 
 # ------------------------------------------------------------------------- commands
@@ -188,10 +249,19 @@ def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .checkpoint import quantize_checkpoint
     from .io import atomic_write_text
 
+    if args.gptq:
+        return _cmd_quantize_gptq(args, parser)
     cfg = _config(args, parser)
     executor = None
     if args.ray is not None:
@@ -247,6 +317,125 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .io import atomic_write_text
+    from .models.gptq_checkpoint import GPTQOptions, gptq_quantize_checkpoint
+
+    if args.include or args.exclude:
+        parser.error("--include/--exclude do not apply with --gptq (every decoder linear)")
+    for flag, v in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
+        if v < 1:
+            parser.error(f"{flag} must be >= 1; got {v}")
+    cfg = _config(args, parser)
+    opts = GPTQOptions(
+        samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        act_order=args.act_order,
+        damp=args.damp,
+    )
+    report = gptq_quantize_checkpoint(
+        args.src,
+        args.output,
+        cfg,
+        calib_text=_read_text(args.calib),
+        options=opts,
+        progress=not args.no_progress,
+    )
+    gs = f"({cfg['group_size']})" if cfg["group_size"] else ""
+    print(
+        f"gptq: {report.model_type}, {report.num_layers} layers, {len(report.gptq)} linears "
+        f"calibrated on {report.calibration_tokens} tokens ({args.calib_samples} x "
+        f"{args.calib_seqlen}), act order {'on' if args.act_order else 'off'}"
+    )
+    print(f"config: {cfg['qtype']} {cfg['granularity']}{gs} {cfg['scheme']} ({cfg['method']})")
+    if report.weight_only_fallback:
+        names = ", ".join(f"{n} ({r} tokens)" for n, r in report.weight_only_fallback)
+        print(f"weight-only fallback (too few calibration tokens): {names}")
+    print(f"time: {report.seconds:.1f} s")
+    print(f"wrote {args.output}")
+    if args.report:
+        atomic_write_text(args.report, report.to_json() + "\n")
+        print(f"report: {args.report}")
+    return 0
+
+
+def _load_lm(path: str) -> Any:
+    from .models import load_causal_lm
+
+    return load_causal_lm(path)
+
+
+def _cmd_perplexity(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from .models.perplexity import text_perplexity
+
+    if args.ctx < 2:
+        parser.error(f"--ctx must be >= 2; got {args.ctx}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        parser.error(f"--max-tokens must be >= 2; got {args.max_tokens}")
+    text = _read_text(args.text)
+    model = _load_lm(args.model)
+    r = text_perplexity(model, text, ctx=args.ctx, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps({"perplexity": r.perplexity, "tokens": r.tokens, "seconds": r.seconds}))
+        return 0
+    print(f"model:      {args.model}")
+    print(f"text:       {args.text or 'Python docs (pydoc_data.topics), evaluation part'}")
+    print(
+        f"perplexity: {r.perplexity:.4f}  ({r.tokens} tokens scored, {r.windows} windows of <= {r.ctx})"
+    )
+    print(f"time:       {r.seconds:.1f} s ({(r.tokens + r.windows) / r.seconds:.0f} tokens/s)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from .models.generate import GenerationStats, SamplingOptions, StreamDecoder, generate_tokens
+
+    if args.max_new_tokens < 0:
+        parser.error(f"-n must be >= 0; got {args.max_new_tokens}")
+    opts = SamplingOptions(args.temperature, args.top_k, args.top_p)
+    model = _load_lm(args.model)
+    tok = model.tokenizer
+    if tok is None:
+        raise QuantizationError(
+            f"{args.model} has no usable tokenizer (tokenizer.json and the 'tokenizers' package)"
+        )
+    prompt = tok.encode(args.prompt)
+    stats = GenerationStats()
+    stream = StreamDecoder(tok)
+    pieces = []
+    for t in generate_tokens(
+        model, prompt, max_new_tokens=args.max_new_tokens, options=opts, seed=args.seed, stats=stats
+    ):
+        piece = stream.push(t)
+        pieces.append(piece)
+        if not args.json and piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    tail = stream.flush()
+    pieces.append(tail)
+    if args.json:
+        out = {
+            "text": "".join(pieces),
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s,
+        }
+        print(json.dumps(out))
+        return 0
+    sys.stdout.write(tail + "\n")
+    print(
+        f"[{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_s:.0f} tokens/s, "
+        f"{stats.generated_tokens} generated at {stats.decode_tokens_per_s:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .io import inspect
 
@@ -285,7 +474,13 @@ def _cmd_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-COMMANDS = {"eval": _cmd_eval, "quantize": _cmd_quantize, "inspect": _cmd_inspect}
+COMMANDS = {
+    "eval": _cmd_eval,
+    "quantize": _cmd_quantize,
+    "inspect": _cmd_inspect,
+    "perplexity": _cmd_perplexity,
+    "generate": _cmd_generate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

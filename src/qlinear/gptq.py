@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import as_array, as_float_matrix, check_finite
+from ._checks import as_float_matrix, check_x
 from ._ranges import (
     DEFAULT_PERCENTILE,
     blocks,
@@ -54,7 +54,7 @@ from .qtypes import (
     code_range,
 )
 
-__all__ = ["gptq_quantize", "hessian"]
+__all__ = ["HessianAccumulator", "PreparedHessian", "gptq_quantize", "hessian"]
 
 # Rows of X multiplied at once when accumulating X^T X (bounds the float64 copy).
 _ROWS = 4096
@@ -63,22 +63,11 @@ _SUB = 16
 
 
 def _check_x(x_calib: object, in_features: int) -> np.ndarray:
-    x = as_array("x_calib", x_calib)
-    if x.dtype.kind != "f":
-        raise InvalidInputError(
-            f"x_calib must be a floating-point array (float16/32/64); got dtype {x.dtype}"
-        )
-    if x.ndim == 0 or x.shape[-1] != in_features:
-        raise ShapeMismatchError(
-            f"x_calib must have shape (..., {in_features}) to match the weight's in_features; "
-            f"got {x.shape}"
-        )
-    x2 = x.reshape(-1, in_features)
+    x2 = check_x("x_calib", x_calib, in_features).reshape(-1, in_features)
     if x2.shape[0] == 0:
         raise ShapeMismatchError(
-            f"x_calib holds no samples (shape {x.shape}); expected at least one row"
+            f"x_calib holds no samples (shape {np.shape(x_calib)}); expected at least one row"
         )
-    check_finite("x_calib", x2)
     return x2
 
 
@@ -102,6 +91,45 @@ def hessian(x: np.ndarray) -> np.ndarray:
         h += xc.T @ xc
     h *= 2.0 / n
     return h
+
+
+class HessianAccumulator:
+    """``H = 2 / n * X^T X`` (float64 ``(in, in)``) accumulated over batches of rows, for
+    inputs too large to hold at once (layer-sequential GPTQ over a whole model).
+
+    ``add(x)`` takes float ``(..., in)``; float32 batches are multiplied in float32 (BLAS
+    sgemm, ``_ROWS`` rows at a time) and summed in float64, which is about twice as fast
+    as float64 products and keeps a relative error near ``1e-7``; float64 batches are
+    multiplied in float64. No rescaling is applied: inputs must be finite with
+    ``max|x|`` well inside float32's range (hidden states of a model are). ``value()``
+    returns ``H`` (a new array) and raises when no row was added."""
+
+    def __init__(self, in_features: int) -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, (int, np.integer)):
+            raise InvalidParamsError(f"in_features must be an integer >= 1; got {in_features!r}")
+        if in_features < 1:
+            raise InvalidParamsError(f"in_features must be >= 1; got {in_features}")
+        self.in_features = int(in_features)
+        self.rows = 0
+        self._sum = np.zeros((self.in_features, self.in_features))
+
+    def add(self, x: np.ndarray) -> None:
+        x2 = check_x("x", x, self.in_features).reshape(-1, self.in_features)
+        for i in range(0, x2.shape[0], _ROWS):
+            xc = x2[i : i + _ROWS]
+            self._sum += xc.T @ xc
+        self.rows += x2.shape[0]
+
+    def value(self) -> np.ndarray:
+        if self.rows == 0:
+            raise ShapeMismatchError("no calibration rows were added; expected at least one")
+        h = self._sum * (2.0 / self.rows)
+        if not np.all(np.isfinite(h)):
+            raise InvalidInputError(
+                "the calibration Hessian overflowed to Inf; expected inputs well inside "
+                "float32's range"
+            )
+        return h
 
 
 def _check_options(damp: object, block_size: object, act_order: object) -> None:
@@ -152,7 +180,7 @@ def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
 
 def gptq_quantize(
     weight: np.ndarray,
-    x_calib: np.ndarray,
+    x_calib: np.ndarray | None,
     qtype: QuantizationType | str,
     granularity: QuantizationGranularity | str,
     scheme: QuantizationScheme | str = "symmetric",
@@ -166,13 +194,15 @@ def gptq_quantize(
     grid: int | Sequence[float] | None = None,
     bias: np.ndarray | None = None,
     backend: str | None = None,
+    hessian: np.ndarray | None = None,
 ) -> QuantizedLinear:
-    """Quantize ``weight`` with GPTQ on calibration inputs ``x_calib``.
+    """Quantize ``weight`` with GPTQ on calibration inputs ``x_calib`` (or their Hessian).
 
     Args:
         weight: float ``(out_features, in_features)``, finite, non-empty.
         x_calib: float ``(..., in_features)``, finite, at least one row: inputs of this
-            layer on calibration data (rows are samples/tokens).
+            layer on calibration data (rows are samples/tokens). None when ``hessian``
+            is given instead.
         qtype, granularity, scheme, group_size: the format, as for
             :func:`qlinear.calibrate_linear` (int8/int4; per-tensor, per-channel or
             per-group; symmetric or asymmetric).
@@ -185,6 +215,11 @@ def gptq_quantize(
             (``"minmax"``, ``"percentile"``, ``"mse"``), as for ``calibrate_linear``.
         bias: optional float ``(out_features,)`` stored with the layer as is.
         backend: kernel backend of the returned layer (default: the active one).
+        hessian: float ``(in_features, in_features)``, symmetric positive semi-definite:
+            ``2 / n * X^T X`` of the inputs, as :func:`hessian` or
+            :class:`HessianAccumulator` compute it, passed instead of ``x_calib`` (not
+            modified); or a :class:`PreparedHessian` made with the same ``damp`` and
+            ``act_order``, so that layers sharing one input (q/k/v) factor it once.
 
     Returns:
         A :class:`QuantizedLinear` whose codes are chosen greedily, column by column, to
@@ -192,11 +227,13 @@ def gptq_quantize(
         column order, with ``bias`` attached.
 
     Raises:
-        ShapeMismatchError: ``x_calib`` of the wrong width or with no rows; a weight
-            that is not 2-D or is empty.
+        ShapeMismatchError: ``x_calib`` of the wrong width or with no rows, or a
+            ``hessian`` not ``(in_features, in_features)``; a weight that is not 2-D or is
+            empty.
         InvalidInputError: NaN/Inf or non-float weight or inputs; a Hessian that is not
             positive definite (``damp=0`` and degenerate inputs).
-        InvalidParamsError: an invalid format, method or option.
+        InvalidParamsError: an invalid format, method or option; both or neither of
+            ``x_calib`` and ``hessian``.
     """
     qt, sc, gran = as_qtype(qtype), as_scheme(scheme), as_granularity(granularity)
     if not qt.is_integer:
@@ -210,14 +247,13 @@ def gptq_quantize(
     shrink = check_grid(grid)
     _check_options(damp, block_size, act_order)
     w = as_float_matrix("weight", weight).copy()
-    x = _check_x(x_calib, w.shape[1])
     out_f, in_f = w.shape
+    h = _calibration_hessian(x_calib, hessian, in_f)
     qmin, qmax = code_range(qt, sc)
 
     def choose(b: np.ndarray):
         return choose_range(b, qt, sc, meth, pct, shrink)
 
-    h = hessian(x)
     per_group = gran is QuantizationGranularity.PER_GROUP
     if not per_group:
         (b,) = blocks(w, gran, gs)
@@ -226,13 +262,19 @@ def gptq_quantize(
         col_scale = np.broadcast_to(params.scale.astype(np.float64), (out_f,))
         col_zero = np.broadcast_to(params.zero_point.astype(np.float64), (out_f,))
 
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    if isinstance(h, PreparedHessian):
+        if h.damp != float(damp) or h.act_order != bool(act_order):
+            raise InvalidParamsError(
+                f"the PreparedHessian was made with damp={h.damp}, act_order={h.act_order}; "
+                f"got damp={damp}, act_order={act_order}"
+            )
+        prep = h
+    else:
+        prep = PreparedHessian(h, damp=float(damp), act_order=bool(act_order), _checked=True)
+    dead, perm, u = prep.dead, prep.perm, prep.u
     w[:, dead] = 0.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(in_f)
     inv_perm = np.argsort(perm)
     wt = np.ascontiguousarray(w[:, perm].T)  # (in, out): a column is a contiguous row
-    u = _upper_cholesky_of_inverse(h[perm][:, perm], float(damp))
 
     if per_group:
         ng = -(-in_f // gs)
@@ -262,6 +304,74 @@ def gptq_quantize(
     if per_group:
         params = params_from_range(g_lo.T, g_hi.T, qt, gran, sc, gs)
     return QuantizedLinear.from_codes(codes.T[:, inv_perm], params, bias=bias, backend=backend)
+
+
+class PreparedHessian:
+    """The part of GPTQ that depends on the Hessian alone, computed once and shared by
+    every weight with the same inputs (q, k and v of an attention layer): dead inputs
+    (``H[i, i] == 0``), the processing order (by decreasing ``H[i, i]`` with
+    ``act_order``) and ``U``, the upper Cholesky factor of ``(H_perm + damp *
+    mean(diag H) I)^-1``. Pass it as ``gptq_quantize(..., hessian=prepared)`` with the same
+    ``damp`` and ``act_order``. Read-only after construction."""
+
+    __slots__ = ("act_order", "damp", "dead", "in_features", "perm", "u")
+
+    def __init__(
+        self,
+        hessian: np.ndarray,
+        *,
+        damp: float = 0.01,
+        act_order: bool = False,
+        _checked: bool = False,
+    ) -> None:
+        if not _checked:
+            _check_options(damp, 1, act_order)
+            hessian = _checked_hessian(hessian, np.shape(hessian)[0] if np.ndim(hessian) else 0)
+        h = hessian
+        in_f = h.shape[0]
+        dead = np.diag(h) == 0
+        h[dead, dead] = 1.0
+        perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(in_f)
+        self.u = _upper_cholesky_of_inverse(h[perm][:, perm], float(damp))
+        self.dead, self.perm = dead, perm
+        for a in (self.u, self.dead, self.perm):
+            a.setflags(write=False)
+        self.in_features, self.damp, self.act_order = in_f, float(damp), bool(act_order)
+
+
+def _calibration_hessian(x_calib: object, h: object, in_f: int) -> np.ndarray | PreparedHessian:
+    """A float64 copy of the Hessian given, the Hessian of ``x_calib``, or the
+    PreparedHessian given."""
+    if (x_calib is None) == (h is None):
+        raise InvalidParamsError(
+            "pass exactly one of x_calib (calibration inputs) and hessian (their 2/n X^T X); "
+            f"got {'neither' if h is None else 'both'}"
+        )
+    if h is None:
+        return hessian(_check_x(x_calib, in_f))
+    if isinstance(h, PreparedHessian):
+        if h.in_features != in_f:
+            raise ShapeMismatchError(
+                f"the PreparedHessian is for in_features {h.in_features}; the weight has {in_f}"
+            )
+        return h
+    return _checked_hessian(h, in_f)
+
+
+def _checked_hessian(h: object, in_f: int) -> np.ndarray:
+    a = as_float_matrix("hessian", h).copy()
+    if a.shape != (in_f, in_f):
+        raise ShapeMismatchError(
+            f"hessian must have shape ({in_f}, {in_f}) to match the weight's in_features; "
+            f"got {a.shape}"
+        )
+    if np.any(np.diag(a) < 0):
+        i = int(np.flatnonzero(np.diag(a) < 0)[0])
+        raise InvalidInputError(
+            f"hessian[{i}, {i}] is {a[i, i]}; expected a positive semi-definite matrix "
+            "(2/n X^T X) with a non-negative diagonal"
+        )
+    return a
 
 
 def _quantize_columns(wt, u, block_size, qmin, qmax, col_params) -> np.ndarray:

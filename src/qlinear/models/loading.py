@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._safetensors import SafetensorsFile
 from ..errors import FormatError
 from .bert import BertModel
 from .config import BertConfig
@@ -45,23 +46,22 @@ def _read_json(path: Path) -> object:
 
 
 def _read_tensors(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
+    """The named tensors of a safetensors file, read with qlinear's strict reader
+    (read-only views of the memory-mapped file; BF16 widened to float32)."""
     try:
-        with safe_open(os.fspath(path), framework="numpy") as f:
-            keys = set(f.keys())
-            # Checkpoints saved from BertForX carry a "bert." prefix on every name.
-            prefix = ""
-            if names[0] not in keys and "bert." + names[0] in keys:
-                prefix = "bert."
-            out = {}
-            for n in names:
-                if prefix + n not in keys:
-                    raise FormatError(f"{str(path)!r}: tensor {prefix + n!r} is missing")
-                out[n] = f.get_tensor(prefix + n)
-            return out
-    except (SafetensorError, OSError, TypeError) as e:
+        f = SafetensorsFile(path)
+    except FileNotFoundError as e:
         raise FormatError(f"cannot read {str(path)!r}: {e}") from None
+    # Checkpoints saved from BertForX carry a "bert." prefix on every name.
+    prefix = ""
+    if names[0] not in f and "bert." + names[0] in f:
+        prefix = "bert."
+    out = {}
+    for n in names:
+        if prefix + n not in f:
+            raise FormatError(f"{str(path)!r}: tensor {prefix + n!r} is missing")
+        out[n] = f.array(prefix + n)
+    return out
 
 
 def load_bert(model_dir: str | os.PathLike[str]) -> BertModel:

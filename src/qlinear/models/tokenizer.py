@@ -1,13 +1,15 @@
-"""WordPiece tokenization through the optional ``tokenizers`` package (imported lazily)."""
+"""Tokenizers read from ``tokenizer.json`` through the optional ``tokenizers`` package
+(imported lazily): :class:`HFTokenizer` as sentence-transformers sets it up for BERT,
+:class:`Tokenizer` for causal language models."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import FormatError, InvalidInputError
 
-__all__ = ["HFTokenizer", "import_tokenizers"]
+__all__ = ["HFTokenizer", "Tokenizer", "import_tokenizers"]
 
 _INSTALL_HINT = "pip install 'qlinear[eval]' (or: pip install tokenizers)"
 
@@ -46,3 +48,56 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
+
+
+class Tokenizer:
+    """A causal LM's ``tokenizer.json`` (byte-level BPE, SentencePiece, ...) through
+    ``tokenizers``.
+
+    ``encode(text) -> list[int]``: the tokens of ``text`` without special tokens (no BOS
+    is added unless ``add_special_tokens=True``); ``decode(ids) -> str``.
+    ``bos_token_id`` / ``eos_token_id``: from the model config when it names them, else
+    from ``tokenizer_config.json``'s ``bos_token`` / ``eos_token`` strings; None if neither.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        special_tokens: dict[str, Any] | None = None,
+    ) -> None:
+        tokenizers = import_tokenizers()
+        try:
+            tok = tokenizers.Tokenizer.from_file(os.fspath(path))
+        except Exception as e:  # the Rust side raises a bare Exception on bad JSON
+            raise FormatError(f"cannot read tokenizer {os.fspath(path)!r}: {e}") from None
+        tok.no_padding()
+        tok.no_truncation()
+        self._tok = tok
+        special = special_tokens or {}
+        self.bos_token_id = (
+            bos_token_id if bos_token_id is not None else self._id(special, "bos_token")
+        )
+        self.eos_token_id = (
+            eos_token_id if eos_token_id is not None else self._id(special, "eos_token")
+        )
+
+    def _id(self, special: dict[str, Any], key: str) -> int | None:
+        v = special.get(key)
+        if isinstance(v, dict):  # {"content": "<s>", ...} in older tokenizer_config.json
+            v = v.get("content")
+        return self._tok.token_to_id(v) if isinstance(v, str) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidInputError(f"text must be a str; got {type(text).__name__}")
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Any, *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

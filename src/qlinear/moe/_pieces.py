@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import as_array, check_finite
+from .._checks import check_x as _check_x
 from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
 
 __all__ = ["ACTIVATIONS", "Piece", "apply_piece", "as_piece", "check_x", "piece_dims"]
@@ -70,19 +71,8 @@ def apply_piece(piece: Piece, x: np.ndarray) -> np.ndarray:
 
 
 def check_x(x: Any, dim: int, what: str = "x") -> np.ndarray:
-    """A float array whose last axis is ``dim``, finite; float16 becomes float32."""
-    a = as_array(what, x)
-    if a.dtype.kind != "f":
-        raise InvalidInputError(
-            f"{what} must be a floating-point array (float16/32/64); got dtype {a.dtype}"
-        )
-    if a.ndim == 0 or a.shape[-1] != dim:
-        raise ShapeMismatchError(f"{what} must have shape (..., {dim}); got {a.shape}")
-    if a.dtype not in (np.float32, np.float64):
-        # float16 -> float32; longdouble and byte-swapped float64 must not lose precision
-        a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
-    check_finite(what, a)
-    return a
+    """A float array whose last axis is ``dim``, finite (:func:`qlinear._checks.check_x`)."""
+    return _check_x(what, x, dim)
 
 
 # ------------------------------------------------------------------ activations

@@ -1,0 +1,273 @@
+"""DecoderLayer: one pre-norm transformer block of a llama-family decoder.
+
+``h = x + o_proj(attention(input_layernorm(x)))``, then
+``y = h + mlp(post_attention_layernorm(h))`` with a SwiGLU MLP or an MoE block.
+Attention: q, k, v projections (q/k RMSNorm for Qwen3 per head and OLMoE over the whole
+projection, before RoPE), RoPE, grouped-query attention with a causal (optionally
+sliding-window) mask, softmax in float32, scaled by ``head_dim ** -0.5``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from .decoder_config import DecoderConfig
+from .decoder_moe import MoEBlock
+from .decoder_ops import Getter, fuse_linears, need_array, need_linear, rms_norm, swiglu
+from .kv_cache import KVCache
+from .ops import FloatLinear, LinearLike
+from .rope import apply_rope, inverse_frequencies, rope_tables
+
+__all__ = ["Capture", "DecoderLayer"]
+
+Capture = Callable[[str, np.ndarray], "LinearLike | None"]
+
+
+def _attention_names(prefix: str) -> list[str]:
+    return [f"{prefix}self_attn.{n}_proj" for n in ("q", "k", "v", "o")]
+
+
+def _mlp_names(prefix: str) -> list[str]:
+    return [f"{prefix}mlp.{n}_proj" for n in ("gate", "up", "down")]
+
+
+class DecoderLayer:
+    """One decoder block; immutable. Build with :meth:`from_tensors`.
+
+    ``forward(h, positions=None, cache=None, capture=None)``: ``h`` float32
+    ``(B, T, hidden)`` -> float32 ``(B, T, hidden)``. ``positions`` int ``(T,)``, the
+    absolute positions of the T tokens (default: after what ``cache`` holds, else
+    ``0..T-1``). With a cache the layer appends its keys and values and attends to all of
+    them. ``capture(name, x)`` is called with the float32 ``(tokens, in)`` input of every
+    linear just before it is applied, in execution order; a LinearLike it returns is used
+    instead for this call.
+    """
+
+    __slots__ = (
+        "_gate_up",
+        "_inv_freq",
+        "_lin",
+        "_moe",
+        "_norms",
+        "_qkv",
+        "config",
+        "index",
+        "prefix",
+    )
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        index: int,
+        linears: Mapping[str, LinearLike],
+        norms: Mapping[str, np.ndarray],
+        moe: MoEBlock | None = None,
+    ) -> None:
+        self.config, self.index = config, index
+        self.prefix = f"model.layers.{index}."
+        self._lin = dict(linears)
+        self._norms = dict(norms)
+        self._moe = moe
+        self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
+        q, k, v, _ = _attention_names(self.prefix)
+        self._qkv = self._fuse([q, k, v])
+        self._gate_up = None
+        if moe is None:
+            g, u, _ = _mlp_names(self.prefix)
+            self._gate_up = self._fuse([g, u])
+
+    def _fuse(self, names: list[str]) -> LinearLike | None:
+        """The fused layer of ``names``; float parts become row views of the fused weight
+        (so the float weights are held once, not twice)."""
+        fused = fuse_linears([self._lin[n] for n in names])
+        if isinstance(fused, FloatLinear):
+            start = 0
+            for n in names:
+                stop = start + self._lin[n].out_features  # type: ignore[attr-defined]
+                b = None if self._lin[n].bias is None else fused.bias[start:stop]  # type: ignore[attr-defined,index]
+                self._lin[n] = FloatLinear(fused.weight[start:stop], b)
+                start = stop
+        return fused
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_tensors(cls, config: DecoderConfig, index: int, get: Getter) -> DecoderLayer:
+        """Layer ``index`` from ``get(name)``, which returns an array or a LinearLike for
+        Hugging Face tensor names (``"model.layers.3.mlp.up_proj.weight"``; for a
+        LinearLike, ``"....up_proj.weight"`` may return the layer itself).
+
+        Raises FormatError naming a missing or misshaped tensor, with the expected shape.
+        """
+        c = config
+        p = f"model.layers.{index}."
+        h, nq, nkv = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        )
+        q, k, v, o = _attention_names(p)
+        lin: dict[str, LinearLike] = {
+            q: need_linear(get, q, nq, h, c.qkv_bias),
+            k: need_linear(get, k, nkv, h, c.qkv_bias),
+            v: need_linear(get, v, nkv, h, c.qkv_bias),
+            o: need_linear(get, o, h, nq, c.o_bias),
+        }
+        norms = {
+            "input": need_array(get, p + "input_layernorm.weight", (h,)),
+            "post": need_array(get, p + "post_attention_layernorm.weight", (h,)),
+        }
+        if c.qk_norm == "head":
+            norms["q"] = need_array(get, p + "self_attn.q_norm.weight", (c.head_dim,))
+            norms["k"] = need_array(get, p + "self_attn.k_norm.weight", (c.head_dim,))
+        elif c.qk_norm == "full":
+            norms["q"] = need_array(get, p + "self_attn.q_norm.weight", (nq,))
+            norms["k"] = need_array(get, p + "self_attn.k_norm.weight", (nkv,))
+        moe = None
+        if c.moe_layers[index]:
+            moe = MoEBlock.from_tensors(c, p, get)
+        else:
+            g, u, d = _mlp_names(p)
+            f = c.intermediate_size
+            lin[g] = need_linear(get, g, f, h, c.mlp_bias)
+            lin[u] = need_linear(get, u, f, h, c.mlp_bias)
+            lin[d] = need_linear(get, d, h, f, c.mlp_bias)
+        return cls(c, index, lin, norms, moe)
+
+    def with_linears(self, mapping: Mapping[str, LinearLike]) -> DecoderLayer:
+        """A new layer with the named linears replaced (names from :meth:`linear_names`;
+        others are ignored); this one is unchanged."""
+        lin = {**self._lin, **{k: v for k, v in mapping.items() if k in self._lin}}
+        moe = None if self._moe is None else self._moe.with_linears(mapping)
+        return DecoderLayer(self.config, self.index, lin, self._norms, moe)
+
+    # ------------------------------------------------------------ introspection
+    @property
+    def linears(self) -> dict[str, LinearLike]:
+        """Every linear of the layer by Hugging Face name (without ``.weight``)."""
+        out = dict(self._lin)
+        if self._moe is not None:
+            out.update(self._moe.linears)
+        return out
+
+    @property
+    def norms(self) -> dict[str, np.ndarray]:
+        """The RMSNorm weights: ``"input"``, ``"post"`` and, with q/k norms, ``"q"``, ``"k"``."""
+        return dict(self._norms)
+
+    def linear_names(self) -> list[str]:
+        return [n for g in self.linear_groups() for n in g]
+
+    def linear_groups(self) -> list[list[str]]:
+        """True-sequential order: [[q, k, v], [o], [gate, up, ...], [down, ...]]."""
+        q, k, v, o = _attention_names(self.prefix)
+        if self._moe is not None:
+            return [[q, k, v], [o], *self._moe.groups()]
+        g, u, d = _mlp_names(self.prefix)
+        return [[q, k, v], [o], [g, u], [d]]
+
+    # ------------------------------------------------------------ compute
+    def forward(
+        self,
+        h: np.ndarray,
+        *,
+        positions: np.ndarray | None = None,
+        cache: KVCache | None = None,
+        capture: Capture | None = None,
+    ) -> np.ndarray:
+        b, t, hid = h.shape
+        if positions is None:
+            start = 0 if cache is None else cache.layer_length(self.index)
+            positions = np.arange(start, start + t)
+        eps = self.config.rms_norm_eps
+        x = rms_norm(h, self._norms["input"], eps).reshape(b * t, hid)
+        out = h + self._attention(x, b, t, positions, cache, capture).reshape(b, t, hid)
+        x = rms_norm(out, self._norms["post"], eps).reshape(b * t, hid)
+        out += self._mlp(x, capture).reshape(b, t, hid)
+        return out
+
+    __call__ = forward
+
+    def _apply(self, name: str, x: np.ndarray, capture: Capture | None) -> np.ndarray:
+        lin = self._lin[name]
+        if capture is not None:
+            lin = capture(name, x) or lin
+        return np.asarray(lin.forward(x), dtype=np.float32)
+
+    def _attention(
+        self,
+        x: np.ndarray,
+        b: int,
+        t: int,
+        positions: np.ndarray,
+        cache: KVCache | None,
+        capture: Capture | None,
+    ) -> np.ndarray:
+        c = self.config
+        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qn, kn, vn, on = _attention_names(self.prefix)
+        if capture is None and self._qkv is not None:
+            qkv = np.asarray(self._qkv.forward(x), dtype=np.float32)
+            q, k, v = np.split(qkv, [nh * hd, (nh + nkv) * hd], axis=1)
+        else:
+            q, k, v = (self._apply(n, x, capture) for n in (qn, kn, vn))
+        if c.qk_norm == "full":
+            q = rms_norm(q, self._norms["q"], c.rms_norm_eps)
+            k = rms_norm(k, self._norms["k"], c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (np.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+        q = q.reshape(b, t, nh, hd)
+        k = k.reshape(b, t, nkv, hd)
+        if c.qk_norm == "head":
+            q = rms_norm(q, self._norms["q"], c.rms_norm_eps)
+            k = rms_norm(k, self._norms["k"], c.rms_norm_eps)
+        cos, sin = rope_tables(self._inv_freq, positions)
+        q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # (b, nh, t, hd)
+        k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # (b, nkv, t, hd)
+        v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.append(self.index, k, v)
+        s = k.shape[2]
+        g = nh // nkv
+        qg = q.reshape(b, nkv, g * t, hd)  # query heads of one kv group, stacked
+        scores = qg @ k.transpose(0, 1, 3, 2)  # (b, nkv, g*t, s)
+        scores *= np.float32(hd**-0.5)
+        scores = scores.reshape(b, nkv, g, t, s)
+        mask = self._mask(positions, s)
+        if mask is not None:
+            scores = np.where(mask, scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        att = scores.reshape(b, nkv, g * t, s) @ v  # (b, nkv, g*t, hd)
+        att = att.reshape(b, nh, t, hd).transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
+        return self._apply(on, np.ascontiguousarray(att), capture)
+
+    def _mask(self, positions: np.ndarray, s: int) -> np.ndarray | None:
+        """bool ``(t, s)``: query at ``positions[i]`` may see key ``j`` (keys are at
+        positions ``0..s-1``); None when every key is visible."""
+        window = None
+        if self.config.layer_types[self.index] == "sliding_attention":
+            window = self.config.sliding_window
+        if len(positions) == 1 and positions[0] == s - 1 and (window is None or s <= window):
+            return None
+        kpos = np.arange(s)[None, :]
+        qpos = np.asarray(positions)[:, None]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        return mask
+
+    def _mlp(self, x: np.ndarray, capture: Capture | None) -> np.ndarray:
+        if self._moe is not None:
+            return self._moe.forward(x, capture)
+        g, u, d = _mlp_names(self.prefix)
+        f = self.config.intermediate_size
+        if capture is None and self._gate_up is not None:
+            hid = swiglu(np.asarray(self._gate_up.forward(x), dtype=np.float32), f)
+        else:
+            hid = swiglu(
+                np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f
+            )
+        return self._apply(d, hid, capture)

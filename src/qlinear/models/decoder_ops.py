@@ -1,0 +1,149 @@
+"""Building blocks of the NumPy decoders: RMSNorm, SwiGLU, fused linear layers and
+reading a layer's tensors by Hugging Face name. float32 in, float32 out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from ..linear import QuantizedLinear
+from ..moe._pieces import silu
+from ..params import QuantizationParams
+from ..qtypes import QuantizationGranularity
+from .ops import FloatLinear, LinearLike
+
+__all__ = [
+    "Getter",
+    "fuse_linears",
+    "linear_dims",
+    "rms_norm",
+    "silu",
+    "swiglu",
+]
+
+# get(name) -> ndarray | LinearLike for a Hugging Face tensor name; KeyError (or None)
+# when the checkpoint has no such tensor.
+Getter = Callable[[str], Any]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """float32 ``(..., d)`` -> float32 ``(..., d)``: ``weight * x / sqrt(mean(x^2) + eps)``
+    (mean over the last axis, in float32 as transformers' LlamaRMSNorm computes it)."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    var += np.float32(eps)
+    out = x / np.sqrt(var)
+    out *= weight
+    return out
+
+
+def swiglu(gu: np.ndarray, d_ff: int) -> np.ndarray:
+    """``gu`` float32 ``(tokens, 2 d_ff)`` (gate then up) -> ``silu(gate) * up``."""
+    h = silu(gu[:, :d_ff])
+    h *= gu[:, d_ff:]
+    return h
+
+
+def linear_dims(lin: Any) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a LinearLike (or a 2-D weight array)."""
+    if isinstance(lin, np.ndarray):
+        return int(lin.shape[0]), int(lin.shape[1])
+    return int(lin.out_features), int(lin.in_features)
+
+
+def _quantized_fusable(parts: Sequence[QuantizedLinear]) -> bool:
+    p0 = parts[0]
+    if p0.granularity is QuantizationGranularity.PER_TENSOR:
+        return False  # one scale per matrix: rows of different matrices cannot share it
+    return all(
+        (p.qtype, p.scheme, p.granularity, p.group_size, p.backend, p.in_features)
+        == (p0.qtype, p0.scheme, p0.granularity, p0.group_size, p0.backend, p0.in_features)
+        and (p.bias is None) == (p0.bias is None)
+        for p in parts
+    )
+
+
+def fuse_linears(parts: Sequence[LinearLike]) -> LinearLike | None:
+    """One layer computing ``concat([p(x) for p in parts], axis=-1)`` in one call, or None
+    when the parts cannot be stacked (mixed kinds, different quantization settings).
+
+    FloatLinear parts: their weights concatenated (a copy). QuantizedLinear parts with the
+    same qtype, scheme, per-channel or per-group granularity and group size: one layer
+    from the concatenated codes, scales and zero points (the same codes, so the same
+    results row for row)."""
+    if all(type(p) is FloatLinear for p in parts):
+        fl: list[FloatLinear] = list(parts)  # type: ignore[arg-type]
+        has_b = [p.bias is not None for p in fl]
+        w = np.concatenate([p.weight for p in fl], axis=0)
+        b = None
+        if any(has_b):
+            b = np.concatenate(
+                [p.bias if p.bias is not None else np.zeros(p.out_features, np.float32) for p in fl]
+            )
+        return FloatLinear(w, b)
+    if all(isinstance(p, QuantizedLinear) for p in parts):
+        ql: list[QuantizedLinear] = list(parts)  # type: ignore[arg-type]
+        if not _quantized_fusable(ql):
+            return None
+        p0 = ql[0].params
+        cat = np.concatenate
+        params = QuantizationParams(
+            p0.qtype,
+            p0.scheme,
+            p0.granularity,
+            cat([p.params.scale for p in ql]),
+            cat([p.params.zero_point for p in ql]),
+            cat([p.params.min_val for p in ql]),
+            cat([p.params.max_val for p in ql]),
+            p0.group_size,
+        )
+        bias = None if ql[0].bias is None else cat([p.bias for p in ql])
+        return QuantizedLinear.from_codes(
+            cat([p.qweight for p in ql]), params, bias=bias, backend=ql[0].backend
+        )
+    return None
+
+
+def fetch(get: Getter, name: str) -> Any:
+    """``get(name)``, or None when the checkpoint has no such tensor."""
+    try:
+        return get(name)
+    except KeyError:
+        return None
+
+
+def need_array(get: Getter, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The float tensor ``name`` as float32 of exactly ``shape``; FormatError otherwise."""
+    a = fetch(get, name)
+    if a is None:
+        raise FormatError(f"tensor {name!r} is missing; expected shape {shape}")
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+        raise FormatError(f"tensor {name!r} must be a float array of shape {shape}; got {a!r:.80}")
+    if a.shape != shape:
+        raise FormatError(f"tensor {name!r} has shape {a.shape}; expected {shape}")
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def need_linear(get: Getter, name: str, out_f: int, in_f: int, bias: bool) -> LinearLike:
+    """The linear layer ``name`` (``name.weight`` and, with ``bias``, ``name.bias``):
+    a FloatLinear for float tensors, or the LinearLike the getter holds (for example a
+    QuantizedLinear, whose bias is its own). FormatError names a missing or misshaped one."""
+    w = fetch(get, name + ".weight")
+    if w is None:
+        raise FormatError(f"tensor {name + '.weight'!r} is missing; expected shape {(out_f, in_f)}")
+    if not isinstance(w, np.ndarray):
+        dims = linear_dims(w)
+        if dims != (out_f, in_f):
+            raise FormatError(
+                f"layer {name!r} has shape {dims}; expected (out, in) = {(out_f, in_f)}"
+            )
+        if bias and getattr(w, "bias", None) is None and isinstance(w, QuantizedLinear):
+            b = fetch(get, name + ".bias")
+            if b is not None:
+                w = w.with_bias(need_array(get, name + ".bias", (out_f,)))
+        return w
+    weight = need_array(get, name + ".weight", (out_f, in_f))
+    b = need_array(get, name + ".bias", (out_f,)) if bias else None
+    return FloatLinear(weight, b)

@@ -1,0 +1,185 @@
+"""Decoder LLMs against transformers (the oracle): logits of tiny random models of every
+architecture, KV-cache decoding, dtypes, shards, old-style configs and the layer API.
+
+Logits error: ``max|ours - theirs| / max|theirs|`` (max absolute difference relative to the
+largest reference logit), bound 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from _decoder_models import VARIANTS, build, max_rel_diff, reference_logits, rewrite_config
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import qlinear  # noqa: E402
+from qlinear import QuantizedLinear, calibrate_linear  # noqa: E402
+from qlinear.models import DecoderLayer, FloatLinear, load_causal_lm  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {name: build(mt, extra, root / name) for name, (mt, extra) in VARIANTS.items()}
+
+
+def _ids(seed: int, batch: int = 2, seq: int = 13) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 128, size=(batch, seq))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_transformers(model_dirs, name):
+    ids = _ids(1)
+    ref = reference_logits(model_dirs[name], ids)
+    model = load_causal_lm(model_dirs[name])
+    out = model(ids)
+    assert out.dtype == np.float32 and out.shape == (2, 13, 128)
+    assert max_rel_diff(out, ref) <= TOL
+    one = model(ids[1])  # 1-D ids: (seq, vocab)
+    assert one.shape == (13, 128)
+    assert max_rel_diff(one, ref[1]) <= TOL
+
+
+@pytest.mark.parametrize(
+    "name", ["llama", "mistral_window", "qwen2_window", "qwen3", "qwen2_moe", "olmoe_clip"]
+)
+def test_kv_cache_equals_full_sequence(model_dirs, name):
+    model = load_causal_lm(model_dirs[name])
+    ids = _ids(2, seq=12)
+    full = model(ids)
+    cache = model.new_cache(batch=2, capacity=3)  # small: the cache must grow
+    parts = [model.forward(ids[:, :4], cache=cache)]
+    parts += [model.forward(ids[:, i : i + 1], cache=cache) for i in range(4, 9)]
+    parts.append(model.forward(ids[:, 9:], cache=cache))
+    assert cache.length == 12
+    assert max_rel_diff(np.concatenate(parts, axis=1), full) <= 1e-5
+    last = model.forward(ids[:, :5], cache=model.new_cache(batch=2), last_only=True)
+    assert last.shape == (2, 1, 128)
+    assert max_rel_diff(last[:, 0], full[:, 4]) <= 1e-5
+
+
+def test_old_style_rope_config_reads_the_same(model_dirs, tmp_path):
+    src = model_dirs["llama_rope_llama3"]
+    ref = reference_logits(src, _ids(3))
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    rewrite_config(
+        old,
+        rope_parameters=None,
+        rope_theta=500000.0,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
+    model = load_causal_lm(old)
+    assert model.config.rope == load_causal_lm(src).config.rope
+    assert model.config.rope.rope_type == "llama3"
+    assert max_rel_diff(model(_ids(3)), ref) <= TOL
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_and_sharded_checkpoints(tmp_path, dtype):
+    d = build("qwen2", {}, tmp_path / dtype, dtype=getattr(torch, dtype), max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").is_file()
+    ref = reference_logits(d, _ids(4))  # transformers widens the same half weights
+    model = load_causal_lm(d)
+    assert max_rel_diff(model(_ids(4)), ref) <= TOL
+
+
+def test_float32_weights_are_views_of_the_file(model_dirs):
+    model = load_causal_lm(model_dirs["llama"])
+    down = model.linear("model.layers.0.mlp.down_proj")
+    assert isinstance(down, FloatLinear)
+    assert not down.weight.flags.owndata and not down.weight.flags.writeable
+    # q/k/v are row views of the one fused matrix, not second copies
+    q = model.linear("model.layers.0.self_attn.q_proj").weight
+    k = model.linear("model.layers.0.self_attn.k_proj").weight
+    assert q.base is not None and q.base is k.base
+
+
+def test_linear_names_and_groups(model_dirs):
+    dense = load_causal_lm(model_dirs["llama"])
+    tied = load_causal_lm(model_dirs["llama_tied"])
+    moe = load_causal_lm(model_dirs["qwen2_moe"])
+    assert dense.linear_names()[-1] == "lm_head" and "lm_head" not in tied.linear_names()
+    assert len(dense.linear_names()) == 2 * 7 + 1
+    p = "model.layers.0."
+    assert dense.layers[0].linear_groups() == [
+        [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
+        [p + "self_attn.o_proj"],
+        [p + "mlp.gate_proj", p + "mlp.up_proj"],
+        [p + "mlp.down_proj"],
+    ]
+    groups = moe.layers[0].linear_groups()
+    assert len(groups[2]) == 2 * 5 and len(groups[3]) == 5  # 4 experts + the shared one
+    assert (
+        p + "mlp.experts.3.up_proj" in groups[2] and p + "mlp.shared_expert.down_proj" in groups[3]
+    )
+    assert groups[3][0] == p + "mlp.experts.0.down_proj"
+    # mlp_only_layers=[1]: layer 1 is a dense MLP
+    assert moe.layers[1].linear_groups()[3] == ["model.layers.1.mlp.down_proj"]
+    w = moe.linear_weight(p + "mlp.experts.2.gate_proj")
+    assert w.shape == (32, 64) and w.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "qwen2_moe"])
+def test_layer_api_composes_to_the_model(model_dirs, name):
+    model = load_causal_lm(model_dirs[name])
+    ids = _ids(5)
+    h = model.embed(ids)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    for layer in model.layers:
+        names = layer.linear_names()
+        calls: list[str] = []
+
+        def capture(n, x, calls=calls):
+            assert x.dtype == np.float32 and x.ndim == 2
+            calls.append(n)
+            seen.append((n, x.shape))
+
+        h = layer.forward(h, capture=capture)
+        assert sorted(calls) == sorted(names)  # every linear offered exactly once
+    assert max_rel_diff(model.head(h), model(ids)) <= 1e-6
+    if model.config.is_moe:  # experts see only their tokens; together top_k per token
+        rows = sum(
+            s[0]
+            for n, s in seen
+            if n.startswith("model.layers.0.mlp.experts.") and n.endswith("gate_proj")
+        )
+        assert rows == 2 * 13 * model.config.top_k
+
+
+def test_capture_replacement_and_with_linears(model_dirs):
+    model = load_causal_lm(model_dirs["mixtral"])
+    ids = _ids(6)
+    base = model(ids)
+    name = "model.layers.0.block_sparse_moe.experts.1.w2"
+    w = model.linear_weight(name)
+    q = QuantizedLinear.from_fp(
+        w, calibrate_linear(w, "int4", "per_group", "symmetric", group_size=16)
+    )
+    swapped = model.with_linears({name: q})
+    assert isinstance(swapped.linear(name), QuantizedLinear)
+    assert isinstance(model.linear(name), FloatLinear)  # the original is unchanged
+    assert np.array_equal(model(ids), base)
+    # returning q from capture gives what with_linears gives
+    h = model.embed(ids)
+    layer0 = model.layers[0].forward(h, capture=lambda n, x: q if n == name else None)
+    assert max_rel_diff(layer0, swapped.layers[0].forward(h)) <= 1e-6
+    assert max_rel_diff(swapped(ids), base) > 0  # the swap took effect
+    items = qlinear.load(model_dirs["mixtral"])  # HF name -> array
+    rebuilt = DecoderLayer.from_tensors(
+        model.config, 0, lambda n: q if n == name + ".weight" else items[n]
+    )
+    assert max_rel_diff(rebuilt.forward(h), layer0) <= 1e-6

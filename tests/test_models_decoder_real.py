@@ -1,0 +1,95 @@
+"""SmolLM2-135M (the real model) against transformers, and checkpoints quantized by
+``qlinear quantize`` loaded as decoders."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from _decoder_models import VARIANTS, build, max_rel_diff
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from qlinear import QuantizedLinear  # noqa: E402
+from qlinear.cli import main  # noqa: E402
+from qlinear.models import FloatLinear, load_causal_lm  # noqa: E402
+
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog. In Python, a list comprehension "
+    "such as [x * x for x in range(10)] builds a list; it is"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    return load_causal_lm(smollm2_dir), ref, tok
+
+
+def test_smollm2_tokenizer_and_logits(smollm2):
+    model, ref, tok = smollm2
+    ids = model.tokenizer.encode(PROMPT)
+    assert ids == tok(PROMPT)["input_ids"]  # SmolLM2's tokenizer adds no special tokens
+    assert model.tokenizer.decode(ids) == tok.decode(ids) == PROMPT
+    assert model.tokenizer.eos_token_id == tok.eos_token_id == 2
+    assert model.config.tie_word_embeddings and model.config.num_key_value_heads == 3
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    assert max_rel_diff(model(np.array(ids)), expected) <= 1e-4
+
+
+def test_smollm2_greedy_generation_matches(smollm2):
+    model, ref, _ = smollm2
+    ids = model.tokenizer.encode(PROMPT)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = ref.generate(
+            torch.tensor([ids]),
+            max_new_tokens=16,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )[0, len(ids) :].tolist()
+    cache = model.new_cache()
+    logits = model.forward(np.array(ids), cache=cache, last_only=True)
+    got: list[int] = []
+    for _ in range(16):
+        got.append(int(np.argmax(logits[-1])))
+        logits = model.forward(np.array(got[-1:]), cache=cache)
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "bound"),
+    [
+        ("qwen2", ["--bits", "8"], 0.08),
+        ("llama_tied", ["--bits", "4", "--group-size", "32"], 0.4),
+        ("qwen2_moe", ["--bits", "8"], 0.08),
+    ],
+)
+def test_quantized_checkpoint_loads_as_quantized_layers(tmp_path, name, args, bound):
+    mt, extra = VARIANTS[name]
+    src = build(mt, extra, tmp_path / "float")
+    dst = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(dst), "--no-progress", *args]) == 0
+    fp, q = load_causal_lm(src), load_causal_lm(dst)
+    names = q.linear_names()
+    assert all(isinstance(q.linear(n), QuantizedLinear) for n in names)
+    assert isinstance(fp.linear(names[0]), FloatLinear)
+    ids = np.random.default_rng(7).integers(0, 128, size=(2, 10))
+    err = max_rel_diff(q(ids), fp(ids))
+    assert 0 < err <= bound  # close to float (a loose bound), and not the float model
+    # the fused q/k/v layer computes what the three layers compute
+    cache_out = q.forward(ids[:, :6], cache=(c := q.new_cache(batch=2)))
+    cache_out = np.concatenate([cache_out, q.forward(ids[:, 6:], cache=c)], axis=1)
+    assert max_rel_diff(cache_out, q(ids)) <= 1e-5
+    w = q.linear_weight(names[0])
+    assert w.dtype == np.float32 and w.shape == q.linear(names[0]).shape
