@@ -110,3 +110,22 @@ def test_merge_squares_sums_scaled_squares(rng):
 def test_task_bytes_must_be_positive():
     with pytest.raises(InvalidParamsError, match="task_bytes"):
         InlineExecutor(task_bytes=0)
+
+
+def test_hessian_partials_merge_to_the_whole(rng):
+    from qlinear.errors import ShapeMismatchError
+    from qlinear.gptq import HessianAccumulator
+
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    whole, a, b = HessianAccumulator(12), HessianAccumulator(12), HessianAccumulator(12)
+    whole.add(x)
+    a.add(x[:110])
+    b.add(x[110:])
+    a.merge(b)
+    assert a.rows == 300
+    np.testing.assert_allclose(a.value(), whole.value(), rtol=1e-6, atol=1e-6)  # float32 products
+    np.testing.assert_allclose(
+        a.value(), 2 / 300 * x.T.astype(np.float64) @ x, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ShapeMismatchError, match="12"):
+        a.merge(HessianAccumulator(5))

@@ -138,3 +138,25 @@ def test_an_input_error_in_a_task_is_raised_as_itself(cluster, tmp_path, rng):
             src, tmp_path / "dst", {"qtype": "int8"}, progress=False, executor=RayExecutor()
         )
     assert not (tmp_path / "dst" / "model-00001.safetensors").exists()
+
+
+@pytest.mark.parametrize(("model_type", "n_linears"), [("llama", 14), ("mixtral", 32)])
+def test_cli_ray_gptq_matches_the_serial_perplexity(cluster, tmp_path, model_type, n_linears):
+    pytest.importorskip("tokenizers")
+    from _tiny_lm import build_tiny
+    from qlinear.models import load_causal_lm
+    from qlinear.models.perplexity import text_perplexity
+
+    src = build_tiny(tmp_path / "tiny", model_type)
+    flags = ["--gptq", "--bits", "4", "--group-size", "16", "--no-progress"]
+    flags += ["--calib-samples", "8", "--calib-seqlen", "64"]
+    assert main(["quantize", str(src), "-o", str(tmp_path / "serial"), *flags]) == 0
+    assert main(["quantize", str(src), "-o", str(tmp_path / "ray"), *flags, "--ray"]) == 0
+    ppl = {
+        d: text_perplexity(load_causal_lm(tmp_path / d), ctx=64, max_tokens=1024).perplexity
+        for d in ("tiny", "serial", "ray")
+    }
+    assert abs(ppl["ray"] / ppl["serial"] - 1) < 0.005, ppl
+    assert ppl["serial"] != ppl["tiny"]  # GPTQ changed the model: the comparison means something
+    q = qlinear.load(tmp_path / "ray")
+    assert sum(isinstance(v, qlinear.QuantizedLinear) for v in q.values()) == n_linears

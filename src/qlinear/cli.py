@@ -333,14 +333,24 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
         act_order=args.act_order,
         damp=args.damp,
     )
-    report = gptq_quantize_checkpoint(
-        args.src,
-        args.output,
-        cfg,
-        calib_text=_read_text(args.calib),
-        options=opts,
-        progress=not args.no_progress,
-    )
+    executor = None
+    if args.ray is not None:
+        from .distributed.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray or None)
+    try:
+        report = gptq_quantize_checkpoint(
+            args.src,
+            args.output,
+            cfg,
+            calib_text=_read_text(args.calib),
+            options=opts,
+            progress=not args.no_progress,
+            executor=executor,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     gs = f"({cfg['group_size']})" if cfg["group_size"] else ""
     print(
         f"gptq: {report.model_type}, {report.num_layers} layers, {len(report.gptq)} linears "

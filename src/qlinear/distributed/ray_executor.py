@@ -80,6 +80,8 @@ class RayExecutor(TensorExecutor):
             split into row blocks (see :class:`TensorExecutor`).
         max_retries: how many times Ray reruns a task whose worker died.
         init_kwargs: more keyword arguments for ``ray.init`` (``num_cpus``, ...).
+        gptq_workers: worker actors sharing the calibration samples in GPTQ runs
+            (default: the cluster's CPU count, at most one per sample).
 
     ``close()`` (or leaving the ``with`` block) shuts Ray down if this object started it.
     """
@@ -91,6 +93,7 @@ class RayExecutor(TensorExecutor):
         task_bytes: int = TASK_BYTES,
         max_retries: int = 3,
         init_kwargs: dict[str, Any] | None = None,
+        gptq_workers: int | None = None,
         _stall: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(task_bytes=task_bytes)
@@ -104,6 +107,9 @@ class RayExecutor(TensorExecutor):
             self._owner = True
         self._remote = ray.remote(num_cpus=1, max_retries=max_retries)(_ray_task)
         self._stall = _stall
+        self.max_retries = max_retries
+        self.gptq_workers = gptq_workers
+        self._gptq: Any = None
 
     def _launch(self, args: tuple) -> Any:
         return self._remote.remote(*args, self._stall)
@@ -123,6 +129,28 @@ class RayExecutor(TensorExecutor):
                 self._ray.cancel(h, force=True)
             except Exception:  # already finished or gone: nothing to cancel
                 pass
+
+    # -- layer-sequential GPTQ (gptq_quantize_checkpoint(executor=...)); see ray_gptq
+    def gptq_start(
+        self, src_dir: Path, raw_cfg: dict, ids: Any, cfg: Any, opts: Any, batch: int
+    ) -> None:
+        """Start the worker actors, each with its share of the calibration ids."""
+        from .ray_gptq import GPTQSession
+
+        self._gptq = GPTQSession(
+            self._ray, src_dir, raw_cfg, ids, cfg, opts, batch, self.gptq_workers, self.max_retries
+        )
+
+    def gptq_layer(self, i: int, fallback: list, gptq_names: list) -> dict[str, Any]:
+        """Quantized linears of layer ``i``; the workers move on to layer ``i + 1``."""
+        return self._gptq.layer(i, fallback, gptq_names)
+
+    def gptq_finish(self) -> None:
+        """Stop the worker actors (their hidden states go with them)."""
+        if getattr(self, "_gptq", None) is not None:
+            self._records = list(self._gptq.records)
+            self._gptq.close()
+            self._gptq = None
 
     def close(self) -> None:
         """Shut down Ray if this executor started it."""

@@ -225,7 +225,9 @@ def _quantize_group(
             continue
         if root not in hessians:
             hessians[root] = PreparedHessian(
-                acc.value(), damp=opts.damp, act_order=opts.act_order  # type: ignore[union-attr]
+                acc.value(),
+                damp=opts.damp,
+                act_order=opts.act_order,  # type: ignore[union-attr]
             )
         out[name] = gptq_quantize(
             w,
@@ -243,6 +245,61 @@ def _quantize_group(
         )
         gptq_names.append(name)
     return out
+
+
+def group_hessians(
+    layer: Any,
+    h: np.ndarray,
+    done: Mapping[str, Any],
+    group: list[str],
+    *,
+    batch_size: int,
+    down: tuple[list[np.ndarray], np.ndarray] | None = None,
+) -> tuple[dict[str, HessianAccumulator], dict[str, str]]:
+    """The Hessians of ``group``'s linears on hidden states ``h (samples, seqlen, hidden)``
+    run through ``layer`` with the linears in ``done`` replaced by their quantized ones:
+    ``(root name -> HessianAccumulator, name -> root)`` (linears fed the same input, q/k/v,
+    share the root's). ``down=(inputs, h_next)`` (dense layers' last group): the whole
+    batch runs with down's output left out, down's inputs are appended to ``inputs`` and
+    the residual stream is written to ``h_next``. Distributed GPTQ runs this on every
+    worker's share of the samples and sums the accumulators (:meth:`~HessianAccumulator.merge`)."""
+    members = set(group)
+    lins = layer.linears
+    accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}
+    for a, b in _batches(h.shape[0], batch_size):
+        seen: set[str] = set()
+        last: list[Any] = [None, None]  # (name, x) of the previous call in this group
+
+        def hook(name: str, x: np.ndarray, seen=seen, last=last):
+            if name in done:
+                return done[name]
+            if name not in members:
+                return None
+            if last[1] is x:  # q, k, v: one input, one Hessian
+                alias[name] = alias.get(last[0], last[0])
+            else:
+                acc = accs.get(name)
+                if acc is None:
+                    acc = accs[name] = HessianAccumulator(x.shape[1])
+                if x.shape[0]:
+                    acc.add(x)
+            last[0], last[1] = name, x
+            seen.add(name)
+            if down is not None:
+                down[0].append(x)
+                return _Zeros(x.shape[1], _dims(lins[name])[0])
+            if seen == members:
+                raise _Stop
+            return None
+
+        try:
+            y = layer.forward(h[a:b], capture=hook)
+        except _Stop:
+            continue
+        if down is not None:
+            down[1][a:b] = y
+    return accs, alias
 
 
 def calibrate_layer(
@@ -268,44 +325,17 @@ def calibrate_layer(
     h_next = None
     down_inputs: list[np.ndarray] = []
     for gi, group in enumerate(groups):
-        members = set(group)
         merge = dense and gi == len(groups) - 1 and len(group) == 1
-        accs: dict[str, HessianAccumulator] = {}
-        alias: dict[str, str] = {}
         if merge:
             h_next = np.empty_like(h)
-        for a, b in _batches(n, batch_size):
-            seen: set[str] = set()
-            last: list[Any] = [None, None]  # (name, x) of the previous call in this group
-
-            def hook(name: str, x: np.ndarray, seen=seen, last=last, accs=accs, alias=alias):
-                if name in done:
-                    return done[name]
-                if name not in members:
-                    return None
-                if last[1] is x:  # q, k, v: one input, one Hessian
-                    alias[name] = alias.get(last[0], last[0])
-                else:
-                    acc = accs.get(name)
-                    if acc is None:
-                        acc = accs[name] = HessianAccumulator(x.shape[1])
-                    if x.shape[0]:
-                        acc.add(x)
-                last[0], last[1] = name, x
-                seen.add(name)
-                if merge:
-                    down_inputs.append(x)
-                    return _Zeros(x.shape[1], _dims(lins[name])[0])
-                if seen == members:
-                    raise _Stop
-                return None
-
-            try:
-                y = layer.forward(h[a:b], capture=hook)
-            except _Stop:
-                continue
-            if merge:
-                h_next[a:b] = y  # type: ignore[index]
+        accs, alias = group_hessians(
+            layer,
+            h,
+            done,
+            group,
+            batch_size=batch_size,
+            down=(down_inputs, h_next) if merge else None,
+        )
         done.update(_quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names))
     if h_next is not None:
         (down,) = groups[-1]
@@ -357,6 +387,7 @@ def gptq_quantize_checkpoint(
     options: GPTQOptions | None = None,
     progress: bool = True,
     on_layer: Callable[[int, float], None] | None = None,
+    executor: Any = None,
 ) -> GPTQCheckpointReport:
     """Quantize every decoder linear of the checkpoint ``src`` by layer-sequential GPTQ
     and write the result to the directory ``dst`` (see the module docstring).
@@ -374,6 +405,10 @@ def gptq_quantize_checkpoint(
         options: :class:`GPTQOptions` (calibration size, act order, ...).
         progress: a tqdm bar over layers (with the remaining time) when tqdm is installed.
         on_layer: called as ``on_layer(index, seconds)`` after each layer.
+        executor: None (calibrate here), or an executor with ``gptq_start`` /
+            ``gptq_layer`` / ``gptq_finish`` (``qlinear.distributed.ray_executor.
+            RayExecutor``: samples split over workers, Hessians summed, solves in
+            parallel; same quality, not the same bytes: sums in another order).
 
     Raises:
         FormatError: an unsupported model_type (the supported ones listed), a missing or
@@ -406,7 +441,7 @@ def gptq_quantize_checkpoint(
         raise FormatError(
             f"the tokenizer produced id {int(ids.max())}; the embedding has {embed.shape[0]} rows"
         )
-    h = np.asarray(embed[ids], dtype=np.float32)  # (samples, seqlen, hidden)
+    h = np.asarray(embed[ids], dtype=np.float32) if executor is None else None  # (S, T, hidden)
     del embed
     source.release()
     batch = opts.batch_size or _batch_size(dcfg, opts.seqlen)
@@ -425,20 +460,26 @@ def gptq_quantize_checkpoint(
 
         for i in range(dcfg.num_hidden_layers):
             t1 = time.perf_counter()
-            layer = DecoderLayer.from_tensors(dcfg, i, source.get)
-            dense = not dcfg.moe_layers[i]
-            qlayers, h = calibrate_layer(
-                layer,
-                h,
-                cfg,
-                opts,
-                batch_size=batch,
-                dense=dense,
-                fallback=fallback,
-                gptq_names=gptq_names,
-            )
+            if executor is not None:
+                if i == 0:
+                    executor.gptq_start(src_dir, raw_cfg, ids, cfg, opts, batch)
+                qlayers = executor.gptq_layer(i, fallback, gptq_names)
+            else:
+                layer = DecoderLayer.from_tensors(dcfg, i, source.get)
+                dense = not dcfg.moe_layers[i]
+                qlayers, h = calibrate_layer(
+                    layer,
+                    h,
+                    cfg,
+                    opts,
+                    batch_size=batch,
+                    dense=dense,
+                    fallback=fallback,
+                    gptq_names=gptq_names,
+                )
+                del layer
             save(spill / f"layer{i:05d}.safetensors", qlayers)
-            del layer, qlayers
+            del qlayers
             source.release()
             layer_seconds.append(time.perf_counter() - t1)
             if bar is not None:
@@ -461,6 +502,8 @@ def gptq_quantize_checkpoint(
     finally:
         if bar is not None:
             bar.close()
+        if executor is not None:
+            executor.gptq_finish()
         for f in source.files:
             f.close()
     return GPTQCheckpointReport(
