@@ -80,6 +80,8 @@ class RayExecutor(TensorExecutor):
             split into row blocks (see :class:`TensorExecutor`).
         max_retries: how many times Ray reruns a task whose worker died.
         init_kwargs: more keyword arguments for ``ray.init`` (``num_cpus``, ...).
+        cpus_per_task: Ray CPUs each quantize task reserves (2 on a 2-CPU node: one
+            task at a time).
         gptq_workers: worker actors sharing the calibration samples in GPTQ runs
             (default: the cluster's CPU count, at most one per sample).
 
@@ -94,6 +96,7 @@ class RayExecutor(TensorExecutor):
         max_retries: int = 3,
         init_kwargs: dict[str, Any] | None = None,
         gptq_workers: int | None = None,
+        cpus_per_task: float = 1,
         _stall: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(task_bytes=task_bytes)
@@ -105,7 +108,9 @@ class RayExecutor(TensorExecutor):
         if not ray.is_initialized():
             ray.init(address=address, **(init_kwargs or {}))
             self._owner = True
-        self._remote = ray.remote(num_cpus=1, max_retries=max_retries)(_ray_task)
+        if not isinstance(cpus_per_task, (int, float)) or not cpus_per_task > 0:
+            raise InvalidParamsError(f"cpus_per_task must be > 0; got {cpus_per_task!r}")
+        self._remote = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_ray_task)
         self._stall = _stall
         self.max_retries = max_retries
         self.gptq_workers = gptq_workers
