@@ -129,3 +129,16 @@ def test_hessian_partials_merge_to_the_whole(rng):
     )
     with pytest.raises(ShapeMismatchError, match="12"):
         a.merge(HessianAccumulator(5))
+
+
+def test_cli_ray_without_ray_installed_is_a_clear_error(tmp_path, rng, monkeypatch, capsys):
+    import sys
+
+    from qlinear.cli import main
+
+    src = make_checkpoint(tmp_path / "src", rng, n_layers=1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert main(["quantize", str(src), "-o", str(tmp_path / "dst"), "--ray"]) == 1
+    err = capsys.readouterr().err
+    assert "ray is not installed" in err and "qlinear[ray]" in err
+    assert not (tmp_path / "dst").exists()
