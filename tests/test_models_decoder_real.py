@@ -100,3 +100,23 @@ def test_quantized_checkpoint_loads_as_quantized_layers(tmp_path, name, args, bo
     assert max_rel_diff(cache_out, q(ids)) <= 1e-5
     w = q.linear_weight(names[0])
     assert w.dtype == np.float32 and w.shape == q.linear(names[0]).shape
+
+
+def test_smollm2_gguf_file_runs_quantized_and_matches_transformers(smollm2):
+    """The packaged Q4_1 GGUF itself, read by load_causal_lm: its Q4_1 layers run as
+    OffsetLinear (not dequantized), its tokenizer comes from the GGUF metadata, and the
+    logits equal transformers' on the checkpoint transformers dequantized from the same
+    file."""
+    pytest.importorskip("gguf")
+    from conftest import smollm2_gguf_path
+
+    from qlinear.offset_linear import OffsetLinear
+
+    _, ref, tok = smollm2
+    model = load_causal_lm(smollm2_gguf_path())
+    assert isinstance(model.linear("model.layers.0.mlp.down_proj"), (OffsetLinear, QuantizedLinear))
+    ids = model.tokenizer.encode(PROMPT)
+    assert ids == tok(PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    assert max_rel_diff(model(np.array(ids)), expected) <= 1e-4

@@ -70,6 +70,10 @@ class GPTQOptions:
     block_size: int = 128
     min_tokens: int = 32
     batch_size: int | None = None
+    whole_groups: bool = True
+    """Per-group layers get the largest power-of-two group size (>= 8, at most the asked
+    one) that divides in_features (per-channel if none): compressed-tensors and vLLM hold
+    no partial last group. Set from the output format by gptq_quantize_checkpoint."""
 
     def __post_init__(self) -> None:
         for field in ("samples", "seqlen", "block_size", "min_tokens"):
@@ -194,6 +198,19 @@ def _dims(lin: Any) -> tuple[int, int]:
     return int(lin.out_features), int(lin.in_features)
 
 
+def _layer_config(cfg: QuantConfig, in_features: int, whole_groups: bool) -> QuantConfig:
+    """``cfg`` for one layer: with ``whole_groups``, a group size that divides
+    ``in_features`` (compressed-tensors' rule: ``fitting_group_size``)."""
+    if not whole_groups or cfg.group_size is None or in_features % cfg.group_size == 0:
+        return cfg
+    from ..formats.compressed_tensors import fitting_group_size
+
+    gs = fitting_group_size(in_features, cfg.group_size)
+    if gs is None:
+        return dataclasses.replace(cfg, granularity="per_channel", group_size=None)
+    return dataclasses.replace(cfg, group_size=gs)
+
+
 def _batches(n: int, size: int):
     for a in range(0, n, size):
         yield a, min(n, a + size)
@@ -217,10 +234,11 @@ def _quantize_group(
         w = np.asarray(lin.weight)
         bias = getattr(lin, "bias", None)
         acc = accs.get(root)
+        lcfg = _layer_config(cfg, w.shape[1], opts.whole_groups)
         rows = 0 if acc is None else acc.rows
         # routed experts may see few tokens; every other linear sees all of them
         if rows == 0 or (".experts." in name and rows < opts.min_tokens):
-            out[name] = QuantizedLinear.from_fp(w, cfg.calibrate(w), bias=bias)
+            out[name] = QuantizedLinear.from_fp(w, lcfg.calibrate(w), bias=bias)
             fallback.append((name, int(rows)))
             continue
         if root not in hessians:
@@ -232,10 +250,10 @@ def _quantize_group(
         out[name] = gptq_quantize(
             w,
             None,
-            cfg.qtype,
-            cfg.granularity,
-            cfg.scheme,
-            group_size=cfg.group_size,
+            lcfg.qtype,
+            lcfg.granularity,
+            lcfg.scheme,
+            group_size=lcfg.group_size,
             damp=opts.damp,
             act_order=opts.act_order,
             block_size=opts.block_size,
@@ -368,6 +386,8 @@ def gptq_quantize_checkpoint(
     options: GPTQOptions | None = None,
     progress: bool = True,
     on_layer: Callable[[int, float], None] | None = None,
+    format: str = "compressed-tensors",
+    overwrite: bool = False,
 ) -> GPTQCheckpointReport:
     """Quantize every decoder linear of the checkpoint ``src`` by layer-sequential GPTQ
     and write the result to the directory ``dst`` (see the module docstring).
@@ -385,6 +405,11 @@ def gptq_quantize_checkpoint(
         options: :class:`GPTQOptions` (calibration size, act order, ...).
         progress: a tqdm bar over layers (with the remaining time) when tqdm is installed.
         on_layer: called as ``on_layer(index, seconds)`` after each layer.
+        format: ``"compressed-tensors"`` (default: what transformers and vLLM load; scales
+            in the model's dtype, a group size that divides every layer's in_features) or
+            ``"qlinear"`` (float64 scales, partial groups kept).
+        overwrite: replace an existing ``dst`` that is not a previous qlinear output
+            (as :func:`qlinear.quantize_checkpoint`).
 
     Raises:
         FormatError: an unsupported model_type (the supported ones listed), a missing or
@@ -398,8 +423,14 @@ def gptq_quantize_checkpoint(
     src_dir, dst_dir = Path(src), Path(dst)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"no such checkpoint directory: {src_dir}")
-    if dst_dir.exists() and (not dst_dir.is_dir() or any(dst_dir.iterdir())):
-        raise InvalidParamsError(f"destination {dst_dir} exists and is not an empty directory")
+    if format not in ("compressed-tensors", "qlinear"):
+        raise InvalidParamsError(
+            f"GPTQ writes format 'compressed-tensors' or 'qlinear'; got {format!r}"
+        )
+    opts = dataclasses.replace(opts, whole_groups=format == "compressed-tensors")
+    from ..checkpoint import _check_replaceable
+
+    _check_replaceable(dst_dir, src_dir, overwrite)
     raw_cfg = _read_config(src_dir)
     source = _Source(src_dir)
     if raw_cfg.get("model_type") == "bert":
@@ -420,9 +451,10 @@ def gptq_quantize_checkpoint(
     source.release()
     batch = opts.batch_size or _batch_size(arch.config, opts.seqlen)
 
-    tmp = dst_dir.parent / f".{dst_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    from .._atomic import atomic_dir
+
+    staging = atomic_dir(dst_dir)
+    tmp = staging.__enter__()  # built whole, then swapped in (qlinear._atomic)
     spill = tmp / ".gptq-layers"
     spill.mkdir(parents=True)
     fallback: list[tuple[str, int]] = []
@@ -444,9 +476,10 @@ def gptq_quantize_checkpoint(
                 fallback=fallback,
                 gptq_names=gptq_names,
             )
-            save(
+            save(  # internal spill: qlinear's own format keeps float64 scales as they are
                 spill / f"layer{i:05d}.safetensors",
                 {arch.prefix + k: v for k, v in qlayers.items()},
+                format="qlinear",
             )
             del qlayers
             source.release()
@@ -459,15 +492,14 @@ def gptq_quantize_checkpoint(
         layers: dict[str, Any] = {}
         for p in sorted(spill.iterdir()):
             layers.update(load(p))
-        _write_quantized_checkpoint(tmp, src_dir, source, layers)
+        _write_quantized_checkpoint(tmp, src_dir, source, layers, format)
         del layers
         shutil.rmtree(spill)
-        if dst_dir.exists():
-            dst_dir.rmdir()
-        os.replace(tmp, dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        staging.__exit__(type(exc), exc, exc.__traceback__)
         raise
+    else:
+        staging.__exit__(None, None, None)
     finally:
         if bar is not None:
             bar.close()
@@ -556,15 +588,23 @@ def _bert_arch(raw: dict, src_dir: Path, source: _Source) -> _Arch:
 
 
 def _write_quantized_checkpoint(
-    out_dir: Path, src_dir: Path, source: _Source, layers: Mapping[str, QuantizedLinear]
+    out_dir: Path,
+    src_dir: Path,
+    source: _Source,
+    layers: Mapping[str, QuantizedLinear],
+    format: str = "compressed-tensors",
 ) -> None:
     """THE writer of GPTQ output (one function, so the on-disk format is chosen in one
     place): ``out_dir/model.safetensors`` holds every quantized layer of ``layers`` and
     every other tensor of ``source`` as it is (a layer's float ``.weight`` / ``.bias``
-    replaced by its quantized tensors), written with :func:`qlinear.save`; config and
-    tokenizer files are copied from ``src_dir``. ``out_dir`` is the temporary directory
-    the caller renames into place."""
-    from ..checkpoint import _copy_side_files
+    replaced by its quantized tensors); config and tokenizer files are copied from
+    ``src_dir``. compressed-tensors: each layer's scales are rounded to the model's dtype
+    (the codes GPTQ chose are kept, so the file and qlinear's ``dequantize()`` agree
+    exactly) and config.json gets the ``quantization_config``. ``out_dir`` is the staging
+    directory the caller swaps into place."""
+    from ..checkpoint import _copy_side_files, _rounded, _write_model_config
+    from ..formats import compressed_tensors as ct
+    from ..formats._spec import LayerSpec
     from ..io import save
 
     items: dict[str, Any] = {}
@@ -574,6 +614,33 @@ def _write_quantized_checkpoint(
                 break
         else:
             items[name] = source.get(name)
+    scale_dtype = None
+    if format == "compressed-tensors":
+        dtypes = {
+            source.where[n + ".weight"].info(n + ".weight").dtype
+            for n in layers
+            if n + ".weight" in source.where
+        }
+        scale_dtype = (
+            next(iter(dtypes)) if len(dtypes) == 1 and dtypes <= {"F32", "BF16", "F16"} else "F32"
+        )
+        layers = {
+            n: QuantizedLinear.from_codes(
+                lay.qweight, _rounded(lay.params, scale_dtype), bias=lay.bias
+            )
+            for n, lay in layers.items()
+        }
     items.update(layers)
-    save(out_dir / "model.safetensors", items)
-    _copy_side_files(src_dir, out_dir)
+    save(out_dir / "model.safetensors", items, format=format, scale_dtype=scale_dtype)
+    _copy_side_files(src_dir, out_dir, out_dir)
+    config_json = src_dir / "config.json"
+    if config_json.is_file():
+        ct_config = None
+        if format == "compressed-tensors":
+            ignore = [
+                n[: -len(".weight")]
+                for n, a in items.items()
+                if isinstance(a, np.ndarray) and n.endswith(".weight") and a.ndim == 2
+            ]
+            ct_config = ct.config_dict({n: LayerSpec.of(v) for n, v in layers.items()}, ignore)
+        _write_model_config(config_json, out_dir / "config.json", ct_config)
