@@ -50,3 +50,50 @@ def test_config_json_that_json_cannot_read(tmp_path, text):
     p.write_bytes(text)
     with pytest.raises(FormatError, match="cannot read"):
         _read_json(p)
+
+
+def test_gguf_whose_metadata_string_is_not_utf8():
+    # fuzz_gguf: a metadata string of invalid UTF-8; gguf-py decodes it lazily and raised
+    # UnicodeDecodeError from qlinear.io.inspect.
+    pytest.importorskip("gguf")
+    from qlinear.io import inspect
+
+    with pytest.raises(FormatError, match="GGUF"):
+        inspect(FINDINGS / "gguf-metadata-string-not-utf8.gguf")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # 2^60 metadata entries: gguf-py allocated from the count (fuzz_gguf: out of memory)
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+        + (1 << 60).to_bytes(8, "little"),
+        # one key whose string length claims 2^50 bytes
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+        + (1).to_bytes(8, "little")
+        + (1 << 50).to_bytes(8, "little")
+        + b"k" * 16,
+        # an array of 2^40 uint32 values
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+        + (1).to_bytes(8, "little")
+        + (1).to_bytes(8, "little")
+        + b"k"
+        + (9).to_bytes(4, "little")
+        + (4).to_bytes(4, "little")
+        + (1 << 40).to_bytes(8, "little"),
+    ],
+)
+def test_gguf_header_sizes_checked_before_any_allocation(tmp_path, header):
+    pytest.importorskip("gguf")
+    import qlinear
+
+    p = tmp_path / "hostile.gguf"
+    p.write_bytes(header + b"\0" * 64)
+    with pytest.raises(FormatError, match="GGUF"):
+        qlinear.load(p)

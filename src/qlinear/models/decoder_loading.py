@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from ..io import load as load_tensors
+from ..io import load_with_info
 from .causal_lm import CausalLM
 from .decoder_config import DecoderConfig
+from .decoder_ops import Int8ActivationLinear
 
 __all__ = ["load_causal_lm", "read_config"]
 
@@ -82,7 +83,10 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
     if not d.is_dir():
         raise FileNotFoundError(f"no such model directory: {d}")
     cfg = read_config(d)
-    items = load_tensors(d, backend=backend)
+    items, info = load_with_info(d, backend=backend)
+    for n, mode in info.activations.items():
+        if mode == "int8":  # W8A8 checkpoints run as they were quantized to run
+            items[n] = Int8ActivationLinear(items[n])
 
     def get(name: str) -> Any:
         item = items.get(name)

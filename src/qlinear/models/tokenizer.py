@@ -54,7 +54,7 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except BaseException as e:
         _reraise_unless_rust_error(e)
-        raise FormatError(f"the tokenizer cannot process the text: {e}") from None
+        raise FormatError(f"the tokenizer cannot encode or decode the text: {e}") from None
 
 
 class HFTokenizer:
