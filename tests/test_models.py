@@ -15,9 +15,9 @@ import pytest
 
 from conftest import assert_close
 from qlinear import QuantizedLinear, calibrate_linear
+from qlinear._activations import _erf
 from qlinear.errors import FormatError, InvalidInputError, InvalidParamsError, ShapeMismatchError
 from qlinear.models import BertConfig, FloatLinear, gelu, load_bert, sentences
-from qlinear._activations import _erf
 
 # -- pieces that need nothing ---------------------------------------------------------
 
