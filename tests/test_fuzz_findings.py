@@ -97,3 +97,15 @@ def test_gguf_header_sizes_checked_before_any_allocation(tmp_path, header):
     p.write_bytes(header + b"\0" * 64)
     with pytest.raises(FormatError, match="GGUF"):
         qlinear.load(p)
+
+
+def test_decoder_config_with_a_huge_layer_count():
+    # fuzz_config_json: num_hidden_layers of 10^20 reached a per-layer tuple
+    # ("full_attention",) * n and raised OverflowError (a smaller huge count would have
+    # taken all memory instead).
+    from qlinear.models import DecoderConfig
+    from qlinear.models.loading import _read_json
+
+    d = _read_json(FINDINGS / "config-huge-num-hidden-layers.json")
+    with pytest.raises(FormatError, match="at most"):
+        DecoderConfig.from_dict(d)
