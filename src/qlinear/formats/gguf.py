@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .._fp16 import to_float16_scales
 from ..errors import FormatError, InvalidParamsError, QuantizationError
 from ..linear import QuantizedLinear
 from ..offset_linear import OffsetLinear
@@ -239,7 +240,12 @@ def quantize_weight(
             f"{kind.upper()} needs in_features divisible by {BLOCK}; got {in_f}"
         )
     b = w.reshape(out_f, in_f // BLOCK, BLOCK)
-    f16 = lambda a: a.astype(np.float32).astype(np.float16).astype(np.float64)  # noqa: E731
+    def f16(a: np.ndarray) -> np.ndarray:
+        # float16 block scales / minimums, checked: a weight too large (or too small) for
+        # float16 is a clear error, never an Inf scale on disk (qlinear._fp16)
+        h = to_float16_scales(np.abs(a.astype(np.float32)), f"{kind.upper()} block scales")
+        return np.copysign(h.astype(np.float64), a)
+
     if kind == "q8_0":
         d = f16(np.abs(b).max(-1) / 127)
         ds = np.where(d == 0, TINY, d)
