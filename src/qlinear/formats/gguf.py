@@ -240,6 +240,7 @@ def quantize_weight(
             f"{kind.upper()} needs in_features divisible by {BLOCK}; got {in_f}"
         )
     b = w.reshape(out_f, in_f // BLOCK, BLOCK)
+
     def f16(a: np.ndarray) -> np.ndarray:
         # float16 block scales / minimums, checked: a weight too large (or too small) for
         # float16 is a clear error, never an Inf scale on disk (qlinear._fp16)
