@@ -54,6 +54,20 @@ def seeds() -> dict[str, bytes]:
 
 
 def one(data: bytes) -> None:
+    # the config parser alone first (most mutations stop there, fast); a config that
+    # parses is then loaded with the checkpoint and every layer run
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, dict) and "quantization_config" in parsed:
+            qc = json.dumps(parsed["quantization_config"])
+            ctc.config_from_json_text(qc, "config.json: quantization_config")
     d = _checkpoint_dir()
     (d / "config.json").write_bytes(data)
     items = qlinear.load(d)
