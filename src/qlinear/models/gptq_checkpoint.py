@@ -120,18 +120,9 @@ class _Source:
     """The tensors of a checkpoint directory, memory-mapped, one name space."""
 
     def __init__(self, src_dir: Path) -> None:
-        from ..io import read_index
+        from ..formats._files import resolve_shards
 
-        index = src_dir / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(read_index(index)["weight_map"].values()))
-        elif (src_dir / "model.safetensors").is_file():
-            shards = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(
-                f"{src_dir} holds neither model.safetensors nor model.safetensors.index.json"
-            )
-        self.files = [SafetensorsFile(src_dir / s) for s in shards]
+        self.files = [SafetensorsFile(p) for p in resolve_shards(src_dir).paths]
         self.where = {n: f for f in self.files for n in f.tensors}
 
     def get(self, name: str) -> np.ndarray:
