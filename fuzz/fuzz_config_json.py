@@ -10,7 +10,7 @@ import json
 import _common
 
 with _common.instrumented():
-    from qlinear.models import config as mconfig
+    from qlinear import models as mconfig
     from qlinear.models import loading
 
 CONFIG_CLASSES = [

@@ -29,7 +29,7 @@ def files(tmp_path, rng):
         params = qlinear.calibrate_linear(w, **cfg)
         layer = QuantizedLinear.from_fp(w, params, bias=rng.standard_normal(w.shape[0]))
         p = tmp_path / f"l{i}.safetensors"
-        qlinear.save(p, {"fc": layer})
+        qlinear.save(p, {"fc": layer}, format="qlinear")
         paths.append(p)
     return paths
 

@@ -249,3 +249,14 @@ def test_cli_quantize_to_gguf_and_inspect(tmp_path, rng, capsys):
     line = next(x for x in text.splitlines() if x.startswith("blk.0.ffn_up.weight "))
     assert line.split()[1:3] == ["Q4_1", "32x64"]
     assert main(["quantize", str(path), "-o", str(out), "--gguf-type", "q4_0"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_weights_too_large_for_float16_scales_are_a_clear_error(kind):
+    # a block whose scale would round to Inf in float16 must never reach the file
+    from qlinear import InvalidParamsError
+    from qlinear.formats.gguf import quantize_weight
+
+    w = np.full((2, 32), 1e7)
+    with pytest.raises(InvalidParamsError, match="block scales"):
+        quantize_weight(w, kind)

@@ -50,3 +50,62 @@ def test_config_json_that_json_cannot_read(tmp_path, text):
     p.write_bytes(text)
     with pytest.raises(FormatError, match="cannot read"):
         _read_json(p)
+
+
+def test_gguf_whose_metadata_string_is_not_utf8():
+    # fuzz_gguf: a metadata string of invalid UTF-8; gguf-py decodes it lazily and raised
+    # UnicodeDecodeError from qlinear.io.inspect.
+    pytest.importorskip("gguf")
+    from qlinear.io import inspect
+
+    with pytest.raises(FormatError, match="GGUF"):
+        inspect(FINDINGS / "gguf-metadata-string-not-utf8.gguf")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # 2^60 metadata entries: gguf-py allocated from the count (fuzz_gguf: out of memory)
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+        + (1 << 60).to_bytes(8, "little"),
+        # one key whose string length claims 2^50 bytes
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+        + (1).to_bytes(8, "little")
+        + (1 << 50).to_bytes(8, "little")
+        + b"k" * 16,
+        # an array of 2^40 uint32 values
+        b"GGUF"
+        + (3).to_bytes(4, "little")
+        + (0).to_bytes(8, "little")
+        + (1).to_bytes(8, "little")
+        + (1).to_bytes(8, "little")
+        + b"k"
+        + (9).to_bytes(4, "little")
+        + (4).to_bytes(4, "little")
+        + (1 << 40).to_bytes(8, "little"),
+    ],
+)
+def test_gguf_header_sizes_checked_before_any_allocation(tmp_path, header):
+    pytest.importorskip("gguf")
+    import qlinear
+
+    p = tmp_path / "hostile.gguf"
+    p.write_bytes(header + b"\0" * 64)
+    with pytest.raises(FormatError, match="GGUF"):
+        qlinear.load(p)
+
+
+def test_decoder_config_with_a_huge_layer_count():
+    # fuzz_config_json: num_hidden_layers of 10^20 reached a per-layer tuple
+    # ("full_attention",) * n and raised OverflowError (a smaller huge count would have
+    # taken all memory instead).
+    from qlinear.models import DecoderConfig
+    from qlinear.models.loading import _read_json
+
+    d = _read_json(FINDINGS / "config-huge-num-hidden-layers.json")
+    with pytest.raises(FormatError, match="at most"):
+        DecoderConfig.from_dict(d)

@@ -44,7 +44,11 @@ CHILD = textwrap.dedent(
 def _saved(path, rng, qtype="int8", out=256, inp=1024):
     w = rng.standard_normal((out, inp))
     layer = QuantizedLinear.from_fp(w, qlinear.calibrate_linear(w, qtype=qtype))
-    qlinear.save(path, {"fc": layer, "emb": rng.standard_normal((64, 64)).astype(np.float32)})
+    qlinear.save(
+        path,
+        {"fc": layer, "emb": rng.standard_normal((64, 64)).astype(np.float32)},
+        format="qlinear",
+    )
     return layer
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from conftest import assert_close
 from qlinear import QuantizedLinear, calibrate_linear
+from qlinear._activations import _erf
 from qlinear.errors import FormatError, InvalidInputError, InvalidParamsError, ShapeMismatchError
 from qlinear.models import BertConfig, FloatLinear, gelu, load_bert, sentences
-from qlinear.models.ops import _erf
 
 # -- pieces that need nothing ---------------------------------------------------------
 
@@ -420,3 +420,15 @@ def test_minilm_matches_sentence_transformers(minilm, minilm_base, monkeypatch):
         sentences("all"), batch_size=32, convert_to_numpy=True
     )
     assert_close(minilm_base, ref, atol=1e-5, what="NumPy vs sentence-transformers")
+
+
+def test_one_gelu_for_encoders_and_experts():
+    # the BERT encoder and GELU experts share one definition; float64 is exact (math.erf)
+    from qlinear.moe import _pieces
+
+    assert _pieces.gelu is gelu
+    x = np.linspace(-6.0, 6.0, 1201)
+    want = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+    got = gelu(x)
+    assert got.dtype == np.float64
+    assert_close(got, want, rtol=1e-15, atol=1e-300, what="float64 gelu")

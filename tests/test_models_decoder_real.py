@@ -100,3 +100,44 @@ def test_quantized_checkpoint_loads_as_quantized_layers(tmp_path, name, args, bo
     assert max_rel_diff(cache_out, q(ids)) <= 1e-5
     w = q.linear_weight(names[0])
     assert w.dtype == np.float32 and w.shape == q.linear(names[0]).shape
+
+
+def test_smollm2_gguf_file_runs_quantized_and_matches_transformers(smollm2):
+    """The packaged Q4_1 GGUF itself, read by load_causal_lm: its Q4_1 layers run as
+    OffsetLinear (not dequantized), its tokenizer comes from the GGUF metadata, and the
+    logits equal transformers' on the checkpoint transformers dequantized from the same
+    file."""
+    pytest.importorskip("gguf")
+    from conftest import smollm2_gguf_path
+    from qlinear.offset_linear import OffsetLinear
+
+    _, ref, tok = smollm2
+    model = load_causal_lm(smollm2_gguf_path())
+    assert isinstance(model.linear("model.layers.0.mlp.down_proj"), (OffsetLinear, QuantizedLinear))
+    ids = model.tokenizer.encode(PROMPT)
+    assert ids == tok(PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    assert max_rel_diff(model(np.array(ids)), expected) <= 1e-4
+
+
+def test_w8a8_checkpoint_runs_with_int8_activations(tmp_path):
+    """A W8A8 checkpoint (compressed-tensors int-quantized, dynamic per-token input
+    activations) runs its linears in int8-activation mode when loaded; the same codes
+    run weight-only give other logits, and both stay near float."""
+    from qlinear.models.decoder_ops import Int8ActivationLinear
+
+    mt, extra = VARIANTS["llama"]
+    src = build(mt, extra, tmp_path / "float")
+    dst = tmp_path / "w8a8"
+    args = ["--bits", "8", "--activations", "int8", "--no-progress"]
+    assert main(["quantize", str(src), "-o", str(dst), *args]) == 0
+    fp, q = load_causal_lm(src), load_causal_lm(dst)
+    names = q.linear_names()
+    wrapped = [n for n in names if isinstance(q.linear(n), Int8ActivationLinear)]
+    assert wrapped and all(n != "lm_head" or n in wrapped for n in wrapped)
+    weight_only = q.with_linears({n: q.linear(n).layer for n in wrapped})
+    ids = np.random.default_rng(3).integers(0, 128, size=(2, 10))
+    y8, yw, yf = q(ids), weight_only(ids), fp(ids)
+    assert max_rel_diff(y8, yw) > 0  # the activation mode is really in use
+    assert max_rel_diff(y8, yf) <= 0.3  # a loose bound: tiny random models amplify errors

@@ -137,7 +137,7 @@ def test_errors(tiny, tmp_path):
         gptq_quantize_checkpoint(tiny["llama"], tmp_path / "b", cfg, options=GPTQOptions(2, 65))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(InvalidParamsError, match="not an empty directory"):
+    with pytest.raises(InvalidParamsError, match="not a qlinear output"):
         gptq_quantize_checkpoint(tiny["llama"], tmp_path / "full", cfg)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert (

@@ -174,7 +174,7 @@ def saved(tmp_path, rng):
     params = qlinear.calibrate_linear(w, qtype="int4", group_size=2, granularity="per_group")
     layer = QuantizedLinear.from_fp(w, params)
     p = tmp_path / "q.safetensors"
-    qlinear.save(p, {"fc": layer})
+    qlinear.save(p, {"fc": layer}, format="qlinear")
     return p
 
 
@@ -277,7 +277,7 @@ def test_random_mutations_raise_only_quantization_errors(tmp_path, rng, data):
         w, qlinear.calibrate_linear(w, scheme="asymmetric"), bias=np.ones(3)
     )
     p = tmp_path / "ok.safetensors"
-    qlinear.save(p, {"fc": layer, "emb": np.ones(4, np.float32)})
+    qlinear.save(p, {"fc": layer, "emb": np.ones(4, np.float32)}, format="qlinear")
     buf = bytearray(p.read_bytes())
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(buf) - 1))

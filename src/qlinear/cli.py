@@ -435,6 +435,8 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
     for flag, v in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if v < 1:
             parser.error(f"{flag} must be >= 1; got {v}")
+    if args.format == "gguf":
+        parser.error("--gptq writes compressed-tensors or qlinear; GPTQ to GGUF is not built yet")
     cfg = _config(args, parser)
     opts = GPTQOptions(
         samples=args.calib_samples,
@@ -456,6 +458,8 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
             options=opts,
             progress=not args.no_progress,
             executor=executor,
+            format=args.format,
+            overwrite=args.overwrite,
         )
     finally:
         if executor is not None:

@@ -140,23 +140,7 @@ static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int
 #include "micro_compose.h"
 #include "no_direct_float.h"
 
-// One group's epilogue for one row of x and one block (the scalar version):
-// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r], ad starting at +0.0 when `first`. The
-// int32 difference is exact (see int8_driver.h).
-static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
-                                  const double* sv, double* ad, bool first) {
-    if (first) {
-        for (int r = 0; r < NR; ++r) ad[r] = 0.0 + static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
-    } else {
-        for (int r = 0; r < NR; ++r) ad[r] += static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
-    }
-}
-
-template <class T>
-inline void quantize_row_isa(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
-                             int8_t* q, double* sx, int32_t* rs) {
-    quantize_row<T>(x, in, kpad, gs, ng, q, sx, rs);
-}
+#include "scalar_epilogue.h"
 
 }  // namespace avx2
 }  // namespace qlinear

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, InvalidParamsError
+from .._fp16 import to_float16_scales
+from ..errors import FormatError, InvalidParamsError, QuantizationError
 from ..linear import QuantizedLinear
 from ..offset_linear import OffsetLinear
 from ..packing import pack_int4, unpack_int4
@@ -239,7 +240,13 @@ def quantize_weight(
             f"{kind.upper()} needs in_features divisible by {BLOCK}; got {in_f}"
         )
     b = w.reshape(out_f, in_f // BLOCK, BLOCK)
-    f16 = lambda a: a.astype(np.float32).astype(np.float16).astype(np.float64)  # noqa: E731
+
+    def f16(a: np.ndarray) -> np.ndarray:
+        # float16 block scales / minimums, checked: a weight too large (or too small) for
+        # float16 is a clear error, never an Inf scale on disk (qlinear._fp16)
+        h = to_float16_scales(np.abs(a.astype(np.float32)), f"{kind.upper()} block scales")
+        return np.copysign(h.astype(np.float64), a)
+
     if kind == "q8_0":
         d = f16(np.abs(b).max(-1) / 127)
         ds = np.where(d == 0, TINY, d)
@@ -291,14 +298,108 @@ def _logical_shape(gguf: Any, t: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in shape)
 
 
+def _gguf_errors(fn):
+    """Turn what gguf-py raises on a malformed file (it decodes lazily: UnicodeDecodeError,
+    struct errors, IndexError, ...) into FormatError naming the file; qlinear's own
+    errors pass unchanged. Applied to every public reader of this module."""
+    import functools
+    import struct
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return fn(path, *args, **kwargs)
+        except QuantizationError:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error) as e:
+            raise FormatError(f"{path}: malformed GGUF file ({type(e).__name__}: {e})") from None
+
+    return wrapper
+
+
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _check_header(path: Path) -> None:
+    """Walk a GGUF header (counts, key/value entries, tensor infos) and check every count
+    and length against the file's real size before gguf-py reads it: gguf-py allocates
+    from those sizes (a fuzzed count of 2^60 would take all memory). FormatError naming
+    the field otherwise."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(min(size, 64 * 1024 * 1024))
+    pos = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(head):
+            raise FormatError(f"{path}: GGUF {what} runs past the end of the file")
+        b = head[pos : pos + n]
+        pos += n
+        return b
+
+    def u(n: int, what: str) -> int:
+        return int.from_bytes(take(n, what), "little")
+
+    def string(what: str) -> None:
+        take(u(8, what + " length"), what)
+
+    def value(vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _GGUF_SCALAR_SIZES:
+            take(_GGUF_SCALAR_SIZES[vtype], what)
+        elif vtype == _GGUF_STRING:
+            string(what)
+        elif vtype == _GGUF_ARRAY and depth < 4:
+            etype, count = u(4, what + " element type"), u(8, what + " length")
+            if etype in _GGUF_SCALAR_SIZES:
+                take(count * _GGUF_SCALAR_SIZES[etype], what)
+                return
+            if count > len(head) - pos:  # every element takes at least one byte
+                raise FormatError(f"{path}: GGUF {what} claims {count} elements")
+            for _ in range(count):
+                value(etype, what, depth + 1)
+        else:
+            raise FormatError(f"{path}: GGUF {what} has unknown value type {vtype}")
+
+    if take(4, "magic") != b"GGUF":
+        raise FormatError(f"{path}: not a GGUF file (bad magic)")
+    u(4, "version")
+    n_tensors, n_kv = u(8, "tensor count"), u(8, "metadata count")
+    if n_tensors > size // 24 or n_kv > size // 12:
+        raise FormatError(
+            f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; "
+            f"a file of {size} bytes cannot hold them"
+        )
+    for i in range(n_kv):
+        string(f"metadata key #{i}")
+        value(u(4, f"metadata #{i} type"), f"metadata #{i}")
+    for i in range(n_tensors):
+        string(f"tensor #{i} name")
+        n_dims = u(4, f"tensor #{i} dimension count")
+        if n_dims > 8:
+            raise FormatError(f"{path}: GGUF tensor #{i} has {n_dims} dimensions; at most 8")
+        dims = struct.unpack(f"<{n_dims}Q", take(8 * n_dims, f"tensor #{i} shape"))
+        n = 1
+        for d in dims:
+            n *= d
+            if n > 8 * size:  # a tensor's elements take at least 1/8 byte (ternary types)
+                raise FormatError(f"{path}: GGUF tensor #{i} shape {list(dims)} exceeds the file")
+        take(12, f"tensor #{i} type and offset")
+
+
 def _reader(path: Path) -> Any:
     gguf = _gguf()
+    _check_header(path)
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, KeyError, IndexError) as exc:
         raise FormatError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
+@_gguf_errors
 def read(path: str | Path, *, backend: str | None = None) -> tuple[dict[str, Any], LoadInfo]:
     """Every tensor of a GGUF file under its GGUF name: Q8_0/Q4_0/Q4_1 2-D tensors as
     layers, F32/F16 as arrays, any other type dequantized by gguf-py to float32 (named in
@@ -336,6 +437,7 @@ def read(path: str | Path, *, backend: str | None = None) -> tuple[dict[str, Any
     return out, LoadInfo("gguf", acts, layers, notes, version)
 
 
+@_gguf_errors
 def inspect(path: str | Path) -> Any:
     """A :class:`qlinear.io.FileInfo` of a GGUF file (tensor types, metadata keys)."""
     from ..io import FileInfo

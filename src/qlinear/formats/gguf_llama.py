@@ -15,7 +15,7 @@ from ..errors import FormatError
 from ..linear import QuantizedLinear
 from ..offset_linear import OffsetLinear
 from ..params import QuantizationParams
-from .gguf import BLOCK, FILE_TYPES, _atomic_gguf, _gguf, _reader, _selected, read
+from .gguf import BLOCK, FILE_TYPES, _atomic_gguf, _gguf, _gguf_errors, _reader, _selected, read
 
 __all__ = ["read_causal_lm", "write_from_hf"]
 
@@ -152,6 +152,7 @@ def _add_tokenizer(gguf: Any, w: Any, directory: Path, cfg: dict) -> None:
 
 
 # --------------------------------------------------------------------------- decoder runner
+@_gguf_errors
 def read_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None):
     """A GGUF llama-family model as ``(config, tensors, tokenizer_json)``: a Hugging Face
     style config dict, tensors under Hugging Face names (q/k rows un-permuted; layers for

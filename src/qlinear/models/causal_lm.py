@@ -244,6 +244,8 @@ class CausalLM:
         w = getattr(lin, "weight", None)
         if isinstance(w, np.ndarray) and w.shape == linear_dims(lin):
             return w.astype(np.float32, copy=False)
+        if callable(getattr(lin, "dequantize", None)):  # OffsetLinear, Int8ActivationLinear
+            return np.asarray(lin.dequantize(np.float32), dtype=np.float32)
         raise InvalidParamsError(f"layer {name!r} ({type(lin).__name__}) exposes no weight")
 
     def with_linears(self, mapping: Mapping[str, LinearLike]) -> CausalLM:

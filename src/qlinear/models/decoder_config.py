@@ -43,10 +43,23 @@ def _where(source: str, field: str) -> str:
     return f"{source}: {field}"
 
 
+# Sizes above these are no model this runner can hold; checking them here keeps a hostile
+# config.json from allocating per-layer tables of 10^18 entries (found by fuzz_config_json).
+_MAX_SIZE = 2**31 - 1
+_MAX_COUNTS = {
+    "num_hidden_layers": 100_000,
+    "num_experts": 1_000_000,
+    "num_local_experts": 1_000_000,
+}
+
+
 def _pos_int(d: Mapping[str, Any], field: str, source: str, default: Any = None) -> int:
     v = d.get(field, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise FormatError(f"{_where(source, field)} must be a positive integer; got {v!r}")
+    hi = _MAX_COUNTS.get(field, _MAX_SIZE)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
+        raise FormatError(
+            f"{_where(source, field)} must be a positive integer of at most {hi}; got {v!r:.60}"
+        )
     return v
 
 

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from ..io import load as load_tensors
+from ..io import load_with_info
 from .causal_lm import CausalLM
 from .decoder_config import DecoderConfig
+from .decoder_ops import Int8ActivationLinear
 
 __all__ = ["load_causal_lm", "read_config"]
 
@@ -56,7 +57,7 @@ def _tokenizer(d: Path, cfg: DecoderConfig) -> Any:
 
 
 def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) -> CausalLM:
-    """A :class:`CausalLM` from a Hugging Face checkpoint directory.
+    """A :class:`CausalLM` from a Hugging Face checkpoint directory or a GGUF file.
 
     The directory holds ``config.json`` (a supported ``model_type``: llama, mistral,
     qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe), ``model.safetensors`` or
@@ -65,6 +66,10 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
     are read with :func:`qlinear.load`: F32 weights stay read-only views of the
     memory-mapped file (F16 and BF16 are widened to float32 copies); layers quantized by
     ``qlinear quantize`` come back as ``QuantizedLinear`` (packed for ``backend``).
+    A ``.gguf`` file of a llama-family model (llama.cpp's layout) is read through
+    :mod:`qlinear.formats.gguf`: Q8_0 / Q4_0 / Q4_1 tensors stay quantized (Q4_1 as
+    :class:`qlinear.offset_linear.OffsetLinear`), other types are dequantized by gguf-py,
+    and the tokenizer is built from the GGUF tokenizer metadata.
 
     Raises:
         FormatError: no config.json, an unsupported model_type or rope scaling (named,
@@ -73,12 +78,15 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
         FileNotFoundError: the directory, or a shard it names, does not exist.
     """
     d = Path(path)
-    if d.suffix == ".gguf":
-        raise FormatError(f"{str(d)!r}: GGUF files are not read by load_causal_lm yet")
+    if d.is_file() and d.suffix.lower() == ".gguf":
+        return _load_gguf(d, backend)
     if not d.is_dir():
         raise FileNotFoundError(f"no such model directory: {d}")
     cfg = read_config(d)
-    items = load_tensors(d, backend=backend)
+    items, info = load_with_info(d, backend=backend)
+    for n, mode in info.activations.items():
+        if mode == "int8":  # W8A8 checkpoints run as they were quantized to run
+            items[n] = Int8ActivationLinear(items[n])
 
     def get(name: str) -> Any:
         item = items.get(name)
@@ -93,6 +101,42 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
     model = CausalLM.from_tensors(cfg, get, tokenizer=_tokenizer(d, cfg), source=str(d))
     _release_pages(items.values())
     return model
+
+
+def _load_gguf(path: Path, backend: str | None) -> CausalLM:
+    """A llama-family GGUF file through :func:`qlinear.formats.gguf.read_causal_lm`:
+    Q8_0 / Q4_0 / Q4_1 tensors run as quantized layers, other types dequantized."""
+    from ..formats.gguf import read_causal_lm
+
+    raw, tensors, tok_json = read_causal_lm(path, backend=backend)
+    cfg = DecoderConfig.from_dict(raw, source=f"{path} (GGUF metadata)")
+    emb = tensors.get("model.embed_tokens")
+    if emb is not None and not isinstance(emb, np.ndarray):
+        # a quantized token embedding is a lookup table here: held dequantized (float32);
+        # a tied lm_head then multiplies by the same float table
+        tensors = {**tensors, "model.embed_tokens.weight": emb.dequantize(np.float32)}
+        del tensors["model.embed_tokens"]
+
+    def get(name: str) -> Any:
+        item = tensors.get(name)
+        if item is None and name.endswith(".weight"):
+            item = tensors.get(name[: -len(".weight")])
+        if item is None:
+            raise KeyError(name)
+        return item
+
+    tokenizer = None
+    if tok_json is not None:
+        try:
+            from .tokenizer import Tokenizer
+
+            tokenizer = Tokenizer(
+                None, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                json_text=tok_json,
+            )  # fmt: skip
+        except ImportError:
+            tokenizer = None
+    return CausalLM.from_tensors(cfg, get, tokenizer=tokenizer, source=str(path))
 
 
 def _release_pages(arrays: Any) -> None:

@@ -44,6 +44,41 @@ def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
     return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
 
 
+class Int8ActivationLinear:
+    """A :class:`QuantizedLinear` run with dynamic per-token int8 activations, as a W8A8
+    checkpoint (compressed-tensors int-quantized with dynamic input activations) asks:
+    ``forward(x) = layer.forward(x, activations="int8")``."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        self.layer = layer
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    @property
+    def nbytes(self) -> int:
+        return self.layer.nbytes
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.layer.bias
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.layer.forward(x, activations="int8")
+
+    __call__ = forward
+
+    def dequantize(self, dtype: Any = np.float64) -> np.ndarray:
+        return self.layer.dequantize(dtype)
+
+
 def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> LinearLike:
     """``capture(name, x)``'s replacement for ``lin``, or ``lin`` when it returns None."""
     r = capture(name, x)

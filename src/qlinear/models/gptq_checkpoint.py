@@ -120,18 +120,9 @@ class _Source:
     """The tensors of a checkpoint directory, memory-mapped, one name space."""
 
     def __init__(self, src_dir: Path) -> None:
-        from ..io import read_index
+        from ..formats._files import resolve_shards
 
-        index = src_dir / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(read_index(index)["weight_map"].values()))
-        elif (src_dir / "model.safetensors").is_file():
-            shards = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(
-                f"{src_dir} holds neither model.safetensors nor model.safetensors.index.json"
-            )
-        self.files = [SafetensorsFile(src_dir / s) for s in shards]
+        self.files = [SafetensorsFile(p) for p in resolve_shards(src_dir).paths]
         self.where = {n: f for f in self.files for n in f.tensors}
 
     def get(self, name: str) -> np.ndarray:
@@ -343,53 +334,17 @@ def calibrate_layer(
     h_next = None
     down_inputs: list[np.ndarray] = []
     for gi, group in enumerate(groups):
-        members = set(group)
         merge = dense and gi == len(groups) - 1 and len(group) == 1
-        accs: dict[str, HessianAccumulator] = {}
-        alias: dict[str, str] = {}
         if merge:
             h_next = np.empty_like(h)
-        for a, b in _batches(n, batch_size):
-            seen: set[str] = set()
-            last: list[Any] = [None, None]  # (name, x) of the previous call in this group
-
-            def hook(
-                name: str,
-                x: np.ndarray,
-                seen=seen,
-                last=last,
-                accs=accs,
-                alias=alias,
-                members=members,
-                merge=merge,
-            ):
-                if name in done:
-                    return done[name]
-                if name not in members:
-                    return None
-                if last[1] is x:  # q, k, v: one input, one Hessian
-                    alias[name] = alias.get(last[0], last[0])
-                else:
-                    acc = accs.get(name)
-                    if acc is None:
-                        acc = accs[name] = HessianAccumulator(x.shape[1])
-                    if x.shape[0]:
-                        acc.add(x)
-                last[0], last[1] = name, x
-                seen.add(name)
-                if merge:
-                    down_inputs.append(x)
-                    return _Zeros(x.shape[1], _dims(lins[name])[0])
-                if seen == members:
-                    raise _Stop
-                return None
-
-            try:
-                y = layer.forward(h[a:b], capture=hook)
-            except _Stop:
-                continue
-            if merge:
-                h_next[a:b] = y  # type: ignore[index]
+        accs, alias = group_hessians(
+            layer,
+            h,
+            done,
+            group,
+            batch_size=batch_size,
+            down=(down_inputs, h_next) if merge else None,  # type: ignore[arg-type]
+        )
         done.update(_quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names))
     if h_next is not None:
         (down,) = groups[-1]

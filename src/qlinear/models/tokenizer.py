@@ -33,14 +33,18 @@ def _reraise_unless_rust_error(e: BaseException) -> None:
         raise e
 
 
-def _read_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """``tokenizers.Tokenizer.from_file(path)``; FormatError for a file it cannot read."""
+def _read_tokenizer(path: str | os.PathLike[str] | None, json_text: str | None = None) -> Any:
+    """``tokenizers.Tokenizer.from_file(path)`` (or ``from_str(json_text)``); FormatError
+    for a tokenizer it cannot read."""
     tokenizers = import_tokenizers()
     try:
+        if json_text is not None:
+            return tokenizers.Tokenizer.from_str(json_text)
         return tokenizers.Tokenizer.from_file(os.fspath(path))
     except BaseException as e:  # the Rust side raises a bare Exception on bad JSON
         _reraise_unless_rust_error(e)
-        raise FormatError(f"cannot read tokenizer {os.fspath(path)!r}: {e}") from None
+        where = "tokenizer JSON" if path is None else repr(os.fspath(path))
+        raise FormatError(f"cannot read tokenizer {where}: {e}") from None
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -50,7 +54,7 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except BaseException as e:
         _reraise_unless_rust_error(e)
-        raise FormatError(f"the tokenizer cannot process the text: {e}") from None
+        raise FormatError(f"the tokenizer cannot encode or decode the text: {e}") from None
 
 
 class HFTokenizer:
@@ -86,13 +90,14 @@ class Tokenizer:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         special_tokens: dict[str, Any] | None = None,
+        json_text: str | None = None,
     ) -> None:
-        tok = _read_tokenizer(path)
+        tok = _read_tokenizer(path, json_text)
         tok.no_padding()
         tok.no_truncation()
         self._tok = tok

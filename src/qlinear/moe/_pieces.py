@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._activations import gelu
 from .._checks import as_array, check_finite
 from .._checks import check_x as _check_x
 from ..errors import InvalidInputError, InvalidParamsError, ShapeMismatchError
@@ -81,16 +82,6 @@ def silu(x: np.ndarray) -> np.ndarray:
     e = np.exp(-np.abs(x))
     sig = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     return (x * sig).astype(x.dtype, copy=False)
-
-
-_erf = np.frompyfunc(math.erf, 1, 1)
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact GELU ``0.5 x (1 + erf(x / sqrt 2))`` (erf from :mod:`math`, elementwise:
-    exact but slower than ``gelu_tanh``)."""
-    e = _erf(x.astype(np.float64) / math.sqrt(2.0)).astype(np.float64)
-    return (0.5 * x * (1.0 + e)).astype(x.dtype, copy=False)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,22 @@
+// The scalar int8-mode epilogue and row quantizer shared by the portable and AVX2
+// kernels (included inside their ISA namespace, after micro_compose.h; the AVX-512 file
+// has vector versions of its own).
+#pragma once
+
+// One group's epilogue for one row of x and one block (the scalar version):
+// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r], ad starting at +0.0 when `first`. The
+// int32 difference is exact (see int8_driver.h).
+static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
+                                  const double* sv, double* ad, bool first) {
+    if (first) {
+        for (int r = 0; r < NR; ++r) ad[r] = 0.0 + static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+    } else {
+        for (int r = 0; r < NR; ++r) ad[r] += static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+    }
+}
+
+template <class T>
+inline void quantize_row_isa(const T* x, int64_t in, int64_t kpad, int64_t gs, int64_t ng,
+                             int8_t* q, double* sx, int32_t* rs) {
+    quantize_row<T>(x, in, kpad, gs, ng, q, sx, rs);
+}
