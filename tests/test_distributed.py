@@ -142,3 +142,16 @@ def test_cli_ray_without_ray_installed_is_a_clear_error(tmp_path, rng, monkeypat
     err = capsys.readouterr().err
     assert "ray is not installed" in err and "qlinear[ray]" in err
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("gptq", [[], ["--gptq"]])
+def test_cli_ray_refuses_gguf_output(tmp_path, rng, capsys, gptq):
+    from qlinear.cli import main
+
+    src = make_checkpoint(tmp_path / "src", rng, n_layers=1)
+    dst = tmp_path / "out.gguf"
+    argv = ["quantize", str(src), "-o", str(dst), "--format", "gguf", "--ray", *gptq]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--ray cannot write --format gguf" in err
+    assert not dst.exists()

@@ -160,3 +160,51 @@ def test_cli_ray_gptq_matches_the_serial_perplexity(cluster, tmp_path, model_typ
     assert ppl["serial"] != ppl["tiny"]  # GPTQ changed the model: the comparison means something
     q = qlinear.load(tmp_path / "ray")
     assert sum(isinstance(v, qlinear.QuantizedLinear) for v in q.values()) == n_linears
+
+
+def test_a_killed_gptq_worker_is_replaced_and_the_output_is_unchanged(cluster, tmp_path):
+    """SIGKILL of a worker actor (it holds hidden states) after layer 0: a new actor
+    replays layer 0 and layer 1 runs again; the files equal those of an undisturbed run."""
+    pytest.importorskip("tokenizers")
+    from _tiny_lm import build_tiny
+    from qlinear.models.gptq_checkpoint import GPTQOptions, gptq_quantize_checkpoint
+
+    src = build_tiny(tmp_path / "tiny", "llama", layers=3)
+    cfg = {"qtype": "int4", "granularity": "per_group", "group_size": 16}
+    opts = GPTQOptions(samples=8, seqlen=64)
+
+    def run(dst: str, on_layer=None):
+        ex = RayExecutor(gptq_workers=2)
+        rep = gptq_quantize_checkpoint(
+            src, tmp_path / dst, cfg, options=opts, progress=False, executor=ex, on_layer=on_layer
+        )
+        return ex, rep
+
+    run("calm")
+    killed: list[int] = []
+    ex_box: list[RayExecutor] = []
+
+    def kill_after_layer_0(i: int, seconds: float) -> None:
+        if i == 0:
+            pids = sorted({r["pid"] for r in ex_box[0].records() if r["task"] == "propagate 0"})
+            assert len(pids) == 2 and os.getpid() not in pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    ex = RayExecutor(gptq_workers=2)
+    ex_box.append(ex)
+    rep = gptq_quantize_checkpoint(
+        src,
+        tmp_path / "killed",
+        cfg,
+        options=opts,
+        progress=False,
+        executor=ex,
+        on_layer=kill_after_layer_0,
+    )
+    assert killed
+    assert tree_bytes(tmp_path / "killed") == tree_bytes(tmp_path / "calm")
+    recovered = [t for t in rep.tasks if t["task"].startswith("recover worker")]
+    assert len(recovered) == 1 and recovered[0]["pid"] not in killed
+    assert len([t for t in rep.tasks if t["task"] == "propagate 1"]) == 2  # layer 1 once, in full
+    assert json.loads(rep.to_json())["tasks"]

@@ -350,6 +350,11 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from .checkpoint import quantize_checkpoint
     from .io import atomic_write_text
 
+    if args.ray is not None and args.format == "gguf":
+        raise InvalidParamsError(
+            "--ray cannot write --format gguf (GGUF is written in one pass); "
+            "choose --format compressed-tensors or qlinear, or drop --ray"
+        )
     if args.gptq:
         return _cmd_quantize_gptq(args, parser)
     cfg = _config(args, parser)
@@ -359,11 +364,6 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--activations int8 is written as compressed-tensors (W8A8) only")
     if args.activations == "int8" and args.bits != 8:
         parser.error("--activations int8 (W8A8) needs --bits 8")
-    if args.ray is not None and args.format == "gguf":
-        raise InvalidParamsError(
-            "--ray cannot write --format gguf (GGUF is written in one pass); "
-            "choose --format compressed-tensors or qlinear, or drop --ray"
-        )
     executor = None
     if args.ray is not None:
         from .distributed.ray_executor import RayExecutor

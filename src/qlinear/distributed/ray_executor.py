@@ -150,6 +150,13 @@ class RayExecutor(TensorExecutor):
         """Quantized linears of layer ``i``; the workers move on to layer ``i + 1``."""
         return self._gptq.layer(i, fallback, gptq_names)
 
+    def records(self) -> tuple[dict[str, Any], ...]:
+        """Per task of the last (or the running) run: see :meth:`TensorExecutor.records`;
+        for GPTQ: Hessian shares, solves, propagations and worker recoveries."""
+        if self._gptq is not None:
+            return tuple(self._gptq.records)
+        return super().records()
+
     def gptq_finish(self) -> None:
         """Stop the worker actors (their hidden states go with them)."""
         if getattr(self, "_gptq", None) is not None:

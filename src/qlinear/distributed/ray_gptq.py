@@ -21,8 +21,14 @@ The driver holds only object references and, per layer, the quantized linears it
 (never float weights nor hidden states). The Hessians are sums in a different order than
 the serial run's, so results agree in quality (perplexity), not in bytes.
 
-Resilience: the reduction and solve tasks are retried by Ray when their worker dies; the
-worker actors hold the hidden states and are not restarted (a lost actor fails the run).
+Resilience: the reduction and solve tasks are retried by Ray when their worker dies. A
+worker actor that dies (killed, OOM, node lost) takes its hidden states with it: the
+session starts a new actor on the same sample share, which embeds them again and replays
+the layers already done with their quantized linears (the object references of every
+solve result are kept for this: the quantized model so far, never float weights), and
+then the whole current layer is run again on every worker, up to ``max_retries`` times
+per layer. The replay computes what the lost actor held, and the reduction order is the
+same, so a recovered run gives the same bytes as one without the failure.
 """
 
 from __future__ import annotations
@@ -40,7 +46,11 @@ __all__ = ["GPTQSession"]
 
 
 class _Worker:
-    """One share of the calibration samples and the current layer (a Ray actor)."""
+    """One share of the calibration samples and the current layer (a Ray actor).
+
+    ``h`` is always the input of layer ``at``; ``end_layer`` leaves its output aside in
+    ``h_next``, and the next ``begin_layer`` takes it (``at + 1``) or, when the same layer
+    is begun again after a failure, drops it: so every call may be repeated."""
 
     def __init__(self, src_dir: str, raw_cfg: dict, ids: np.ndarray, batch: int) -> None:
         from ..models.decoder_config import DecoderConfig
@@ -53,12 +63,29 @@ class _Worker:
         del embed
         self.source.release()
         self.batch = batch
+        self.at = 0
+        self.h_next: np.ndarray | None = None
         self.layer: Any = None
         self.done: dict[str, Any] = {}
+
+    def replay(self, i: int, *solved: dict) -> int:
+        """Propagate the samples through layer ``i`` quantized with the linears in
+        ``solved`` (every solve result of that layer): how a new actor catches up."""
+        self.begin_layer(i)
+        self.end_layer(*solved)
+        return os.getpid()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def begin_layer(self, i: int) -> list[list[str]]:
         from ..models.decoder_layer import DecoderLayer
 
+        if self.h_next is not None and i == self.at + 1:
+            self.h, self.at = self.h_next, i
+        elif i != self.at:
+            raise RuntimeError(f"worker holds the input of layer {self.at}; asked for {i}")
+        self.h_next = None
         self.layer = DecoderLayer.from_tensors(self.dcfg, i, self.source.get)
         self.done = {}
         return self.layer.linear_groups()
@@ -82,7 +109,7 @@ class _Worker:
         h_next = np.empty_like(self.h)
         for a, b in _batches(self.h.shape[0], self.batch):
             h_next[a:b] = qlayer.forward(self.h[a:b])
-        self.h = h_next
+        self.h_next = h_next
         self.layer, self.done = None, {}
         self.source.release()
         return {"seconds": time.perf_counter() - t0, **_where()}
@@ -163,11 +190,12 @@ class GPTQSession:
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         n = max(1, min(n, ids.shape[0]))
         self.src, self.raw_cfg, self.config, self.opts = str(src_dir), raw_cfg, cfg.to_dict(), opts
-        actor = ray.remote(num_cpus=0, max_restarts=0)(_Worker)
-        self.workers = [
-            actor.options(scheduling_strategy="SPREAD").remote(self.src, raw_cfg, part, batch)
-            for part in np.array_split(ids, n)
-        ]
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(_Worker)
+        self.parts = np.array_split(ids, n)
+        self.batch = batch
+        self.max_retries = max_retries
+        self.workers = [self._start(part) for part in self.parts]
+        self.history: list[list[Any]] = []  # per finished layer: its solve results (refs)
         self.merge = ray.remote(num_cpus=1, max_retries=max_retries)(_merge)
         self.solve = ray.remote(num_cpus=1, max_retries=max_retries)(_solve)
         self.records: list[dict[str, Any]] = []
@@ -178,11 +206,47 @@ class GPTQSession:
             refs = nxt + ([refs[-1]] if len(refs) % 2 else [])
         return refs[0]
 
+    def _start(self, part: np.ndarray) -> Any:
+        opts = {"scheduling_strategy": "SPREAD"}
+        return self.actor.options(**opts).remote(self.src, self.raw_cfg, part, self.batch)
+
+    def _recover(self, i: int) -> None:
+        """Replace every dead worker actor by a new one caught up to layer ``i``."""
+        ray = self.ray
+        for k, w in enumerate(self.workers):
+            try:
+                ray.get(w.pid.remote())
+                continue
+            except ray.exceptions.RayActorError:
+                pass
+            t0 = time.perf_counter()
+            w = self.workers[k] = self._start(self.parts[k])
+            for j, solved in enumerate(self.history):
+                ray.get(w.replay.remote(j, *solved))
+            pid = ray.get(w.pid.remote())
+            rec = {"seconds": time.perf_counter() - t0, "node": None, "pid": pid}
+            self.records.append({"task": f"recover worker {k} to layer {i}", **rec})
+
     def layer(self, i: int, fallback: list, gptq_names: list) -> dict[str, Any]:
-        """Calibrate layer ``i`` on the workers; returns its quantized linears."""
+        """Calibrate layer ``i`` on the workers; returns its quantized linears. A worker
+        actor that dies is replaced (see the module docstring) and the layer run again."""
+        ray = self.ray
+        marks = len(fallback), len(gptq_names), len(self.records)
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._layer(i, fallback, gptq_names)
+            except ray.exceptions.RayActorError:
+                if attempt == self.max_retries:
+                    raise
+                del fallback[marks[0] :], gptq_names[marks[1] :], self.records[marks[2] :]
+                self._recover(i)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _layer(self, i: int, fallback: list, gptq_names: list) -> dict[str, Any]:
         ray = self.ray
         groups = ray.get([w.begin_layer.remote(i) for w in self.workers])[0]
         solved: list[Any] = []
+        every: list[Any] = []
         layers: dict[str, Any] = {}
         for gi, group in enumerate(groups):
             parts = [w.hessians.options(num_returns=2).remote(group, *solved) for w in self.workers]
@@ -201,6 +265,7 @@ class GPTQSession:
                 )
                 for names in roots.values()
             ]
+            every.extend(solved)
             for res in ray.get(solved):
                 layers.update(_unwire(res["layers"]))
                 fallback.extend(res["fallback"])
@@ -210,6 +275,7 @@ class GPTQSession:
                 )
         for info in ray.get([w.end_layer.remote(*solved) for w in self.workers]):
             self.records.append({"task": f"propagate {i}", **_rec(info)})
+        self.history.append(every)
         return layers
 
     def close(self) -> None:

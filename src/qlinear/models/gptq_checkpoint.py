@@ -110,9 +110,15 @@ class GPTQCheckpointReport:
     weight_only_fallback: tuple[tuple[str, int], ...]
     seconds: float
     layer_seconds: tuple[float, ...]
+    tasks: tuple[dict[str, Any], ...] = ()
+    """Executor runs only: per task (Hessian share, solve, propagation, worker recovery),
+    its seconds and the worker (node, pid) that ran it."""
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=indent)
+        d = dataclasses.asdict(self)
+        if not self.tasks:
+            del d["tasks"]
+        return json.dumps(d, indent=indent)
 
 
 # ------------------------------------------------------------------------- source
@@ -540,6 +546,7 @@ def gptq_quantize_checkpoint(
         weight_only_fallback=tuple(fallback),
         seconds=time.perf_counter() - t0,
         layer_seconds=tuple(layer_seconds),
+        tasks=() if executor is None else tuple(executor.records()),
     )
 
 
