@@ -12,8 +12,9 @@ travels to it) and writes what the serial path would have written to a *part fil
 its own, ``<parts>/<tensor>.<a>-<b>.<attempt uuid>.part``, first under ``.tmp`` and then
 renamed: an attempt that dies leaves at most a stray ``.tmp`` file, a retried attempt
 writes a fresh file, and the driver only ever reads the file named in the result of the
-attempt that finished. The parts directory lives beside the destination
-(``.<dst>.qlinear-parts-<uuid>``) and is removed when the run ends, failed or not.
+attempt that finished. The parts directory lives inside the destination's staging
+directory (``.qlinear-parts-<uuid>``: see :mod:`qlinear._atomic`) and is removed when the
+run ends, failed or not.
 
 Executors here: :class:`InlineExecutor` (every task in this process, when collected: the
 reference and the test of the part-file path) and
