@@ -142,10 +142,10 @@ def _check_bias(sf: SafetensorsFile, bname: str, out_f: int) -> None:
         raise FormatError(f"tensor {bname!r} holds NaN or Inf; expected a finite bias{hint}")
 
 
-def _blocks(rows: int, cols: int):
-    step = max(1, BLOCK_BYTES // (8 * cols))
-    for a in range(0, rows, step):
-        yield a, min(rows, a + step)
+def _blocks(rows: int, cols: int, span: tuple[int, int] | None = None):
+    step, (lo, hi) = max(1, BLOCK_BYTES // (8 * cols)), span or (0, rows)
+    for a in range(lo, hi, step):
+        yield a, min(hi, a + step)
 
 
 def _add_squares(acc: tuple[float, float], a: np.ndarray) -> tuple[float, float]:
@@ -251,13 +251,39 @@ def _quantize_tensor(
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """Quantize ``name`` block by block into ``writer``; returns ``||W - Wq||`` and ``||W||``
     as scaled sums of squares (see :func:`_add_squares`)."""
+    err2, sig2, scale, zp = _quantize_rows(src, name, plan, writer, f, bar)
+    _write_params(plan, scale, zp, writer, f)
+    return err2, sig2
+
+
+def _write_params(plan: _LayerPlan, scale: np.ndarray, zp: np.ndarray, writer: Any, f: Any) -> None:
+    for tname, arr in plan.param_tensors(scale, zp).items():
+        writer.write(f, tname, arr)
+
+
+def _quantize_rows(
+    src: SafetensorsFile,
+    name: str,
+    plan: _LayerPlan,
+    writer: Any,
+    f: Any,
+    bar: Any,
+    rows: tuple[int, int] | None = None,
+) -> tuple[tuple[float, float], tuple[float, float], np.ndarray, np.ndarray]:
+    """Write the codes of ``name`` (its ``rows`` ``[a, b)``, or all; not per tensor) block
+    by block into ``writer``; returns ``(err2, sig2, scale, zp)`` (the raw parameters of
+    these rows, for :func:`_write_params`). The serial loop and :mod:`qlinear.distributed`
+    tasks call it."""
     info = src.info(name)
     out_f, in_f = info.shape
     cfg = plan.cfg
     codes_name = plan.codes_name
-    code_row = writer.layout[codes_name][3] // out_f
+    _, cdt, csh = next(e for e in plan.entries if e[0] == codes_name)
+    code_row = math.prod(csh) * DTYPE_SIZES[cdt] // out_f
     fixed = None
     if cfg.granularity is QuantizationGranularity.PER_TENSOR:
+        if rows is not None:
+            raise InvalidParamsError(f"{name!r} is quantized per tensor: one task, not row blocks")
         if cfg.method == "minmax":
             lo, hi = math.inf, -math.inf
             for a, b in _blocks(out_f, in_f):
@@ -275,7 +301,7 @@ def _quantize_tensor(
             src.release_pages()
     err2 = sig2 = (0.0, 0.0)
     scales, zps = [], []
-    for a, b in _blocks(out_f, in_f):
+    for a, b in _blocks(out_f, in_f, rows):
         w = _finite_block(src, name, a, b)
         params = fixed if fixed is not None else plan.calibrate(w)
         layer = QuantizedLinear.from_fp(w, params, backend="numpy")
@@ -294,9 +320,7 @@ def _quantize_tensor(
         scale, zp = fixed.scale, fixed.zero_point
     else:
         scale, zp = np.concatenate(scales), np.concatenate(zps)
-    for tname, arr in plan.param_tensors(scale, zp).items():
-        writer.write(f, tname, arr)
-    return err2, sig2
+    return err2, sig2, scale, zp
 
 
 def _finite_block(src: SafetensorsFile, name: str, a: int, b: int) -> np.ndarray:
@@ -374,6 +398,7 @@ def quantize_checkpoint(
     strict_group_size: bool = False,
     gguf_type: str | None = None,
     overwrite: bool = False,
+    executor: Any = None,
 ) -> CheckpointReport:
     """Quantize the linear weights of a safetensors checkpoint into ``dst``.
 
@@ -442,6 +467,11 @@ def quantize_checkpoint(
     if format == "gguf":
         from .formats import gguf
 
+        if executor is not None:
+            raise InvalidParamsError(
+                "format='gguf' is written in one pass here: it cannot run on an executor "
+                "(--ray); choose format='compressed-tensors' or 'qlinear', or drop the executor"
+            )
         return gguf.quantize_to_gguf(
             src, dst, gguf_type or "q8_0", include=include, exclude=exclude, t0=t0
         )
@@ -488,7 +518,7 @@ def quantize_checkpoint(
         ct_config = ct.config_dict({p.lname: p.spec for p in plans.values()}, ignore)
     job = _Job(
         src_p, dst_p, src_dir, shards, files, out_names, cfg, plans, format, ct_config,
-        config_json, progress, t0,
+        config_json, progress, t0, executor,
     )  # fmt: skip
     if not shards.is_dir and dst_p.suffix == ".safetensors":  # one file: atomic_write
         dst_dir.mkdir(parents=True, exist_ok=True)
@@ -552,6 +582,7 @@ class _Job:
     config_json: Path | None
     progress: bool
     t0: float
+    executor: Any = None
 
 
 def _write_outputs(job: _Job, out_dir: Path, dst_dir: Path) -> CheckpointReport:
@@ -562,8 +593,15 @@ def _write_outputs(job: _Job, out_dir: Path, dst_dir: Path) -> CheckpointReport:
         job.out_names, job.cfg, job.plans, job.format, job.ct_config,
     )  # fmt: skip
     config_json, progress, t0, index = job.config_json, job.progress, job.t0, shards.index
+    executor = job.executor
     total = sum(i.nbytes for sf in files.values() for i in sf.tensors.values())
     bar = _progress_bar(total, progress)
+    if executor is not None:  # start every quantize task now; collected in file order below
+        executor.submit(
+            [(src_dir / s, n, plans[n], info) for s in shards.names
+             for n, info in files[s].tensors.items() if n in plans],
+            out_dir,
+        )  # fmt: skip
     reports: list[TensorReport] = []
     weight_map: dict[str, str] = {}
     total_size = 0
@@ -595,7 +633,10 @@ def _write_outputs(job: _Job, out_dir: Path, dst_dir: Path) -> CheckpointReport:
                     info = sf.tensors[n]
                     if n in plans:
                         plan = plans[n]
-                        err2, sig2 = _quantize_tensor(sf, n, plan, writer, f, bar)
+                        if executor is None:
+                            err2, sig2 = _quantize_tensor(sf, n, plan, writer, f, bar)
+                        else:
+                            err2, sig2 = executor.collect(n, plan, writer, f, bar)
                         after = sum(math.prod(sh) * DTYPE_SIZES[dt] for _, dt, sh in plan.entries)
                         (se, qe), (sw, qw) = err2, sig2
                         rel = (se / sw) * math.sqrt(qe / qw) if sw > 0 else se * math.sqrt(qe)
@@ -635,6 +676,8 @@ def _write_outputs(job: _Job, out_dir: Path, dst_dir: Path) -> CheckpointReport:
     finally:
         if bar is not None:
             bar.close()
+        if executor is not None:
+            executor.finish()
     written = [str(dst_dir / out_names[s]) for s in shards.names]
     if index is not None:
         new_index = {k: v for k, v in index.items() if k not in ("metadata", "weight_map")}
@@ -656,6 +699,7 @@ def _write_outputs(job: _Job, out_dir: Path, dst_dir: Path) -> CheckpointReport:
         tuple(written),
         time.perf_counter() - t0,
         format,
+        tasks=() if executor is None else executor.records(),
     )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._ranges import METHODS
-from .errors import QuantizationError
+from .errors import InvalidParamsError, QuantizationError
 
 __all__ = ["main"]
 
@@ -181,6 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an existing DST directory that is not a previous qlinear output",
+    )
+    qu.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="quantize the tensors as tasks on a Ray cluster at ADDRESS (no value: "
+        'ray.init() default, a local cluster); not with --format gguf; pip install "qlinear[ray]"',
     )
     _add_gptq_options(qu)
 
@@ -342,6 +350,11 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from .checkpoint import quantize_checkpoint
     from .io import atomic_write_text
 
+    if args.ray is not None and args.format == "gguf":
+        raise InvalidParamsError(
+            "--ray cannot write --format gguf (GGUF is written in one pass); "
+            "choose --format compressed-tensors or qlinear, or drop --ray"
+        )
     if args.gptq:
         return _cmd_quantize_gptq(args, parser)
     cfg = _config(args, parser)
@@ -351,19 +364,29 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--activations int8 is written as compressed-tensors (W8A8) only")
     if args.activations == "int8" and args.bits != 8:
         parser.error("--activations int8 (W8A8) needs --bits 8")
-    report = quantize_checkpoint(
-        args.src,
-        args.output,
-        cfg,
-        include=args.include,
-        exclude=args.exclude,
-        progress=not args.no_progress,
-        format=args.format,
-        activations=args.activations,
-        strict_group_size=args.strict_group_size,
-        gguf_type=args.gguf_type,
-        overwrite=args.overwrite,
-    )
+    executor = None
+    if args.ray is not None:
+        from .distributed.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray or None)
+    try:
+        report = quantize_checkpoint(
+            args.src,
+            args.output,
+            cfg,
+            include=args.include,
+            exclude=args.exclude,
+            progress=not args.no_progress,
+            format=args.format,
+            activations=args.activations,
+            strict_group_size=args.strict_group_size,
+            gguf_type=args.gguf_type,
+            overwrite=args.overwrite,
+            executor=executor,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
     for t in report.tensors:
         rows.append(
@@ -421,16 +444,26 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
         act_order=args.act_order,
         damp=args.damp,
     )
-    report = gptq_quantize_checkpoint(
-        args.src,
-        args.output,
-        cfg,
-        calib_text=_read_text(args.calib),
-        options=opts,
-        progress=not args.no_progress,
-        format=args.format,
-        overwrite=args.overwrite,
-    )
+    executor = None
+    if args.ray is not None:
+        from .distributed.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray or None)
+    try:
+        report = gptq_quantize_checkpoint(
+            args.src,
+            args.output,
+            cfg,
+            calib_text=_read_text(args.calib),
+            options=opts,
+            progress=not args.no_progress,
+            executor=executor,
+            format=args.format,
+            overwrite=args.overwrite,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     gs = f"({cfg['group_size']})" if cfg["group_size"] else ""
     print(
         f"gptq: {report.model_type}, {report.num_layers} layers, {len(report.gptq)} linears "

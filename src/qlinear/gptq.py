@@ -120,6 +120,17 @@ class HessianAccumulator:
             self._sum += xc.T @ xc
         self.rows += x2.shape[0]
 
+    def merge(self, other: HessianAccumulator) -> None:
+        """Add the rows of ``other`` (a partial Hessian of other calibration rows, e.g.
+        from another worker): afterwards ``self`` is as if it had seen both."""
+        if not isinstance(other, HessianAccumulator) or other.in_features != self.in_features:
+            raise ShapeMismatchError(
+                f"cannot merge a Hessian of {getattr(other, 'in_features', other)!r} features "
+                f"into one of {self.in_features}; expected the same in_features"
+            )
+        self._sum += other._sum
+        self.rows += other.rows
+
     def value(self) -> np.ndarray:
         if self.rows == 0:
             raise ShapeMismatchError("no calibration rows were added; expected at least one")

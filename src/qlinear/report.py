@@ -42,6 +42,8 @@ class CheckpointReport:
     files: tuple[str, ...]
     seconds: float
     format: str = "qlinear"
+    tasks: tuple[dict[str, Any], ...] = ()
+    """Executor runs only: per task, the tensor, rows, seconds and the worker that ran it."""
 
     @property
     def bytes_before(self) -> int:
@@ -77,6 +79,7 @@ class CheckpointReport:
                 "bytes_after": self.bytes_after,
                 "max_rel_error": self.max_rel_error,
             },
+            **({"tasks": [dict(t) for t in self.tasks]} if self.tasks else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -110,9 +110,15 @@ class GPTQCheckpointReport:
     weight_only_fallback: tuple[tuple[str, int], ...]
     seconds: float
     layer_seconds: tuple[float, ...]
+    tasks: tuple[dict[str, Any], ...] = ()
+    """Executor runs only: per task (Hessian share, solve, propagation, worker recovery),
+    its seconds and the worker (node, pid) that ran it."""
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=indent)
+        d = dataclasses.asdict(self)
+        if not self.tasks:
+            del d["tasks"]
+        return json.dumps(d, indent=indent)
 
 
 # ------------------------------------------------------------------------- source
@@ -256,6 +262,61 @@ def _quantize_group(
     return out
 
 
+def group_hessians(
+    layer: Any,
+    h: np.ndarray,
+    done: Mapping[str, Any],
+    group: list[str],
+    *,
+    batch_size: int,
+    down: tuple[list[np.ndarray], np.ndarray] | None = None,
+) -> tuple[dict[str, HessianAccumulator], dict[str, str]]:
+    """The Hessians of ``group``'s linears on hidden states ``h (samples, seqlen, hidden)``
+    run through ``layer`` with the linears in ``done`` replaced by their quantized ones:
+    ``(root name -> HessianAccumulator, name -> root)`` (linears fed the same input, q/k/v,
+    share the root's). ``down=(inputs, h_next)`` (dense layers' last group): the whole
+    batch runs with down's output left out, down's inputs are appended to ``inputs`` and
+    the residual stream is written to ``h_next``. Distributed GPTQ runs this on every
+    worker's share of the samples and sums the accumulators (:meth:`~HessianAccumulator.merge`)."""
+    members = set(group)
+    lins = layer.linears
+    accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}
+    for a, b in _batches(h.shape[0], batch_size):
+        seen: set[str] = set()
+        last: list[Any] = [None, None]  # (name, x) of the previous call in this group
+
+        def hook(name: str, x: np.ndarray, seen=seen, last=last):
+            if name in done:
+                return done[name]
+            if name not in members:
+                return None
+            if last[1] is x:  # q, k, v: one input, one Hessian
+                alias[name] = alias.get(last[0], last[0])
+            else:
+                acc = accs.get(name)
+                if acc is None:
+                    acc = accs[name] = HessianAccumulator(x.shape[1])
+                if x.shape[0]:
+                    acc.add(x)
+            last[0], last[1] = name, x
+            seen.add(name)
+            if down is not None:
+                down[0].append(x)
+                return _Zeros(x.shape[1], _dims(lins[name])[0])
+            if seen == members:
+                raise _Stop
+            return None
+
+        try:
+            y = layer.forward(h[a:b], capture=hook)
+        except _Stop:
+            continue
+        if down is not None:
+            down[1][a:b] = y
+    return accs, alias
+
+
 def calibrate_layer(
     layer: Any,
     h: np.ndarray,
@@ -279,53 +340,17 @@ def calibrate_layer(
     h_next = None
     down_inputs: list[np.ndarray] = []
     for gi, group in enumerate(groups):
-        members = set(group)
         merge = dense and gi == len(groups) - 1 and len(group) == 1
-        accs: dict[str, HessianAccumulator] = {}
-        alias: dict[str, str] = {}
         if merge:
             h_next = np.empty_like(h)
-        for a, b in _batches(n, batch_size):
-            seen: set[str] = set()
-            last: list[Any] = [None, None]  # (name, x) of the previous call in this group
-
-            def hook(
-                name: str,
-                x: np.ndarray,
-                seen=seen,
-                last=last,
-                accs=accs,
-                alias=alias,
-                members=members,
-                merge=merge,
-            ):
-                if name in done:
-                    return done[name]
-                if name not in members:
-                    return None
-                if last[1] is x:  # q, k, v: one input, one Hessian
-                    alias[name] = alias.get(last[0], last[0])
-                else:
-                    acc = accs.get(name)
-                    if acc is None:
-                        acc = accs[name] = HessianAccumulator(x.shape[1])
-                    if x.shape[0]:
-                        acc.add(x)
-                last[0], last[1] = name, x
-                seen.add(name)
-                if merge:
-                    down_inputs.append(x)
-                    return _Zeros(x.shape[1], _dims(lins[name])[0])
-                if seen == members:
-                    raise _Stop
-                return None
-
-            try:
-                y = layer.forward(h[a:b], capture=hook)
-            except _Stop:
-                continue
-            if merge:
-                h_next[a:b] = y  # type: ignore[index]
+        accs, alias = group_hessians(
+            layer,
+            h,
+            done,
+            group,
+            batch_size=batch_size,
+            down=(down_inputs, h_next) if merge else None,  # type: ignore[arg-type]
+        )
         done.update(_quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names))
     if h_next is not None:
         (down,) = groups[-1]
@@ -377,6 +402,7 @@ def gptq_quantize_checkpoint(
     options: GPTQOptions | None = None,
     progress: bool = True,
     on_layer: Callable[[int, float], None] | None = None,
+    executor: Any = None,
     format: str = "compressed-tensors",
     overwrite: bool = False,
 ) -> GPTQCheckpointReport:
@@ -396,6 +422,10 @@ def gptq_quantize_checkpoint(
         options: :class:`GPTQOptions` (calibration size, act order, ...).
         progress: a tqdm bar over layers (with the remaining time) when tqdm is installed.
         on_layer: called as ``on_layer(index, seconds)`` after each layer.
+        executor: None (calibrate here), or an executor with ``gptq_start`` /
+            ``gptq_layer`` / ``gptq_finish`` (``qlinear.distributed.ray_executor.
+            RayExecutor``: samples split over workers, Hessians summed, solves in
+            parallel; same quality, not the same bytes: sums in another order).
         format: ``"compressed-tensors"`` (default: what transformers and vLLM load; scales
             in the model's dtype, a group size that divides every layer's in_features) or
             ``"qlinear"`` (float64 scales, partial groups kept).
@@ -438,7 +468,9 @@ def gptq_quantize_checkpoint(
         raise FormatError(
             f"the tokenizer produced id {int(ids.max())}; the embedding has {arch.vocab_size} rows"
         )
-    h = arch.embed(ids)  # float32 (samples, seqlen, hidden)
+    if executor is not None and raw_cfg.get("model_type") == "bert":
+        raise InvalidParamsError("the GPTQ executor (--ray) runs decoder models only; got bert")
+    h = arch.embed(ids) if executor is None else None  # float32 (samples, seqlen, hidden)
     source.release()
     batch = opts.batch_size or _batch_size(arch.config, opts.seqlen)
 
@@ -457,16 +489,21 @@ def gptq_quantize_checkpoint(
 
         for i in range(arch.num_layers):
             t1 = time.perf_counter()
-            qlayers, h = calibrate_layer(
-                arch.layer(i),
-                h,
-                cfg,
-                opts,
-                batch_size=batch,
-                dense=arch.dense(i),
-                fallback=fallback,
-                gptq_names=gptq_names,
-            )
+            if executor is not None:
+                if i == 0:
+                    executor.gptq_start(src_dir, raw_cfg, ids, cfg, opts, batch)
+                qlayers = executor.gptq_layer(i, fallback, gptq_names)
+            else:
+                qlayers, h = calibrate_layer(
+                    arch.layer(i),
+                    h,
+                    cfg,
+                    opts,
+                    batch_size=batch,
+                    dense=arch.dense(i),
+                    fallback=fallback,
+                    gptq_names=gptq_names,
+                )
             save(  # internal spill: qlinear's own format keeps float64 scales as they are
                 spill / f"layer{i:05d}.safetensors",
                 {arch.prefix + k: v for k, v in qlayers.items()},
@@ -494,6 +531,8 @@ def gptq_quantize_checkpoint(
     finally:
         if bar is not None:
             bar.close()
+        if executor is not None:
+            executor.gptq_finish()
         for f in source.files:
             f.close()
     return GPTQCheckpointReport(
@@ -507,6 +546,7 @@ def gptq_quantize_checkpoint(
         weight_only_fallback=tuple(fallback),
         seconds=time.perf_counter() - t0,
         layer_seconds=tuple(layer_seconds),
+        tasks=() if executor is None else tuple(executor.records()),
     )
 
 
