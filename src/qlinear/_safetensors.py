@@ -389,6 +389,17 @@ class SafetensorsFile:
         self._guard.close()
 
 
+def as_bytes(data: np.ndarray | memoryview) -> memoryview:
+    """The bytes safetensors stores for ``data``: an array little-endian in C order, or a
+    memoryview as raw bytes."""
+    if isinstance(data, np.ndarray):
+        arr = np.ascontiguousarray(data)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        return memoryview(arr.reshape(-1).view(np.uint8))
+    return data.cast("B") if data.format != "B" else data
+
+
 class SafetensorsWriter:
     """Plan a safetensors layout for ``(name, dtype, shape)`` entries, then write each
     tensor's bytes (whole or in pieces) at its planned offset.
@@ -444,13 +455,7 @@ class SafetensorsWriter:
         """Write ``data`` (an array, written little-endian C-order, or raw bytes) into
         tensor ``name`` starting ``at`` bytes into it."""
         _, _, pos, nbytes = self.layout[name]
-        if isinstance(data, np.ndarray):
-            arr = np.ascontiguousarray(data)
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            buf = memoryview(arr.reshape(-1).view(np.uint8))
-        else:
-            buf = data.cast("B") if data.format != "B" else data
+        buf = as_bytes(data)
         if at < 0 or at + len(buf) > nbytes:
             raise InvalidInputError(
                 f"write of {len(buf)} bytes at {at} overflows tensor {name!r} ({nbytes} bytes)"

@@ -16,9 +16,10 @@ Exit codes: 0 success, 2 bad usage (argparse), 1 failure with one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ._ranges import METHODS
@@ -346,6 +347,18 @@ def _cmd_eval_lm(args: argparse.Namespace, parser: argparse.ArgumentParser, cfg:
     return 0
 
 
+@contextlib.contextmanager
+def _executor(args: argparse.Namespace) -> Iterator[Any]:
+    """The executor ``--ray [ADDRESS]`` asks for (None without it), closed afterwards."""
+    if args.ray is None:
+        yield None
+        return
+    from .distributed.ray_executor import RayExecutor
+
+    with RayExecutor(args.ray or None) as executor:
+        yield executor
+
+
 def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .checkpoint import quantize_checkpoint
     from .io import atomic_write_text
@@ -364,12 +377,7 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--activations int8 is written as compressed-tensors (W8A8) only")
     if args.activations == "int8" and args.bits != 8:
         parser.error("--activations int8 (W8A8) needs --bits 8")
-    executor = None
-    if args.ray is not None:
-        from .distributed.ray_executor import RayExecutor
-
-        executor = RayExecutor(args.ray or None)
-    try:
+    with _executor(args) as executor:
         report = quantize_checkpoint(
             args.src,
             args.output,
@@ -384,9 +392,6 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             overwrite=args.overwrite,
             executor=executor,
         )
-    finally:
-        if executor is not None:
-            executor.close()
     rows = [("tensor", "shape", "format", "rel err", "SNR dB", "before", "after")]
     for t in report.tensors:
         rows.append(
@@ -444,12 +449,7 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
         act_order=args.act_order,
         damp=args.damp,
     )
-    executor = None
-    if args.ray is not None:
-        from .distributed.ray_executor import RayExecutor
-
-        executor = RayExecutor(args.ray or None)
-    try:
+    with _executor(args) as executor:
         report = gptq_quantize_checkpoint(
             args.src,
             args.output,
@@ -461,9 +461,6 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
             format=args.format,
             overwrite=args.overwrite,
         )
-    finally:
-        if executor is not None:
-            executor.close()
     gs = f"({cfg['group_size']})" if cfg["group_size"] else ""
     print(
         f"gptq: {report.model_type}, {report.num_layers} layers, {len(report.gptq)} linears "

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .._safetensors import SafetensorsFile, TensorInfo
+from .._safetensors import SafetensorsFile, TensorInfo, as_bytes
 from ..checkpoint import BLOCK_BYTES, _LayerPlan, _quantize_rows, _write_params
 from ..errors import InvalidParamsError
 from ..qtypes import QuantizationGranularity
@@ -55,13 +55,7 @@ class _PartWriter:
         self.out, self.pos, self.entries = out, 0, []
 
     def write(self, f: Any, name: str, data: np.ndarray | memoryview, at: int = 0) -> None:
-        if isinstance(data, np.ndarray):
-            arr = np.ascontiguousarray(data)
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            buf = memoryview(arr.reshape(-1).view(np.uint8))
-        else:
-            buf = data.cast("B") if data.format != "B" else data
+        buf = as_bytes(data)
         self.out.write(buf)
         self.entries.append((name, int(at), self.pos, len(buf)))
         self.pos += len(buf)

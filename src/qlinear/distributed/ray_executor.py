@@ -7,14 +7,14 @@ Usage::
         quantize_checkpoint(src, dst, cfg, executor=ex)
 
 or ``qlinear quantize SRC -o DST --ray [ADDRESS]``. Every task is
-:func:`qlinear.distributed.quantize_part` run by a Ray worker: it reads its tensor
-from the source path (which every node must see at the same path: shared storage) and
-writes a part file in the destination's staging directory (also shared); only names, offsets and small
-result dicts go through the object store. A task whose worker dies (killed, OOM, node
-lost) is retried by Ray up to ``max_retries`` times; each attempt writes a file of its
-own, so a retry cannot mix with the remains of the attempt before it. Errors of the
-input itself (:class:`qlinear.QuantizationError`, missing files) are not retried and
-are raised in the driver as themselves.
+:func:`qlinear.distributed.quantize_part` run by a Ray worker: it reads its tensor from
+the source path (which every node must see at the same path: shared storage) and writes a
+part file in the destination's staging directory (also shared); only names, offsets and
+small result dicts go through the object store. A task whose worker dies (killed, OOM,
+node lost) is retried by Ray up to ``max_retries`` times; each attempt writes a file of
+its own, so a retry cannot mix with the remains of the attempt before it. Errors of the
+input itself (:class:`qlinear.QuantizationError`, missing files) are not retried and are
+raised in the driver as themselves.
 
 The workers must have qlinear importable (the same version as the driver); a local
 cluster started by ``ray.init()`` uses the driver's Python.
