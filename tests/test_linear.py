@@ -387,13 +387,38 @@ def test_pickle_and_copy_give_equal_read_only_layers(rng, qtype, gs):
     gran = "per_group" if gs else "per_channel"
     layer = layer_for(w, qtype, gran, "asymmetric", gs, bias=rng.standard_normal(5))
     x = rng.standard_normal((3, 19))
-    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), copy.copy(layer)):
+    clones = [pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), copy.copy(layer)]
+    try:  # Ray's serializer (installed with ray): pickles what it cannot name by value
+        import cloudpickle
+    except ImportError:
+        pass
+    else:
+        clones.append(cloudpickle.loads(cloudpickle.dumps(layer)))
+    for clone in clones:
         np.testing.assert_array_equal(clone.qweight, layer.qweight)
         np.testing.assert_array_equal(clone.scales, layer.scales)
         np.testing.assert_array_equal(clone(x), layer(x))
         for arr in (clone.qweight, clone.scales, clone.zero_points, clone.bias):
             with pytest.raises(ValueError):
                 arr[0] = 0
+
+
+@pytest.mark.parametrize("backend", __import__("qlinear").kernels.available_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_unpickled_and_byte_swapped_inputs_give_the_same_output(rng, backend, dtype):
+    """x whose dtype is not NumPy's canonical object (unpickled, as from multiprocessing or
+    Ray) or is big-endian: the same result as the plain array, in both activation modes."""
+    import pickle
+
+    w = rng.standard_normal((7, 33))
+    layer = QuantizedLinear.from_fp(w, calibrate_linear(w, "int8"), backend=backend)
+    x = rng.standard_normal((5, 33)).astype(dtype)
+    unpickled = pickle.loads(pickle.dumps(x))
+    swapped = x.astype(x.dtype.newbyteorder(">"))
+    for mode in ("float", "int8"):
+        want = layer.forward(x, activations=mode)
+        for other in (unpickled, swapped):
+            np.testing.assert_array_equal(layer.forward(other, activations=mode), want)
 
 
 def test_unknown_or_unhashable_backend_is_a_clear_error(rng):

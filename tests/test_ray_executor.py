@@ -208,3 +208,23 @@ def test_a_killed_gptq_worker_is_replaced_and_the_output_is_unchanged(cluster, t
     assert len(recovered) == 1 and recovered[0]["pid"] not in killed
     assert len([t for t in rep.tasks if t["task"] == "propagate 1"]) == 2  # layer 1 once, in full
     assert json.loads(rep.to_json())["tasks"]
+
+
+def test_a_quantized_linear_travels_through_ray(cluster, rng):
+    """Made in one worker, used in another and in the driver: pickled by name (cloudpickle
+    copied a classmethod by value before, with a private token that no longer matched)."""
+    w = rng.standard_normal((6, 40))
+    x = rng.standard_normal((3, 40))
+
+    @ray.remote
+    def make(w):
+        return qlinear.QuantizedLinear.from_fp(w, qlinear.calibrate_linear(w, "int4"))
+
+    @ray.remote
+    def use(q, x):
+        return q(x)
+
+    ref = make.remote(w)
+    here = qlinear.QuantizedLinear.from_fp(w, qlinear.calibrate_linear(w, "int4"))
+    np.testing.assert_array_equal(ray.get(ref).qweight, here.qweight)
+    np.testing.assert_array_equal(ray.get(use.remote(ref, x)), here(x))

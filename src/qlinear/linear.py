@@ -386,7 +386,7 @@ class QuantizedLinear:
         # Pickle / copy the canonical codes and rebuild: the copy is packed for the active
         # backend and read-only like the original.
         return (
-            QuantizedLinear._from_stored,
+            _rebuild,
             (np.array(self.stored_weight), self._params, self.in_features, self._bias),
         )
 
@@ -400,3 +400,9 @@ class QuantizedLinear:
 
 
 _PRIVATE = object()
+
+
+def _rebuild(stored: np.ndarray, params: Any, in_features: int, bias: Any) -> QuantizedLinear:
+    """Unpickle a :class:`QuantizedLinear` (a module-level function, so that pickle and
+    cloudpickle (Ray) both refer to it by name rather than copying it by value)."""
+    return QuantizedLinear._from_stored(stored, params, in_features, bias)

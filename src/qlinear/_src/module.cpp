@@ -131,9 +131,11 @@ py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_styl
         check(b && b.ndim() == 1 && b.shape(0) == out, "bias must be float64 (out,)");
         L.bias = b.data();
     }
-    if (x.dtype().is(py::dtype::of<double>()))
+    // By type number, not by identity: an unpickled array has its own dtype object.
+    const int num = x.dtype().num();
+    if (num == py::dtype::of<double>().num())
         return run<double>(tab, L, py::array_t<double>::ensure(x), int8act, threads);
-    if (x.dtype().is(py::dtype::of<float>()))
+    if (num == py::dtype::of<float>().num())
         return run<float>(tab, L, py::array_t<float>::ensure(x), int8act, threads);
     throw std::invalid_argument("x must be float32 or float64");
 }

@@ -94,7 +94,7 @@ class _Worker:
         from ..models.gptq_checkpoint import group_hessians
 
         for s in solved:
-            self.done.update(_unwire(s["layers"]))
+            self.done.update(s["layers"])
         t0 = time.perf_counter()
         accs, alias = group_hessians(self.layer, self.h, self.done, group, batch_size=self.batch)
         return accs, {"alias": alias, "seconds": time.perf_counter() - t0, **_where()}
@@ -103,7 +103,7 @@ class _Worker:
         from ..models.gptq_checkpoint import _batches
 
         for s in solved:
-            self.done.update(_unwire(s["layers"]))
+            self.done.update(s["layers"])
         t0 = time.perf_counter()
         qlayer = self.layer.with_linears(self.done)
         h_next = np.empty_like(self.h)
@@ -163,7 +163,7 @@ def _solve(
         for f in source.files:
             f.close()
     return {
-        "layers": {n: (q.qweight, q.params, q.bias) for n, q in out.items()},
+        "layers": out,
         "fallback": fallback,
         "gptq": gptq_names,
         "seconds": time.perf_counter() - t0,
@@ -267,7 +267,7 @@ class GPTQSession:
             ]
             every.extend(solved)
             for res in ray.get(solved):
-                layers.update(_unwire(res["layers"]))
+                layers.update(res["layers"])
                 fallback.extend(res["fallback"])
                 gptq_names.extend(res["gptq"])
                 self.records.append(
@@ -282,15 +282,6 @@ class GPTQSession:
         for w in self.workers:
             self.ray.kill(w)
         self.workers = []
-
-
-def _unwire(layers: dict) -> dict[str, Any]:
-    """QuantizedLinear from ``(codes, params, bias)``: the form solve tasks return them in
-    (cloudpickle cannot rebuild a QuantizedLinear from its ``__reduce__``: it pickles the
-    classmethod by value, with a copy of the module's private constructor token)."""
-    from ..linear import QuantizedLinear
-
-    return {n: QuantizedLinear.from_codes(c, p, bias=b) for n, (c, p, b) in layers.items()}
 
 
 def _rec(info: dict) -> dict[str, Any]:
