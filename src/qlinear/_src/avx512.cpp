@@ -340,10 +340,23 @@ static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t 
 // One row of x, four full blocks, every group in one call (decode): per group the
 // integer sums stay in registers (even and odd steps apart: 8 independent chains), then
 // accd[b][r] (+)= double(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
+// The 16 scales of a panel as two vectors of doubles (float32 panels convert exactly).
+static inline void load_scales16(const Layer& L, int64_t i, __m512d* lo, __m512d* hi) {
+    if (L.scales32) {
+        const float* s = static_cast<const float*>(L.scales) + i;
+        *lo = _mm512_cvtps_pd(_mm256_loadu_ps(s));
+        *hi = _mm512_cvtps_pd(_mm256_loadu_ps(s + 8));
+    } else {
+        const double* s = static_cast<const double*>(L.scales) + i;
+        *lo = _mm512_loadu_pd(s);
+        *hi = _mm512_loadu_pd(s + 8);
+    }
+}
+
 template <int BITS>
 static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
-                          const int8_t* xq, const int32_t* rs, const int32_t* zpu,
-                          const double* scales, int64_t gstride, double* accd, int64_t bstride) {
+                          const int8_t* xq, const int32_t* rs, const Layer& L, int64_t bi0,
+                          double* accd, int64_t bstride) {
     const __m512i z = _mm512_setzero_si512();
     const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
     __m512d d[4][2];
@@ -371,18 +384,20 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
             dpm(a2, load_step<BITS>(w2, s), xq + 4 * s);
             dpm(a3, load_step<BITS>(w3, s), xq + 4 * s);
         }
-        const __m512i r = _mm512_set1_epi32(rs[g]);
-        const int32_t* zg = zpu + g * gstride;
-        const double* sgp = scales + g * gstride;
         const __m512i sums[4] = {_mm512_add_epi32(a0, e0), _mm512_add_epi32(a1, e1),
                                  _mm512_add_epi32(a2, e2), _mm512_add_epi32(a3, e3)};
+        // zpu * rs: one broadcast product for a uniform zero point, else per row.
+        const __m512i zr = _mm512_set1_epi32(L.zp_uniform * rs[g]);
         for (int j = 0; j < 4; ++j) {
-            const __m512i dot = _mm512_sub_epi32(
-                sums[j], _mm512_mullo_epi32(_mm512_loadu_si512(zg + 16 * j), r));
-            const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(dot)),
-                                             _mm512_loadu_pd(sgp + 16 * j));
-            const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dot, 1)),
-                                             _mm512_loadu_pd(sgp + 16 * j + 8));
+            const int64_t i = panel(L, bi0 + j, g);
+            const __m512i zrj = L.zpu ? _mm512_mullo_epi32(_mm512_loadu_si512(L.zpu + i),
+                                                           _mm512_set1_epi32(rs[g]))
+                                      : zr;
+            const __m512i dot = _mm512_sub_epi32(sums[j], zrj);
+            __m512d slo, shi;
+            load_scales16(L, i, &slo, &shi);
+            const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(dot)), slo);
+            const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dot, 1)), shi);
             d[j][0] = _mm512_add_pd(d[j][0], lo);  // starts at +0.0, as the reference
             d[j][1] = _mm512_add_pd(d[j][1], hi);
         }
@@ -394,11 +409,10 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
 }
 static constexpr bool HAS_GROUPS_R1 = true;
 static inline void i_groups_r1(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
-                               int64_t kp, const int8_t* xq, const int32_t* rs,
-                               const int32_t* zpu, const double* scales, int64_t gstride,
-                               double* accd, int64_t bstride) {
-    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
-    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
+                               int64_t kp, const int8_t* xq, const int32_t* rs, const Layer& L,
+                               int64_t bi0, double* accd, int64_t bstride) {
+    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, L, bi0, accd, bstride);
+    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, L, bi0, accd, bstride);
 }
 
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
@@ -660,17 +674,27 @@ static inline __m512 rows16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 template <int BITS, int MR>
 static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
-                       int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu, const double* scales,
-                       int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
+                       int64_t sg, const Layer& L, int64_t bi, int64_t rb, const float* x,
+                       int64_t x_rs, const float* xt, __m512* total) {
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
+    const int64_t ng = L.n_groups;
     for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        // Group-major scales and zero points: the 16 rows of group g are contiguous.
-        const __m512i z16 = _mm512_maskz_loadu_epi32(rmask, zpu + g * gstride);
-        const double* sg_p = scales + g * gstride;
-        const __m512 sc = _mm512_insertf32x8(
-            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), sg_p))),
-            _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), sg_p + 8)), 1);
+        // The block's panel: group g's 16 scales and zero points are contiguous, and
+        // consecutive groups are next to each other. Scales rounded to float32 once, as
+        // ref.dequantize_rows does (float32 panels hold exactly those values).
+        const int64_t pi = panel(L, bi, g);
+        const __m512i z16 = L.zpu ? _mm512_maskz_loadu_epi32(rmask, L.zpu + pi)
+                                  : _mm512_set1_epi32(L.zp_uniform);
+        __m512 sc;
+        if (L.scales32) {
+            sc = _mm512_maskz_loadu_ps(rmask, static_cast<const float*>(L.scales) + pi);
+        } else {
+            const double* sg_p = static_cast<const double*>(L.scales) + pi;
+            sc = _mm512_insertf32x8(
+                _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), sg_p))),
+                _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), sg_p + 8)), 1);
+        }
         // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
         // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
         const __m512i magic = _mm512_set1_epi32(0x4B000000);
@@ -722,8 +746,8 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
 
 // y[m, o0 + r] = total + bias for r < rb; returns false if this kernel does not apply.
 static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t* tail64,
-                           int64_t kp, int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu,
-                           const double* scales, const double* bias, int64_t rb,
+                           int64_t kp, int64_t sg, const Layer& L, int64_t bi,
+                           const double* bias, int64_t rb,
                            const float* x, int64_t x_rs, const float* xt, int mr, float* y,
                            int64_t y_rs) {
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
@@ -739,8 +763,8 @@ static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t
         const float* xm = x + m * x_rs;
         const float* xtm = xt + m * 4;
 #define QL_CALL(R)                                                                             \
-    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total); \
-    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total);
+    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, L, bi, rb, xm, x_rs, xtm, total); \
+    else fg_directN<4, R>(w, nd, tail64, kp, sg, L, bi, rb, xm, x_rs, xtm, total);
         switch (r) {
             case 1: QL_CALL(1) break;
             case 2: QL_CALL(2) break;

@@ -37,6 +37,20 @@ void i8_quant_task(void* p, int64_t task, int) {
     }
 }
 
+// The zero points and scales of block bi, group g (rows < rb; the rest stay 0).
+inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_t* zpv,
+                       double* sv) {
+    const int64_t i0 = panel(L, bi, g);
+    if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
+    else std::fill(zpv, zpv + rb, L.zp_uniform);
+    if (L.scales32) {
+        const float* s = static_cast<const float*>(L.scales) + i0;
+        for (int64_t r = 0; r < rb; ++r) sv[r] = static_cast<double>(s[r]);
+    } else {
+        std::memcpy(sv, static_cast<const double*>(L.scales) + i0, static_cast<size_t>(rb) * sizeof(double));
+    }
+}
+
 // Output blocks per int8 task: two full blocks share every activation broadcast.
 constexpr int64_t I8_BLOCKS = 4;
 
@@ -84,10 +98,9 @@ void i8_task(void* p, int64_t task, int) {
         const bool fused = HAS_GROUPS_R1 && quad && mr == 1 && ng > 1 && !vs[0].has_tail &&
                            sg <= INT_CHUNK;
         if (fused) {
-            const int64_t o0 = bp * I8_BLOCKS * NR;
             const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
-            i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L.zpu + o0, L.scales + o0,
-                        L.out, accd, bstride);
+            i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L, bp * I8_BLOCKS, accd,
+                        bstride);
         }
         for (int64_t g = 0; g < (fused ? 0 : ng); ++g) {
             const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
@@ -132,8 +145,8 @@ void i8_task(void* p, int64_t task, int) {
                     const int64_t rb = vs[b].rb;
                     double zpd[NR], sv[NR], bv[NR];
                     for (int r = 0; r < NR; ++r) {
-                        zpd[r] = r < rb ? static_cast<double>(L.zpu[o0 + r]) : 0.0;
-                        sv[r] = r < rb ? L.scales[o0 + r] : 0.0;
+                        zpd[r] = r < rb ? static_cast<double>(zp_at(L, o0 + r)) : 0.0;
+                        sv[r] = r < rb ? scale_at(L, o0 + r) : 0.0;
                         bv[r] = r < rb && L.bias ? L.bias[o0 + r] : 0.0;
                     }
                     for (int mm = 0; mm < mr; ++mm) {
@@ -164,9 +177,7 @@ void i8_task(void* p, int64_t task, int) {
                 const int64_t rb = vs[b].rb;
                 alignas(64) int32_t zpv[NR] = {};
                 alignas(64) double sv[NR] = {};
-                // Group-major scales and zero points: one contiguous run per block.
-                std::memcpy(zpv, L.zpu + g * L.out + o0, static_cast<size_t>(rb) * sizeof(int32_t));
-                std::memcpy(sv, L.scales + g * L.out + o0, static_cast<size_t>(rb) * sizeof(double));
+                load_panel(L, bp * I8_BLOCKS + b, g, rb, zpv, sv);
                 for (int mm = 0; mm < mr; ++mm) {
                     const int32_t rsm = c.rs[(m + mm) * ng + g];
                     double* ad = accd + b * bstride + mm * NR;
