@@ -323,44 +323,36 @@ static void i4_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* x
 #undef QL_ST
 }
 
-// One group's epilogue for one row of x and one block, 16 lanes at once:
-// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r] (exact int32 difference, then one
-// rounding for the product and one for the sum, as the scalar version).
+// One group's epilogue for one row of x and one block, 16 lanes at once, in float32 as
+// ref.linear_int8act: ad[r] (+)= float(a[r] - zpv[r] * rs) * sv[r] (exact int32
+// difference, then one rounding for the product and one for the sum, no FMA).
 static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
-                                  const double* sv, double* ad, bool first) {
+                                  const float* sv, float* ad, bool first) {
     const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a),
                                        _mm512_mullo_epi32(_mm512_loadu_si512(zpv), _mm512_set1_epi32(rs)));
-    const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(d)), _mm512_loadu_pd(sv));
-    const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1)), _mm512_loadu_pd(sv + 8));
-    const __m512d z = _mm512_setzero_pd();
-    _mm512_storeu_pd(ad, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad), lo));
-    _mm512_storeu_pd(ad + 8, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad + 8), hi));
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sv));
+    _mm512_storeu_ps(ad, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(ad), v));
+}
+
+// The 16 scales of a panel in float32 (float64 panels rounded, as the reference does).
+static inline __m512 load_scales16(const Layer& L, int64_t i) {
+    if (L.scales32) return _mm512_loadu_ps(static_cast<const float*>(L.scales) + i);
+    const double* s = static_cast<const double*>(L.scales) + i;
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_loadu_pd(s))),
+                              _mm512_cvtpd_ps(_mm512_loadu_pd(s + 8)), 1);
 }
 
 // One row of x, four full blocks, every group in one call (decode): per group the
 // integer sums stay in registers (even and odd steps apart: 8 independent chains), then
-// accd[b][r] (+)= double(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
-// The 16 scales of a panel as two vectors of doubles (float32 panels convert exactly).
-static inline void load_scales16(const Layer& L, int64_t i, __m512d* lo, __m512d* hi) {
-    if (L.scales32) {
-        const float* s = static_cast<const float*>(L.scales) + i;
-        *lo = _mm512_cvtps_pd(_mm256_loadu_ps(s));
-        *hi = _mm512_cvtps_pd(_mm256_loadu_ps(s + 8));
-    } else {
-        const double* s = static_cast<const double*>(L.scales) + i;
-        *lo = _mm512_loadu_pd(s);
-        *hi = _mm512_loadu_pd(s + 8);
-    }
-}
-
+// accf[b][r] (+)= float(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
 template <int BITS>
 static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
                           const int8_t* xq, const int32_t* rs, const Layer& L, int64_t bi0,
-                          double* accd, int64_t bstride) {
+                          float* accf, int64_t bstride) {
     const __m512i z = _mm512_setzero_si512();
     const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-    __m512d d[4][2];
-    for (int j = 0; j < 4; ++j) d[j][0] = d[j][1] = _mm512_setzero_pd();
+    __m512 d[4];
+    for (int j = 0; j < 4; ++j) d[j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
         __m512i a0 = z, a1 = z, a2 = z, a3 = z, e0 = z, e1 = z, e2 = z, e3 = z;
@@ -394,25 +386,18 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
                                                            _mm512_set1_epi32(rs[g]))
                                       : zr;
             const __m512i dot = _mm512_sub_epi32(sums[j], zrj);
-            __m512d slo, shi;
-            load_scales16(L, i, &slo, &shi);
-            const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(dot)), slo);
-            const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dot, 1)), shi);
-            d[j][0] = _mm512_add_pd(d[j][0], lo);  // starts at +0.0, as the reference
-            d[j][1] = _mm512_add_pd(d[j][1], hi);
+            // starts at +0.0f, as the reference
+            d[j] = _mm512_add_ps(d[j], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), load_scales16(L, i)));
         }
     }
-    for (int j = 0; j < 4; ++j) {
-        _mm512_storeu_pd(accd + j * bstride, d[j][0]);
-        _mm512_storeu_pd(accd + j * bstride + 8, d[j][1]);
-    }
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(accf + j * bstride, d[j]);
 }
 static constexpr bool HAS_GROUPS_R1 = true;
 static inline void i_groups_r1(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
                                int64_t kp, const int8_t* xq, const int32_t* rs, const Layer& L,
-                               int64_t bi0, double* accd, int64_t bstride) {
-    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, L, bi0, accd, bstride);
-    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, L, bi0, accd, bstride);
+                               int64_t bi0, float* accf, int64_t bstride) {
+    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, L, bi0, accf, bstride);
+    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, L, bi0, accf, bstride);
 }
 
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.

@@ -19,7 +19,7 @@ inline bool f_block_direct(const uint8_t*, int, int64_t, const uint8_t*, int64_t
 // No fused all-groups kernel for one row of x (int8_driver.h).
 static constexpr bool HAS_GROUPS_R1 = false;
 inline void i_groups_r1(const uint8_t* const*, int, int64_t, int64_t, int64_t, const int8_t*,
-                        const int32_t*, const Layer&, int64_t, double*, int64_t) {}
+                        const int32_t*, const Layer&, int64_t, float*, int64_t) {}
 
 // No expansion of int4 blocks to bytes for many rows (int8_driver.h): the avx2 int8
 // micro-kernel reads bytes as code + 128.
