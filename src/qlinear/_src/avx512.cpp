@@ -334,13 +334,8 @@ static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t 
     _mm512_storeu_ps(ad, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(ad), v));
 }
 
-// The 16 scales of a panel in float32 (float64 panels rounded, as the reference does).
-static inline __m512 load_scales16(const Layer& L, int64_t i) {
-    if (L.scales32) return _mm512_loadu_ps(static_cast<const float*>(L.scales) + i);
-    const double* s = static_cast<const double*>(L.scales) + i;
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_loadu_pd(s))),
-                              _mm512_cvtpd_ps(_mm512_loadu_pd(s + 8)), 1);
-}
+// The 16 float32 scales of a panel.
+static inline __m512 load_scales16(const Layer& L, int64_t i) { return _mm512_loadu_ps(L.scales32 + i); }
 
 // One row of x, four full blocks, every group in one call (decode): per group the
 // integer sums stay in registers (even and odd steps apart: 8 independent chains), then
@@ -398,6 +393,86 @@ static inline void i_groups_r1(const uint8_t* const* w, int bits, int64_t ng, in
                                int64_t bi0, float* accf, int64_t bstride) {
     if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, L, bi0, accf, bstride);
     else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, L, bi0, accf, bstride);
+}
+
+// R <= 6 rows of x over four full blocks and every group (several groups, no tail
+// step): per group the 4 x R int32 sums start at zero in registers, and at the group's
+// end each goes through group_epilogue's arithmetic (float(dot - zpu * rs) * scale, added
+// to accf in L1), so a group of 32 costs its products and one short float step per sum,
+// with no accumulator clears, loads or stores in between.
+template <int BITS, int R>
+static void i_groups4_r(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
+                        const int8_t* xq, int64_t xq_rs, const int32_t* rs, const Layer& L,
+                        int64_t bi0, float* accf, int64_t bstride) {
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+#define QL_X(i) const int8_t* x##i = xq + (R > i ? i : 0) * xq_rs;
+    QL_X(0) QL_X(1) QL_X(2) QL_X(3) QL_X(4) QL_X(5)
+#undef QL_X
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        const __m512i z = _mm512_setzero_si512();
+#define QL_Z(i) __m512i a##i = z, b##i = z, c##i = z, d##i = z;
+        QL_Z(0) QL_Z(1) QL_Z(2) QL_Z(3) QL_Z(4) QL_Z(5)
+#undef QL_Z
+        for (int64_t s = sa; s < sb; ++s) {
+            const __m512i v0 = load_step<BITS>(w0, s);
+            const __m512i v1 = load_step<BITS>(w1, s);
+            const __m512i v2 = load_step<BITS>(w2, s);
+            const __m512i v3 = load_step<BITS>(w3, s);
+#define QL_ROW(i)                                      \
+    if (R > i) {                                       \
+        const __m512i xv = bcast4(x##i + 4 * s);       \
+        dpv(a##i, v0, xv);                             \
+        dpv(b##i, v1, xv);                             \
+        dpv(c##i, v2, xv);                             \
+        dpv(d##i, v3, xv);                             \
+    }
+            QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+        }
+        const bool first = g == 0;
+        auto ep = [&](__m512i a, int i, int j, __m512 sc, __m512i zpv) {
+            const int32_t r = rs[i * ng + g];
+            const __m512i zr = L.zpu ? _mm512_mullo_epi32(zpv, _mm512_set1_epi32(r))
+                                     : _mm512_set1_epi32(L.zp_uniform * r);
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, zr)), sc);
+            float* ad = accf + j * bstride + i * NR;
+            _mm512_storeu_ps(ad, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(ad), v));
+        };
+#define QL_EP(A, j)                                                                   \
+    {                                                                                 \
+        const int64_t pi = panel(L, bi0 + j, g);                                      \
+        const __m512 sc = load_scales16(L, pi);                                       \
+        const __m512i zpv = L.zpu ? _mm512_loadu_si512(L.zpu + pi) : z;               \
+        ep(A##0, 0, j, sc, zpv);                                                      \
+        if (R > 1) ep(A##1, 1, j, sc, zpv);                                           \
+        if (R > 2) ep(A##2, 2, j, sc, zpv);                                           \
+        if (R > 3) ep(A##3, 3, j, sc, zpv);                                           \
+        if (R > 4) ep(A##4, 4, j, sc, zpv);                                           \
+        if (R > 5) ep(A##5, 5, j, sc, zpv);                                           \
+    }
+        QL_EP(a, 0) QL_EP(b, 1) QL_EP(c, 2) QL_EP(d, 3)
+#undef QL_EP
+    }
+}
+static constexpr bool HAS_GROUPS4 = true;
+static inline void i_groups4(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
+                             int64_t kp, const int8_t* xq, int64_t xq_rs, const int32_t* rs,
+                             const Layer& L, int64_t bi0, float* accf, int64_t bstride, int mr) {
+    for (int m = 0; m < mr; m += 6) {
+        const int8_t* xm = xq + m * xq_rs;
+        const int32_t* rm = rs + m * L.n_groups;
+        float* am = accf + m * NR;
+#define QL_CASE(R)                                                                     \
+    case R:                                                                            \
+        if (bits == 8) i_groups4_r<8, R>(w, ng, sg, kp, xm, xq_rs, rm, L, bi0, am, bstride); \
+        else i_groups4_r<4, R>(w, ng, sg, kp, xm, xq_rs, rm, L, bi0, am, bstride);           \
+        break;
+        switch (mr - m < 6 ? mr - m : 6) {
+            QL_CASE(1) QL_CASE(2) QL_CASE(3) QL_CASE(4) QL_CASE(5) QL_CASE(6)
+        }
+#undef QL_CASE
+    }
 }
 
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
@@ -667,19 +742,11 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
     for (int64_t g = 0; g < ng; ++g) {
         // The block's panel: group g's 16 scales and zero points are contiguous, and
         // consecutive groups are next to each other. Scales rounded to float32 once, as
-        // ref.dequantize_rows does (float32 panels hold exactly those values).
+        // ref.dequantize_rows does for float32 x.
         const int64_t pi = panel(L, bi, g);
         const __m512i z16 = L.zpu ? _mm512_maskz_loadu_epi32(rmask, L.zpu + pi)
                                   : _mm512_set1_epi32(L.zp_uniform);
-        __m512 sc;
-        if (L.scales32) {
-            sc = _mm512_maskz_loadu_ps(rmask, static_cast<const float*>(L.scales) + pi);
-        } else {
-            const double* sg_p = static_cast<const double*>(L.scales) + pi;
-            sc = _mm512_insertf32x8(
-                _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), sg_p))),
-                _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), sg_p + 8)), 1);
-        }
+        const __m512 sc = _mm512_maskz_loadu_ps(rmask, L.scales32 + pi);
         // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
         // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
         const __m512i magic = _mm512_set1_epi32(0x4B000000);

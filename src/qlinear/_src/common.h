@@ -20,8 +20,8 @@ struct Layer {
     int64_t out, in;
     int64_t group_size;    // multiple of 4, or == in (one group)
     int64_t n_groups;
-    const void* scales;    // panels of float (scales32) or double
-    bool scales32;         // float32 panels (every scale is a float32 value: exact)
+    const float* scales32;   // panels, every scale rounded to float32 once
+    const double* scales64;  // (out, n_groups) row-major: float64 x and one-group int8 mode
     const int32_t* zpu;    // int32 panels, unsigned-code domain; nullptr: all zp_uniform
     int32_t zp_uniform;
     const double* bias;    // (out,) or nullptr
@@ -29,10 +29,8 @@ struct Layer {
 
 // Index of row 0 of block bi, group g in the parameter panels.
 inline int64_t panel(const Layer& L, int64_t bi, int64_t g) { return (bi * L.n_groups + g) * NR; }
-inline double scale_at(const Layer& L, int64_t i) {
-    return L.scales32 ? static_cast<double>(static_cast<const float*>(L.scales)[i])
-                      : static_cast<const double*>(L.scales)[i];
-}
+// The float64 scale of output row o, group g.
+inline double scale64(const Layer& L, int64_t o, int64_t g) { return L.scales64[o * L.n_groups + g]; }
 inline int32_t zp_at(const Layer& L, int64_t i) { return L.zpu ? L.zpu[i] : L.zp_uniform; }
 
 struct Call {

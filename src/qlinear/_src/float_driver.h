@@ -27,6 +27,14 @@ struct FCtx {
 
 constexpr int64_t F_BLOCKS = 8;
 
+// The scale of row o, group g in x's dtype (float: panel index i, rounded once as
+// ref.dequantize_rows does; double: the float64 scale itself).
+template <class T>
+inline T scale_t(const Layer& L, int64_t i, int64_t o, int64_t g) {
+    if (sizeof(T) == 4) return static_cast<T>(L.scales32[i]);
+    return static_cast<T>(scale64(L, o, g));
+}
+
 // wbuf[s*64 + i] = u - zpl[i] for `nsteps` steps of a full block.
 template <class T>
 void f_convert(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, T* wbuf) {
@@ -55,7 +63,7 @@ void f_convert_scaled(const Layer& L, const BlockView& v, int64_t o0, int64_t s0
                 const bool live = r < v.rb;
                 const int64_t i = panel(L, o0 / NR, g) + r;
                 const T z = live ? static_cast<T>(zp_at(L, i)) : T(0);
-                const T sc = live ? static_cast<T>(scale_at(L, i)) : T(0);
+                const T sc = live ? scale_t<T>(L, i, o0 + r, g) : T(0);
                 for (int kk = 0; kk < 4; ++kk) {
                     zl[r * 4 + kk] = z;
                     sl[r * 4 + kk] = sc;
@@ -164,7 +172,7 @@ void f_task(void* p, int64_t task, int) {
                     const int64_t i = panel(L, b, g) + r;
                     const T z = r < v.rb ? static_cast<T>(zp_at(L, i)) : T(0);
                     for (int kk = 0; kk < 4; ++kk) zpl[r * 4 + kk] = z;
-                    sc[r] = r < v.rb ? static_cast<T>(scale_at(L, i)) : T(0);
+                    sc[r] = r < v.rb ? scale_t<T>(L, i, ob + r, g) : T(0);
                 }
                 const int64_t de = std::min(ce, v.nd);
                 const int64_t nd = de > ca ? de - ca : 0;

@@ -43,12 +43,7 @@ inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_
     const int64_t i0 = panel(L, bi, g);
     if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
     else std::fill(zpv, zpv + rb, L.zp_uniform);
-    if (L.scales32) {
-        std::memcpy(sv, static_cast<const float*>(L.scales) + i0, static_cast<size_t>(rb) * sizeof(float));
-    } else {
-        const double* s = static_cast<const double*>(L.scales) + i0;
-        for (int64_t r = 0; r < rb; ++r) sv[r] = static_cast<float>(s[r]);
-    }
+    std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
 }
 
 // Output blocks per int8 task: two full blocks share every activation broadcast.
@@ -103,7 +98,16 @@ void i8_task(void* p, int64_t task, int) {
             i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L, bp * I8_BLOCKS, accf,
                         bstride);
         }
-        for (int64_t g = 0; g < (fused ? 0 : ng); ++g) {
+        // Several rows, four full blocks, several groups: every group in one call per
+        // 6 rows (sums in registers, the float32 epilogue at each group's end), into accf.
+        const bool fused4 = HAS_GROUPS4 && !fused && quad && ng > 1 && !vs[0].has_tail &&
+                            sg <= INT_CHUNK;
+        if (fused4) {
+            const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
+            i_groups4(w4, vs[0].bits, ng, sg, kp, xm, c.xq_rs, c.rs + m * ng, L, bp * I8_BLOCKS,
+                      accf, bstride, mr);
+        }
+        for (int64_t g = 0; g < (fused || fused4 ? 0 : ng); ++g) {
             const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
             // int32 stays exact for INT_CHUNK steps; longer groups carry int64 sums.
             const bool wide = sb - sa > INT_CHUNK;
@@ -147,7 +151,7 @@ void i8_task(void* p, int64_t task, int) {
                     double zpd[NR], sv[NR], bv[NR];
                     for (int r = 0; r < NR; ++r) {
                         zpd[r] = r < rb ? static_cast<double>(zp_at(L, o0 + r)) : 0.0;
-                        sv[r] = r < rb ? scale_at(L, o0 + r) : 0.0;
+                        sv[r] = r < rb ? scale64(L, o0 + r, 0) : 0.0;
                         bv[r] = r < rb && L.bias ? L.bias[o0 + r] : 0.0;
                     }
                     for (int mm = 0; mm < mr; ++mm) {
@@ -186,7 +190,7 @@ void i8_task(void* p, int64_t task, int) {
                         const int64_t* a = acc64 + b * bstride + mm * NR;
                         double* ad = accd + b * bstride + mm * NR;
                         for (int r = 0; r < NR; ++r) {
-                            const double sd = r < rb ? scale_at(L, (bp * I8_BLOCKS + b) * NR + r) : 0.0;
+                            const double sd = r < rb ? scale64(L, (bp * I8_BLOCKS + b) * NR + r, 0) : 0.0;
                             ad[r] = 0.0 + static_cast<double>(a[r] - static_cast<int64_t>(zpv[r]) * rsm) * sd;
                         }
                     } else if (wide) {

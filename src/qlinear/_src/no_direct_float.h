@@ -25,3 +25,8 @@ inline void i_groups_r1(const uint8_t* const*, int, int64_t, int64_t, int64_t, c
 // micro-kernel reads bytes as code + 128.
 static constexpr int64_t I4_EXPAND_ROWS = 0;
 inline void expand_steps4(const uint8_t*, int64_t, uint8_t*) {}
+
+// No fused all-groups kernel for a tile of rows (int8_driver.h).
+static constexpr bool HAS_GROUPS4 = false;
+inline void i_groups4(const uint8_t* const*, int, int64_t, int64_t, int64_t, const int8_t*,
+                      int64_t, const int32_t*, const Layer&, int64_t, float*, int64_t, int) {}

@@ -79,10 +79,11 @@ class Panels:
     ``out`` are 0), so one block's parameters are one contiguous run (a single group:
     the plain ``(out,)`` arrays, which are the same thing unpadded).
 
-    ``scales`` is float32 when every scale is a float32 value (GGUF's float16 scales,
-    float32 checkpoints: exact, half the bytes), else float64. ``zp`` is int32, or None
-    when every effective zero point equals ``zp_uniform`` (symmetric layers: no zero
-    point bytes read at all)."""
+    ``scales`` is float32, each scale rounded once: what int8 mode with several groups and
+    float mode on float32 x use (ref.linear_int8act, ref.dequantize_rows); float64 x and
+    one-group int8 mode read the weight's float64 ``(out, n_groups)`` scales instead.
+    ``zp`` is int32, or None when every effective zero point equals ``zp_uniform``
+    (symmetric layers: no zero point bytes read at all)."""
 
     scales: np.ndarray
     zp: np.ndarray | None
@@ -106,10 +107,8 @@ def _panel(a: np.ndarray, dtype) -> np.ndarray:
 
 def make_panels(scales: np.ndarray, zp: np.ndarray) -> Panels:
     """The kernels' copy of ``scales`` float64 and effective ``zp`` int32 ``(out, g)``."""
-    with np.errstate(over="ignore"):  # scales beyond float32: Inf, not exact
-        s32 = scales.astype(np.float32)
-    exact32 = bool(np.array_equal(s32.astype(np.float64), scales))
-    sp = _panel(scales, np.float32 if exact32 else np.float64)
+    with np.errstate(over="ignore"):  # scales beyond float32: Inf (x then overflows too)
+        sp = _panel(scales, np.float32)
     z0 = int(zp.flat[0])
     if bool((zp == z0).all()):
         return Panels(sp, None, z0)
@@ -169,6 +168,7 @@ class NativeWeight(KernelWeight):
             self.group_size,
             self.n_groups,
             self.panels.scales,
+            self.scales,  # C-contiguous float64 (out, n_groups)
             self.panels.zp,
             self.panels.zp_uniform,
             bias,
