@@ -1,9 +1,10 @@
 // int8-activation driver (dynamic W8A8 and W4A8): quantize x per row, then tasks of
 // I8_BLOCKS blocks x a chunk of rows run the ISA's integer micro-kernels, exact int32
-// (int64 past INT_CHUNK steps) sums, epilogue in double in the reference's order.
+// (int64 past INT_CHUNK steps) sums, the epilogue in the reference's order (float64 for
+// one group, float32 group sums for several: ref.linear_int8act).
 // Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue, and
-// HAS_GROUPS_R1 with i_groups_r1, I4_EXPAND_ROWS with expand_steps4 (stubs:
-// no_direct_float.h).
+// HAS_GROUPS_R1 with i_groups_r1, HAS_GROUPS4 with i_groups4, I4_EXPAND_ROWS with
+// expand_steps4 (stubs: no_direct_float.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
