@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_kernels.py                     # issue 12's shapes + SmolLM2's
     python benchmarks/bench_kernels.py --shapes 4096x4096 --batches 1,16 --no-smollm2
+    python benchmarks/bench_kernels.py --group-size 32 ...  # int4 in GGUF's groups of 32
 
 Columns (milliseconds, ``--threads`` (2) threads each, shape is out x in), the table of issue 12:
 qlinear int4 g128 with int8 activations (``activations="int8"``, W4A8) next to ONNX
@@ -11,6 +12,8 @@ Runtime ``MatMulNBits`` with ``accuracy_level=4`` (int8 activations, VNNI); qlin
 g128 with float activations next to ``MatMulNBits`` ``accuracy_level=0`` (float compute);
 qlinear int8 W8A8 (per channel) next to PyTorch ``quantize_dynamic`` (fbgemm) and ONNX
 Runtime ``DynamicQuantizeMatMul`` (MLAS). Both accuracy levels are passed explicitly.
+``--group-size`` (128) sets the int4 group of qlinear and the ``block_size`` of
+``MatMulNBits`` alike.
 
 Every contender of a (shape, batch) is measured ``--rounds`` times, interleaved with the
 others, with ``--pause`` seconds between measurements; a measurement is the median of
@@ -36,6 +39,7 @@ import qlinear
 from qlinear import QuantizedLinear, calibrate_linear
 
 THREADS = [2]  # every contender's thread count (--threads)
+GROUP = [128]  # the int4 group size (--group-size)
 
 
 def timeit(fn: Callable[[], object], budget: float = 0.15, min_reps: int = 5) -> float:
@@ -134,7 +138,7 @@ def ort_dynamic_peer(layer: QuantizedLinear, bias: np.ndarray):
     return _ort_single_node(node, inits, in_f, out_f), None
 
 
-def ort_nbits_peer(layer: QuantizedLinear, accuracy_level: int, block: int = 128):
+def ort_nbits_peer(layer: QuantizedLinear, accuracy_level: int, block: int):
     try:
         import onnxruntime  # noqa: F401
         from onnx import helper, numpy_helper
@@ -165,9 +169,9 @@ def ort_nbits_peer(layer: QuantizedLinear, accuracy_level: int, block: int = 128
 
 
 COLUMNS = [
-    ("int4 x int8", "qlinear int4 g128, activations='int8'"),
+    ("int4 x int8", "qlinear int4 (--group-size), activations='int8'"),
     ("nbits acc4", "ORT MatMulNBits accuracy_level=4"),
-    ("int4 float", "qlinear int4 g128, activations='float'"),
+    ("int4 float", "qlinear int4 (--group-size), activations='float'"),
     ("nbits acc0", "ORT MatMulNBits accuracy_level=0"),
     ("int8 W8A8", "qlinear int8 per channel, activations='int8'"),
     ("fbgemm", "torch quantize_dynamic qint8"),
@@ -185,7 +189,7 @@ def contenders(out_f: int, in_f: int, rng) -> tuple[dict, list[str]]:
         w, calibrate_linear(w, "int8", "per_channel", "symmetric"), bias=bias
     )
     l4 = QuantizedLinear.from_fp(
-        w, calibrate_linear(w, "int4", "per_group", "symmetric", group_size=128)
+        w, calibrate_linear(w, "int4", "per_group", "symmetric", group_size=GROUP[0])
     )
     makes: dict = {
         "int4 x int8": lambda x: lambda: l4(x, activations="int8"),
@@ -194,8 +198,8 @@ def contenders(out_f: int, in_f: int, rng) -> tuple[dict, list[str]]:
     }
     missing = []
     for col, (make, msg) in {
-        "nbits acc4": ort_nbits_peer(l4, 4),
-        "nbits acc0": ort_nbits_peer(l4, 0),
+        "nbits acc4": ort_nbits_peer(l4, 4, GROUP[0]),
+        "nbits acc0": ort_nbits_peer(l4, 0, GROUP[0]),
         "fbgemm": torch_peer(l8.dequantize(np.float32), bias),
         "MLAS DQMM": ort_dynamic_peer(l8, bias),
     }.items():
@@ -260,14 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,16,256")
     ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2's shapes at B=1")
     ap.add_argument("--threads", type=int, default=2, help="threads of every contender")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size (both sides)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pause", type=float, default=0.3)
     ap.add_argument("--budget", type=float, default=0.15)
     args = ap.parse_args(argv)
     THREADS[0] = args.threads
+    GROUP[0] = args.group_size
     qlinear.set_num_threads(args.threads)
     print(f"qlinear {qlinear.__version__}: {qlinear.backend_info()}")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({args.threads} threads per contender)")
+    print(
+        f"load average at start: {os.getloadavg()[0]:.2f} ({args.threads} threads per "
+        f"contender, int4 group {args.group_size})"
+    )
     rng = np.random.default_rng(0)
     bench(args.shapes, [int(b) for b in args.batches.split(",")], args, rng, True)
     if not args.no_smollm2:

@@ -311,8 +311,10 @@ def test_packing_round_trip_and_nbytes(backend, qtype, rng):
         # Packed codes take what canonical storage takes (int4: no per-row padding).
         expected = out_f * in_f if qtype == "int8" else (out_f * in_f + 1) // 2
         assert expected <= layer._weight.nbytes <= ref.stored_weight.nbytes
-        # Native int8 kernels keep their own zero points (+128, the unsigned-code domain).
-        assert layer.nbytes <= 1.05 * ref.nbytes + layer.zero_points.nbytes
+        # Native int8 kernels keep their own zero points (+128, the unsigned-code domain)
+        # and a float32 copy of the scales (the panels), nothing more.
+        extra = layer.zero_points.nbytes + 4 * layer.scales.size
+        assert layer.nbytes <= 1.05 * ref.nbytes + extra
 
 
 def test_per_group_sizes_not_multiple_of_four_still_match(rng):
@@ -395,13 +397,28 @@ def test_concurrent_python_threads_get_the_serial_results(backend, rng):
         np.testing.assert_array_equal(b, d)
 
 
+def with_float16_scales(layer, backend):
+    """The layer with its scales rounded to float16 (GGUF's block scales: float32 panels
+    then hold the scales exactly)."""
+    p = layer.params
+    p16 = QuantizationParams(
+        p.qtype, p.scheme, p.granularity, p.scale.astype(np.float16).astype(np.float64),
+        p.zero_point, p.min_val, p.max_val, group_size=p.group_size,
+    )  # fmt: skip
+    return QuantizedLinear._from_stored(
+        layer.stored_weight, p16, layer.in_features, layer.bias, backend
+    )
+
+
 @pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("gs", [32, 128])
 @pytest.mark.parametrize("qtype", ["int4", "int8"])
-def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtype, rng):
+@pytest.mark.parametrize("scales", ["float64", "float16"])
+def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtype, scales, rng):
     # W4A8 / W8A8 per group (the GGUF group of 32 and group 128): step pairs with an odd
     # step left over (in % 8 == 4), partial last groups, tails (in % 4 != 0), partial
-    # blocks (out % 16 != 0), 1..17 rows of x, 1/2/3 threads.
+    # blocks (out % 16 != 0), 1..49 rows of x, 1/2/3 threads; float64 scales and
+    # float16-valued ones (float32 panels), uniform (symmetric) and per-group zero points.
     before = kernels.get_num_threads()
     try:
         shapes = [(17, 1), (64, 3), (65, 63), (63, 65), (33, 127), (80, 4095), (64, 4092)]
@@ -410,6 +427,12 @@ def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtyp
             fmt = (qtype, "per_group", gs)
             scheme = "asymmetric" if i % 2 else "symmetric"
             layer = make_layer(rng, out_f, in_f, fmt, scheme, backend, bias=i % 3 == 0)
+            if scales == "float16":
+                layer = with_float16_scales(layer, backend)
+            panels = layer._weight.panels
+            assert panels.scales.dtype == np.float32
+            if scheme == "symmetric":  # one zero point for the whole layer: none read
+                assert panels.zp is None
             ref = reference_of(layer)
             for n in (1, 2, 7, 13, 17, 49):  # 13: a 12-row tile + 1; 49: int4 expanded
                 x = rng.standard_normal((n, in_f)).astype(np.float32 if n % 2 else np.float64)
@@ -417,5 +440,6 @@ def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtyp
                 for t in (1, 2, 3):
                     qlinear.set_num_threads(t)
                     np.testing.assert_array_equal(layer(x, activations="int8"), expected)
+                check_float(layer, x)
     finally:
         qlinear.set_num_threads(before)

@@ -72,3 +72,25 @@ def test_pack_matches_the_layout_spec(bits, shape, rng):
     assert got.tobytes() == spec_pack(u, bits)
     assert got.nbytes == native.packed_nbytes(bits, out, in_f)
     np.testing.assert_array_equal(native.unpack(got, bits, out, in_f), canon)
+
+
+def test_parameter_panels_are_block_major():
+    # 17 rows, 2 groups: block 0 holds rows 0..15 of group 0, then of group 1; block 1
+    # holds row 16 of each group and 15 zero rows. Scales float32; zero points int32, or
+    # none at all when every zero point is the same.
+    from qlinear.kernels.native import make_panels
+
+    o = np.arange(17, dtype=np.float64)[:, None]
+    scales = np.hstack([o + 1.0, o + 101.0])  # scale of row o, group g: o + 1 + 100 g
+    zp = np.hstack([o, o + 50]).astype(np.int32)
+    p = make_panels(scales, zp)
+    assert p.scales.dtype == np.float32 and p.scales.shape == (2, 2, 16)
+    assert p.scales[0, 0].tolist() == list(range(1, 17))
+    assert p.scales[0, 1].tolist() == list(range(101, 117))
+    assert p.scales[1, 0].tolist() == [17] + [0] * 15
+    assert p.scales[1, 1].tolist() == [117] + [0] * 15
+    assert p.zp.dtype == np.int32 and p.zp[1, 1].tolist() == [66] + [0] * 15
+    uniform = make_panels(scales, np.full((17, 2), 136, np.int32))
+    assert uniform.zp is None and uniform.zp_uniform == 136
+    one = make_panels(scales[:, :1], zp[:, :1])  # one group: the plain (out,) arrays
+    assert one.scales.tolist() == list(range(1, 18)) and one.zp.tolist() == list(range(17))

@@ -41,7 +41,35 @@ def test_int8_activations_integer_accumulation_is_exact(rng, scheme, gran, gs):
                 z = zp[o, g] if zp.ndim == 2 else zp[o if zp.size > 1 else 0]
                 s = sw[o, g] if sw.ndim == 2 else sw[o if sw.size > 1 else 0]
                 expected[t, o] += sx[t] * s * float(int(xq[t, k]) * (int(q[o, k]) - int(z)))
-    assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    if gran != "per_group":
+        assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        return
+    # Several groups: the documented float32 group sum (product and sum each rounded to
+    # float32, in group order), then float64 for sx and the bias; stated element by element.
+    ng = sw.shape[1]
+    exact32 = np.zeros((3, 7))
+    for t in range(3):
+        for o in range(7):
+            acc = np.float32(0.0)
+            for g in range(ng):
+                dot = sum(
+                    int(xq[t, k]) * (int(q[o, k]) - int(zp[o, g]))
+                    for k in range(g * gs, min(11, (g + 1) * gs))
+                )
+                acc = np.float32(acc + np.float32(np.float32(dot) * np.float32(sw[o, g])))
+            exact32[t, o] = float(acc) * sx[t]
+    np.testing.assert_array_equal(y, exact32)
+    # ... which is within n_groups * 2**-23 (relative to the sum of |terms|) of the exact sum
+    terms = np.zeros((3, 7))
+    for t in range(3):
+        for o in range(7):
+            for g in range(ng):
+                dot = sum(
+                    int(xq[t, k]) * (int(q[o, k]) - int(zp[o, g]))
+                    for k in range(g * gs, min(11, (g + 1) * gs))
+                )
+                terms[t, o] += abs(sx[t] * sw[o, g] * dot)
+    assert (np.abs(y - expected) <= ng * 2.0**-23 * terms + 1e-300).all()
 
 
 def test_int8_activations_error_is_small_on_large_layers(rng):

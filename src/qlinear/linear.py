@@ -290,7 +290,7 @@ class QuantizedLinear:
     def nbytes(self) -> int:
         """Bytes held by the layer: packed codes, scales, zero points and bias."""
         w = self._weight
-        arrays = [self._params.scale, self._params.zero_point, w.scales, w.zero_points]
+        arrays = [self._params.scale, self._params.zero_point, *w.arrays()]
         if self._bias is not None:
             arrays.append(self._bias)
         seen: set[int] = set()

@@ -323,31 +323,31 @@ static void i4_micro4_r(const uint8_t* const* w, int64_t nsteps, const int8_t* x
 #undef QL_ST
 }
 
-// One group's epilogue for one row of x and one block, 16 lanes at once:
-// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r] (exact int32 difference, then one
-// rounding for the product and one for the sum, as the scalar version).
+// One group's epilogue for one row of x and one block, 16 lanes at once, in float32 as
+// ref.linear_int8act: ad[r] (+)= float(a[r] - zpv[r] * rs) * sv[r] (exact int32
+// difference, then one rounding for the product and one for the sum, no FMA).
 static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
-                                  const double* sv, double* ad, bool first) {
+                                  const float* sv, float* ad, bool first) {
     const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a),
                                        _mm512_mullo_epi32(_mm512_loadu_si512(zpv), _mm512_set1_epi32(rs)));
-    const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(d)), _mm512_loadu_pd(sv));
-    const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1)), _mm512_loadu_pd(sv + 8));
-    const __m512d z = _mm512_setzero_pd();
-    _mm512_storeu_pd(ad, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad), lo));
-    _mm512_storeu_pd(ad + 8, _mm512_add_pd(first ? z : _mm512_loadu_pd(ad + 8), hi));
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sv));
+    _mm512_storeu_ps(ad, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(ad), v));
 }
+
+// The 16 float32 scales of a panel.
+static inline __m512 load_scales16(const Layer& L, int64_t i) { return _mm512_loadu_ps(L.scales32 + i); }
 
 // One row of x, four full blocks, every group in one call (decode): per group the
 // integer sums stay in registers (even and odd steps apart: 8 independent chains), then
-// accd[b][r] (+)= double(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
+// accf[b][r] (+)= float(dot - zpu * rs) * scale, 16 lanes at a time, as group_epilogue.
 template <int BITS>
 static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
-                          const int8_t* xq, const int32_t* rs, const int32_t* zpu,
-                          const double* scales, int64_t gstride, double* accd, int64_t bstride) {
+                          const int8_t* xq, const int32_t* rs, const Layer& L, int64_t bi0,
+                          float* accf, int64_t bstride) {
     const __m512i z = _mm512_setzero_si512();
     const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-    __m512d d[4][2];
-    for (int j = 0; j < 4; ++j) d[j][0] = d[j][1] = _mm512_setzero_pd();
+    __m512 d[4];
+    for (int j = 0; j < 4; ++j) d[j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
         __m512i a0 = z, a1 = z, a2 = z, a3 = z, e0 = z, e1 = z, e2 = z, e3 = z;
@@ -371,34 +371,108 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
             dpm(a2, load_step<BITS>(w2, s), xq + 4 * s);
             dpm(a3, load_step<BITS>(w3, s), xq + 4 * s);
         }
-        const __m512i r = _mm512_set1_epi32(rs[g]);
-        const int32_t* zg = zpu + g * gstride;
-        const double* sgp = scales + g * gstride;
         const __m512i sums[4] = {_mm512_add_epi32(a0, e0), _mm512_add_epi32(a1, e1),
                                  _mm512_add_epi32(a2, e2), _mm512_add_epi32(a3, e3)};
+        // zpu * rs: one broadcast product for a uniform zero point, else per row.
+        const __m512i zr = _mm512_set1_epi32(L.zp_uniform * rs[g]);
         for (int j = 0; j < 4; ++j) {
-            const __m512i dot = _mm512_sub_epi32(
-                sums[j], _mm512_mullo_epi32(_mm512_loadu_si512(zg + 16 * j), r));
-            const __m512d lo = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(dot)),
-                                             _mm512_loadu_pd(sgp + 16 * j));
-            const __m512d hi = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dot, 1)),
-                                             _mm512_loadu_pd(sgp + 16 * j + 8));
-            d[j][0] = _mm512_add_pd(d[j][0], lo);  // starts at +0.0, as the reference
-            d[j][1] = _mm512_add_pd(d[j][1], hi);
+            const int64_t i = panel(L, bi0 + j, g);
+            const __m512i zrj = L.zpu ? _mm512_mullo_epi32(_mm512_loadu_si512(L.zpu + i),
+                                                           _mm512_set1_epi32(rs[g]))
+                                      : zr;
+            const __m512i dot = _mm512_sub_epi32(sums[j], zrj);
+            // starts at +0.0f, as the reference
+            d[j] = _mm512_add_ps(d[j], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), load_scales16(L, i)));
         }
     }
-    for (int j = 0; j < 4; ++j) {
-        _mm512_storeu_pd(accd + j * bstride, d[j][0]);
-        _mm512_storeu_pd(accd + j * bstride + 8, d[j][1]);
-    }
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(accf + j * bstride, d[j]);
 }
 static constexpr bool HAS_GROUPS_R1 = true;
 static inline void i_groups_r1(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
-                               int64_t kp, const int8_t* xq, const int32_t* rs,
-                               const int32_t* zpu, const double* scales, int64_t gstride,
-                               double* accd, int64_t bstride) {
-    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
-    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, zpu, scales, gstride, accd, bstride);
+                               int64_t kp, const int8_t* xq, const int32_t* rs, const Layer& L,
+                               int64_t bi0, float* accf, int64_t bstride) {
+    if (bits == 8) i_groups_r1_b<8>(w, ng, sg, kp, xq, rs, L, bi0, accf, bstride);
+    else i_groups_r1_b<4>(w, ng, sg, kp, xq, rs, L, bi0, accf, bstride);
+}
+
+// R <= 6 rows of x over four full blocks and every group (several groups, no tail
+// step): per group the 4 x R int32 sums start at zero in registers, and at the group's
+// end each goes through group_epilogue's arithmetic (float(dot - zpu * rs) * scale, added
+// to accf in L1), so a group of 32 costs its products and one short float step per sum,
+// with no accumulator clears, loads or stores in between.
+template <int BITS, int R>
+static void i_groups4_r(const uint8_t* const* w, int64_t ng, int64_t sg, int64_t kp,
+                        const int8_t* xq, int64_t xq_rs, const int32_t* rs, const Layer& L,
+                        int64_t bi0, float* accf, int64_t bstride) {
+    const uint8_t *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+#define QL_X(i) const int8_t* x##i = xq + (R > i ? i : 0) * xq_rs;
+    QL_X(0) QL_X(1) QL_X(2) QL_X(3) QL_X(4) QL_X(5)
+#undef QL_X
+    for (int64_t g = 0; g < ng; ++g) {
+        const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
+        const __m512i z = _mm512_setzero_si512();
+#define QL_Z(i) __m512i a##i = z, b##i = z, c##i = z, d##i = z;
+        QL_Z(0) QL_Z(1) QL_Z(2) QL_Z(3) QL_Z(4) QL_Z(5)
+#undef QL_Z
+        for (int64_t s = sa; s < sb; ++s) {
+            const __m512i v0 = load_step<BITS>(w0, s);
+            const __m512i v1 = load_step<BITS>(w1, s);
+            const __m512i v2 = load_step<BITS>(w2, s);
+            const __m512i v3 = load_step<BITS>(w3, s);
+#define QL_ROW(i)                                      \
+    if (R > i) {                                       \
+        const __m512i xv = bcast4(x##i + 4 * s);       \
+        dpv(a##i, v0, xv);                             \
+        dpv(b##i, v1, xv);                             \
+        dpv(c##i, v2, xv);                             \
+        dpv(d##i, v3, xv);                             \
+    }
+            QL_ROW(0) QL_ROW(1) QL_ROW(2) QL_ROW(3) QL_ROW(4) QL_ROW(5)
+#undef QL_ROW
+        }
+        const bool first = g == 0;
+        auto ep = [&](__m512i a, int i, int j, __m512 sc, __m512i zpv) {
+            const int32_t r = rs[i * ng + g];
+            const __m512i zr = L.zpu ? _mm512_mullo_epi32(zpv, _mm512_set1_epi32(r))
+                                     : _mm512_set1_epi32(L.zp_uniform * r);
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, zr)), sc);
+            float* ad = accf + j * bstride + i * NR;
+            _mm512_storeu_ps(ad, _mm512_add_ps(first ? _mm512_setzero_ps() : _mm512_loadu_ps(ad), v));
+        };
+#define QL_EP(A, j)                                                                   \
+    {                                                                                 \
+        const int64_t pi = panel(L, bi0 + j, g);                                      \
+        const __m512 sc = load_scales16(L, pi);                                       \
+        const __m512i zpv = L.zpu ? _mm512_loadu_si512(L.zpu + pi) : z;               \
+        ep(A##0, 0, j, sc, zpv);                                                      \
+        if (R > 1) ep(A##1, 1, j, sc, zpv);                                           \
+        if (R > 2) ep(A##2, 2, j, sc, zpv);                                           \
+        if (R > 3) ep(A##3, 3, j, sc, zpv);                                           \
+        if (R > 4) ep(A##4, 4, j, sc, zpv);                                           \
+        if (R > 5) ep(A##5, 5, j, sc, zpv);                                           \
+    }
+        QL_EP(a, 0) QL_EP(b, 1) QL_EP(c, 2) QL_EP(d, 3)
+#undef QL_EP
+    }
+}
+static constexpr bool HAS_GROUPS4 = true;
+static inline void i_groups4(const uint8_t* const* w, int bits, int64_t ng, int64_t sg,
+                             int64_t kp, const int8_t* xq, int64_t xq_rs, const int32_t* rs,
+                             const Layer& L, int64_t bi0, float* accf, int64_t bstride, int mr) {
+    for (int m = 0; m < mr; m += 6) {
+        const int8_t* xm = xq + m * xq_rs;
+        const int32_t* rm = rs + m * L.n_groups;
+        float* am = accf + m * NR;
+#define QL_CASE(R)                                                                     \
+    case R:                                                                            \
+        if (bits == 8) i_groups4_r<8, R>(w, ng, sg, kp, xm, xq_rs, rm, L, bi0, am, bstride); \
+        else i_groups4_r<4, R>(w, ng, sg, kp, xm, xq_rs, rm, L, bi0, am, bstride);           \
+        break;
+        switch (mr - m < 6 ? mr - m : 6) {
+            QL_CASE(1) QL_CASE(2) QL_CASE(3) QL_CASE(4) QL_CASE(5) QL_CASE(6)
+        }
+#undef QL_CASE
+    }
 }
 
 // Rows of x in tiles of six over four full blocks; leftovers go two blocks at a time.
@@ -660,17 +734,19 @@ static inline __m512 rows16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 template <int BITS, int MR>
 static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int64_t kp,
-                       int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu, const double* scales,
-                       int64_t rb, const float* x, int64_t x_rs, const float* xt, __m512* total) {
+                       int64_t sg, const Layer& L, int64_t bi, int64_t rb, const float* x,
+                       int64_t x_rs, const float* xt, __m512* total) {
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
+    const int64_t ng = L.n_groups;
     for (int m = 0; m < MR; ++m) total[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        // Group-major scales and zero points: the 16 rows of group g are contiguous.
-        const __m512i z16 = _mm512_maskz_loadu_epi32(rmask, zpu + g * gstride);
-        const double* sg_p = scales + g * gstride;
-        const __m512 sc = _mm512_insertf32x8(
-            _mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask), sg_p))),
-            _mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(rmask >> 8), sg_p + 8)), 1);
+        // The block's panel: group g's 16 scales and zero points are contiguous, and
+        // consecutive groups are next to each other. Scales rounded to float32 once, as
+        // ref.dequantize_rows does for float32 x.
+        const int64_t pi = panel(L, bi, g);
+        const __m512i z16 = L.zpu ? _mm512_maskz_loadu_epi32(rmask, L.zpu + pi)
+                                  : _mm512_set1_epi32(L.zp_uniform);
+        const __m512 sc = _mm512_maskz_loadu_ps(rmask, L.scales32 + pi);
         // A code u becomes the float 2^23 + u by OR-ing it under the exponent bits of
         // 2^23 (an integer op instead of a conversion); subtracting 2^23 + zp is exact.
         const __m512i magic = _mm512_set1_epi32(0x4B000000);
@@ -722,8 +798,8 @@ static void fg_directN(const uint8_t* w, int64_t nd, const uint8_t* tail64, int6
 
 // y[m, o0 + r] = total + bias for r < rb; returns false if this kernel does not apply.
 static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t* tail64,
-                           int64_t kp, int64_t sg, int64_t ng, int64_t gstride, const int32_t* zpu,
-                           const double* scales, const double* bias, int64_t rb,
+                           int64_t kp, int64_t sg, const Layer& L, int64_t bi,
+                           const double* bias, int64_t rb,
                            const float* x, int64_t x_rs, const float* xt, int mr, float* y,
                            int64_t y_rs) {
     const __mmask16 rmask = rb >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rb) - 1);
@@ -739,8 +815,8 @@ static bool f_block_direct(const uint8_t* w, int bits, int64_t nd, const uint8_t
         const float* xm = x + m * x_rs;
         const float* xtm = xt + m * 4;
 #define QL_CALL(R)                                                                             \
-    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total); \
-    else fg_directN<4, R>(w, nd, tail64, kp, sg, ng, gstride, zpu, scales, rb, xm, x_rs, xtm, total);
+    if (bits == 8) fg_directN<8, R>(w, nd, tail64, kp, sg, L, bi, rb, xm, x_rs, xtm, total); \
+    else fg_directN<4, R>(w, nd, tail64, kp, sg, L, bi, rb, xm, x_rs, xtm, total);
         switch (r) {
             case 1: QL_CALL(1) break;
             case 2: QL_CALL(2) break;

@@ -1,8 +1,11 @@
 // Shared declarations of the qlinear native kernel core. The packed layout is in layout.h.
 //
 // Kernels see "unsigned" codes u and an effective zero point zpu in the same domain, so
-// that w[o, k] = (u[o, k] - zpu[g, o]) * scale[g, o]; scales and zero points are
-// group-major (n_groups, out): a block's 16 rows of one group are contiguous.
+// that w[o, k] = (u[o, k] - zpu[o, g]) * scale[o, g]. Scales and zero points are kept in
+// per-block panels (kernels/native.py, Panels): the 16 values of block b, group g are
+// contiguous at panel(L, b, g) (rows past `out` are 0 when n_groups > 1; with one group
+// the panels are the plain (out,) arrays, unpadded), so one block's parameters for every
+// group are one contiguous run.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -17,10 +20,18 @@ struct Layer {
     int64_t out, in;
     int64_t group_size;    // multiple of 4, or == in (one group)
     int64_t n_groups;
-    const double* scales;  // (n_groups, out)
-    const int32_t* zpu;    // (n_groups, out), unsigned-code domain
+    const float* scales32;   // panels, every scale rounded to float32 once
+    const double* scales64;  // (out, n_groups) row-major: float64 x and one-group int8 mode
+    const int32_t* zpu;    // int32 panels, unsigned-code domain; nullptr: all zp_uniform
+    int32_t zp_uniform;
     const double* bias;    // (out,) or nullptr
 };
+
+// Index of row 0 of block bi, group g in the parameter panels.
+inline int64_t panel(const Layer& L, int64_t bi, int64_t g) { return (bi * L.n_groups + g) * NR; }
+// The float64 scale of output row o, group g.
+inline double scale64(const Layer& L, int64_t o, int64_t g) { return L.scales64[o * L.n_groups + g]; }
+inline int32_t zp_at(const Layer& L, int64_t i) { return L.zpu ? L.zpu[i] : L.zp_uniform; }
 
 struct Call {
     int64_t n;             // rows of x

@@ -27,6 +27,14 @@ struct FCtx {
 
 constexpr int64_t F_BLOCKS = 8;
 
+// The scale of row o, group g in x's dtype (float: panel index i, rounded once as
+// ref.dequantize_rows does; double: the float64 scale itself).
+template <class T>
+inline T scale_t(const Layer& L, int64_t i, int64_t o, int64_t g) {
+    if (sizeof(T) == 4) return static_cast<T>(L.scales32[i]);
+    return static_cast<T>(scale64(L, o, g));
+}
+
 // wbuf[s*64 + i] = u - zpl[i] for `nsteps` steps of a full block.
 template <class T>
 void f_convert(const uint8_t* w, int bits, int64_t nsteps, const T* zpl, T* wbuf) {
@@ -53,8 +61,9 @@ void f_convert_scaled(const Layer& L, const BlockView& v, int64_t o0, int64_t s0
             gcur = g;
             for (int r = 0; r < NR; ++r) {
                 const bool live = r < v.rb;
-                const T z = live ? static_cast<T>(L.zpu[g * L.out + o0 + r]) : T(0);
-                const T sc = live ? static_cast<T>(L.scales[g * L.out + o0 + r]) : T(0);
+                const int64_t i = panel(L, o0 / NR, g) + r;
+                const T z = live ? static_cast<T>(zp_at(L, i)) : T(0);
+                const T sc = live ? scale_t<T>(L, i, o0 + r, g) : T(0);
                 for (int kk = 0; kk < 4; ++kk) {
                     zl[r * 4 + kk] = z;
                     sl[r * 4 + kk] = sc;
@@ -130,8 +139,8 @@ void f_task(void* p, int64_t task, int) {
     T* y = static_cast<T*>(C.y);
     if (HAS_F_BLOCK_DIRECT && !grouped && sizeof(T) == 4 && m1 - m0 <= F_BLOCK_DIRECT_ROWS) {
         // Scales and zero points of rows beyond rb are never read (masked gathers).
-        f_block_direct(v.w, v.bits, v.nd, v.tail64, kp, sg, ng, L.out, L.zpu + o0,
-                       L.scales + o0, L.bias ? L.bias + o0 : nullptr, v.rb,
+        f_block_direct(v.w, v.bits, v.nd, v.tail64, kp, sg, L, o0 / NR,
+                       L.bias ? L.bias + o0 : nullptr, v.rb,
                        reinterpret_cast<const float*>(x + m0 * C.x_rs), C.x_rs,
                        reinterpret_cast<const float*>(c.xt) + m0 * 4, static_cast<int>(m1 - m0),
                        reinterpret_cast<float*>(y + m0 * L.out + o0), L.out);
@@ -160,9 +169,10 @@ void f_task(void* p, int64_t task, int) {
                 const int64_t ob = b * NR;
                 if (b != bstart) view_block(L, b, scratch, v);
                 for (int r = 0; r < NR; ++r) {
-                    const T z = r < v.rb ? static_cast<T>(L.zpu[g * L.out + ob + r]) : T(0);
+                    const int64_t i = panel(L, b, g) + r;
+                    const T z = r < v.rb ? static_cast<T>(zp_at(L, i)) : T(0);
                     for (int kk = 0; kk < 4; ++kk) zpl[r * 4 + kk] = z;
-                    sc[r] = r < v.rb ? static_cast<T>(L.scales[g * L.out + ob + r]) : T(0);
+                    sc[r] = r < v.rb ? scale_t<T>(L, i, ob + r, g) : T(0);
                 }
                 const int64_t de = std::min(ce, v.nd);
                 const int64_t nd = de > ca ? de - ca : 0;

@@ -1,9 +1,10 @@
 // int8-activation driver (dynamic W8A8 and W4A8): quantize x per row, then tasks of
 // I8_BLOCKS blocks x a chunk of rows run the ISA's integer micro-kernels, exact int32
-// (int64 past INT_CHUNK steps) sums, epilogue in double in the reference's order.
+// (int64 past INT_CHUNK steps) sums, the epilogue in the reference's order (float64 for
+// one group, float32 group sums for several: ref.linear_int8act).
 // Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue, and
-// HAS_GROUPS_R1 with i_groups_r1, I4_EXPAND_ROWS with expand_steps4 (stubs:
-// no_direct_float.h).
+// HAS_GROUPS_R1 with i_groups_r1, HAS_GROUPS4 with i_groups4, I4_EXPAND_ROWS with
+// expand_steps4 (stubs: no_direct_float.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,15 @@ void i8_quant_task(void* p, int64_t task, int) {
         quantize_row_isa<T>(static_cast<const T*>(c.C->x) + m * c.C->x_rs, c.L->in, c.xq_rs, gs,
                         c.L->n_groups, c.xq + m * c.xq_rs, c.sx + m, c.rs + m * c.L->n_groups);
     }
+}
+
+// The zero points and float32 scales of block bi, group g (rows < rb; the rest stay 0).
+inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_t* zpv,
+                       float* sv) {
+    const int64_t i0 = panel(L, bi, g);
+    if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
+    else std::fill(zpv, zpv + rb, L.zp_uniform);
+    std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
 }
 
 // Output blocks per int8 task: two full blocks share every activation broadcast.
@@ -73,23 +83,32 @@ void i8_task(void* p, int64_t task, int) {
     constexpr int64_t bstride = MR_I * NR;
     alignas(64) int32_t acc[I8_BLOCKS * bstride];
     alignas(64) int64_t acc64[I8_BLOCKS * bstride];
-    alignas(64) double accd[I8_BLOCKS * bstride];
+    alignas(64) double accd[I8_BLOCKS * bstride];  // one group, past INT_CHUNK steps
+    alignas(64) float accf[I8_BLOCKS * bstride];   // several groups (float32, as the reference)
     T* y = static_cast<T*>(c.C->y);
     for (int64_t m = m0; m < m1; m += MR_I) {
         const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
         const int8_t* xm = c.xq + m * c.xq_rs;
         const size_t nacc = static_cast<size_t>(I8_BLOCKS * bstride);
         // One row of x over four full blocks and several groups (decode): the ISA may run
-        // every group in one call, sums and epilogue in registers, into accd.
+        // every group in one call, sums and epilogue in registers, into accf.
         const bool fused = HAS_GROUPS_R1 && quad && mr == 1 && ng > 1 && !vs[0].has_tail &&
                            sg <= INT_CHUNK;
         if (fused) {
-            const int64_t o0 = bp * I8_BLOCKS * NR;
             const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
-            i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L.zpu + o0, L.scales + o0,
-                        L.out, accd, bstride);
+            i_groups_r1(w4, vs[0].bits, ng, sg, kp, xm, c.rs + m * ng, L, bp * I8_BLOCKS, accf,
+                        bstride);
         }
-        for (int64_t g = 0; g < (fused ? 0 : ng); ++g) {
+        // Several rows, four full blocks, several groups: every group in one call per
+        // 6 rows (sums in registers, the float32 epilogue at each group's end), into accf.
+        const bool fused4 = HAS_GROUPS4 && !fused && quad && ng > 1 && !vs[0].has_tail &&
+                            sg <= INT_CHUNK;
+        if (fused4) {
+            const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
+            i_groups4(w4, vs[0].bits, ng, sg, kp, xm, c.xq_rs, c.rs + m * ng, L, bp * I8_BLOCKS,
+                      accf, bstride, mr);
+        }
+        for (int64_t g = 0; g < (fused || fused4 ? 0 : ng); ++g) {
             const int64_t sa = g * sg, sb = std::min(kp, sa + sg);
             // int32 stays exact for INT_CHUNK steps; longer groups carry int64 sums.
             const bool wide = sb - sa > INT_CHUNK;
@@ -132,8 +151,8 @@ void i8_task(void* p, int64_t task, int) {
                     const int64_t rb = vs[b].rb;
                     double zpd[NR], sv[NR], bv[NR];
                     for (int r = 0; r < NR; ++r) {
-                        zpd[r] = r < rb ? static_cast<double>(L.zpu[o0 + r]) : 0.0;
-                        sv[r] = r < rb ? L.scales[o0 + r] : 0.0;
+                        zpd[r] = r < rb ? static_cast<double>(zp_at(L, o0 + r)) : 0.0;
+                        sv[r] = r < rb ? scale64(L, o0 + r, 0) : 0.0;
                         bv[r] = r < rb && L.bias ? L.bias[o0 + r] : 0.0;
                     }
                     for (int mm = 0; mm < mr; ++mm) {
@@ -155,30 +174,37 @@ void i8_task(void* p, int64_t task, int) {
                 }
                 continue;
             }
-            // dot = sum u*xq - zpu * sum xq, exact in int64; accd += dot * scale (unfused,
-            // in the reference's order; accd starts at +0.0 and 0.0 + v == v). Within one
-            // int32 chunk (<= INT_CHUNK steps) both terms are below 255 * 127 * 4 * 8192
-            // < 2^30, so dot is exact in int32 too: the loops below vectorize.
+            // dot = sum u*xq - zpu * sum xq, exact in int64. One group (past INT_CHUNK
+            // steps): accd = double(dot) * scale. Several groups: accf += float(dot) *
+            // float(scale), in float32 in the reference's order (accf starts at +0.0f and
+            // 0.0f + v == v). Within one int32 chunk (<= INT_CHUNK steps) both terms are
+            // below 255 * 127 * 4 * 8192 < 2^30, so dot is exact in int32 too: the loops
+            // below vectorize.
             for (int b = 0; b < nb; ++b) {
-                const int64_t o0 = (bp * I8_BLOCKS + b) * NR;
                 const int64_t rb = vs[b].rb;
                 alignas(64) int32_t zpv[NR] = {};
-                alignas(64) double sv[NR] = {};
-                // Group-major scales and zero points: one contiguous run per block.
-                std::memcpy(zpv, L.zpu + g * L.out + o0, static_cast<size_t>(rb) * sizeof(int32_t));
-                std::memcpy(sv, L.scales + g * L.out + o0, static_cast<size_t>(rb) * sizeof(double));
+                alignas(64) float sv[NR] = {};
+                load_panel(L, bp * I8_BLOCKS + b, g, rb, zpv, sv);
                 for (int mm = 0; mm < mr; ++mm) {
                     const int32_t rsm = c.rs[(m + mm) * ng + g];
-                    double* ad = accd + b * bstride + mm * NR;
-                    if (wide) {
+                    if (ng == 1) {  // wide: one group past INT_CHUNK steps
                         const int64_t* a = acc64 + b * bstride + mm * NR;
+                        double* ad = accd + b * bstride + mm * NR;
                         for (int r = 0; r < NR; ++r) {
-                            const double v =
-                                static_cast<double>(a[r] - static_cast<int64_t>(zpv[r]) * rsm) * sv[r];
-                            ad[r] = g == 0 ? 0.0 + v : ad[r] + v;
+                            const double sd = r < rb ? scale64(L, (bp * I8_BLOCKS + b) * NR + r, 0) : 0.0;
+                            ad[r] = 0.0 + static_cast<double>(a[r] - static_cast<int64_t>(zpv[r]) * rsm) * sd;
+                        }
+                    } else if (wide) {
+                        const int64_t* a = acc64 + b * bstride + mm * NR;
+                        float* af = accf + b * bstride + mm * NR;
+                        for (int r = 0; r < NR; ++r) {
+                            const float v =
+                                static_cast<float>(a[r] - static_cast<int64_t>(zpv[r]) * rsm) * sv[r];
+                            af[r] = g == 0 ? 0.0f + v : af[r] + v;
                         }
                     } else {
-                        group_epilogue(acc + b * bstride + mm * NR, zpv, rsm, sv, ad, g == 0);
+                        group_epilogue(acc + b * bstride + mm * NR, zpv, rsm, sv,
+                                       accf + b * bstride + mm * NR, g == 0);
                     }
                 }
             }
@@ -190,7 +216,10 @@ void i8_task(void* p, int64_t task, int) {
             for (int mm = 0; mm < mr; ++mm) {
                 T* ym = y + (m + mm) * L.out + o0;
                 const double sxm = c.sx[m + mm];
-                const double* a = accd + b * bstride + mm * NR;
+                alignas(64) double a[NR];
+                if (ng == 1) std::memcpy(a, accd + b * bstride + mm * NR, sizeof(a));
+                else
+                    for (int r = 0; r < NR; ++r) a[r] = static_cast<double>(accf[b * bstride + mm * NR + r]);
                 if (vs[b].rb == NR && bias) {
                     for (int r = 0; r < NR; ++r) ym[r] = static_cast<T>(a[r] * sxm + bias[r]);
                 } else if (vs[b].rb == NR) {

@@ -95,25 +95,32 @@ py::object run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act,
     return std::move(y);
 }
 
+// scales32: float32 panels and zpu: int32 panels or None (every zero point is
+// zp_uniform), as kernels/native.py's Panels: (n_groups == 1) (out,), else
+// (ceil(out / 16), n_groups, 16), C-contiguous; scales64: float64 (out, n_groups).
 py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_style> packed, int bits,
-                 int64_t out, int64_t in, int64_t group_size,
-                 py::array_t<double, py::array::c_style> scales,
-                 py::array_t<int32_t, py::array::c_style> zpu, py::object bias, py::array x,
-                 bool int8act, int threads) {
+                 int64_t out, int64_t in, int64_t group_size, int64_t ng,
+                 py::array_t<float, py::array::c_style> scales32,
+                 py::array_t<double, py::array::c_style> scales64, py::object zpu, int32_t zp_uniform, py::object bias, py::array x, bool int8act,
+                 int threads) {
     const KernelTable* tab = table_for(isa);
     check(bits == 8 || bits == 4, "bits must be 8 or 4");
     check(out > 0 && in > 0, "out and in must be positive");
     check(packed.size() == packed_bytes(bits, out, in), "packed codes have the wrong size");
-    check(scales.ndim() == 2 && scales.shape(1) == out, "scales must be (n_groups, out)");
-    const int64_t ng = scales.shape(0);
-    check(zpu.ndim() == 2 && zpu.shape(1) == out && zpu.shape(0) == ng,
-          "zero points must match scales");
     check(ng >= 1, "n_groups must be >= 1");
     if (ng == 1) {
         check(group_size >= in, "one group must span the row");
     } else {
         check(group_size > 0 && group_size % 4 == 0, "group_size must be a multiple of 4");
         check((in + group_size - 1) / group_size == ng, "n_groups != ceil(in / group_size)");
+    }
+    const int64_t npanel = ng == 1 ? out : (out + NR - 1) / NR * ng * NR;
+    check(scales32.size() == npanel, "scales32 must be panels of the layer's size");
+    check(scales64.size() == out * ng, "scales64 must be (out, n_groups)");
+    py::array_t<int32_t, py::array::c_style> z;
+    if (!zpu.is_none()) {
+        z = py::array_t<int32_t, py::array::c_style>::ensure(zpu);
+        check(z && z.size() == npanel, "zero points must be int32 panels of the layer's size");
     }
     py::array_t<double, py::array::c_style> b;
     Layer L;
@@ -123,8 +130,10 @@ py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_styl
     L.in = in;
     L.group_size = ng == 1 ? in : group_size;
     L.n_groups = ng;
-    L.scales = scales.data();
-    L.zpu = zpu.data();
+    L.scales32 = scales32.data();
+    L.scales64 = scales64.data();
+    L.zpu = zpu.is_none() ? nullptr : z.data();
+    L.zp_uniform = zp_uniform;
     L.bias = nullptr;
     if (!bias.is_none()) {
         b = py::array_t<double, py::array::c_style>::ensure(bias);

@@ -3,15 +3,16 @@
 // has vector versions of its own).
 #pragma once
 
-// One group's epilogue for one row of x and one block (the scalar version):
-// ad[r] (+)= double(a[r] - zpv[r] * rs) * sv[r], ad starting at +0.0 when `first`. The
+// One group's epilogue for one row of x and one block (the scalar version), in float32
+// as ref.linear_int8act specifies for several groups:
+// ad[r] (+)= float(a[r] - zpv[r] * rs) * sv[r], ad starting at +0.0f when `first`. The
 // int32 difference is exact (see int8_driver.h).
 static inline void group_epilogue(const int32_t* a, const int32_t* zpv, int32_t rs,
-                                  const double* sv, double* ad, bool first) {
+                                  const float* sv, float* ad, bool first) {
     if (first) {
-        for (int r = 0; r < NR; ++r) ad[r] = 0.0 + static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+        for (int r = 0; r < NR; ++r) ad[r] = 0.0f + static_cast<float>(a[r] - zpv[r] * rs) * sv[r];
     } else {
-        for (int r = 0; r < NR; ++r) ad[r] += static_cast<double>(a[r] - zpv[r] * rs) * sv[r];
+        for (int r = 0; r < NR; ++r) ad[r] += static_cast<float>(a[r] - zpv[r] * rs) * sv[r];
     }
 }
 

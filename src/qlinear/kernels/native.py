@@ -23,7 +23,7 @@ from ..params import QuantizationParams
 from ..qtypes import QuantizationType
 from .registry import KernelWeight, get_num_threads, kernel_params
 
-__all__ = ["STATUS", "NativeBackend", "NativeWeight", "backends"]
+__all__ = ["STATUS", "NativeBackend", "NativeWeight", "Panels", "backends", "make_panels"]
 
 try:
     from .. import _native  # type: ignore[attr-defined]
@@ -42,6 +42,7 @@ _FEATURES: dict[str, bool] = dict(_native.cpu_features()) if _native is not None
 
 # int8 codes are stored as code + 128 (the u8 operand of vpdpbusd): so is the zero point.
 INT8_CODE_OFFSET = 128
+NR = 16  # output rows per packed block (layout.h)
 
 
 class _LazyCodes:
@@ -71,11 +72,59 @@ class _LazyCodes:
         return canon if self.codes is None else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Panels:
+    """Scales and zero points as the kernels read them: per block of 16 output rows, every
+    group's 16 values in a row, ``(n_blocks, n_groups, 16)`` C-contiguous (rows past
+    ``out`` are 0), so one block's parameters are one contiguous run (a single group:
+    the plain ``(out,)`` arrays, which are the same thing unpadded).
+
+    ``scales`` is float32, each scale rounded once: what int8 mode with several groups and
+    float mode on float32 x use (ref.linear_int8act, ref.dequantize_rows); float64 x and
+    one-group int8 mode read the weight's float64 ``(out, n_groups)`` scales instead.
+    ``zp`` is int32, or None when every effective zero point equals ``zp_uniform``
+    (symmetric layers: no zero point bytes read at all)."""
+
+    scales: np.ndarray
+    zp: np.ndarray | None
+    zp_uniform: int
+
+
+def _panel(a: np.ndarray, dtype) -> np.ndarray:
+    """``(out, n_groups)`` -> the panel layout of :class:`Panels` in ``dtype``."""
+    out, ng = a.shape
+    if ng == 1:
+        p = np.ascontiguousarray(a[:, 0], dtype=dtype)
+    else:
+        nb = -(-out // NR)
+        p = np.zeros((nb * NR, ng), dtype)
+        p[:out] = a
+        p = np.ascontiguousarray(p.reshape(nb, NR, ng).transpose(0, 2, 1))
+    if p.flags.writeable:
+        p.setflags(write=False)
+    return p
+
+
+def make_panels(scales: np.ndarray, zp: np.ndarray) -> Panels:
+    """The kernels' copy of ``scales`` float64 and effective ``zp`` int32 ``(out, g)``."""
+    with np.errstate(over="ignore"):  # scales beyond float32: Inf (x then overflows too)
+        sp = _panel(scales, np.float32)
+    z0 = int(zp.flat[0])
+    if bool((zp == z0).all()):
+        return Panels(sp, None, z0)
+    return Panels(sp, _panel(zp, np.int32), 0)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NativeWeight(KernelWeight):
     """Codes in the packed layout; zero points in the unsigned-code domain."""
 
     packed: _LazyCodes = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
+    panels: Panels = dataclasses.field(default=None, repr=False)  # type: ignore[assignment]
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        p = self.panels
+        return (*super().arrays(), p.scales, *(() if p.zp is None else (p.zp,)))
 
     def stored(self) -> np.ndarray:
         canon = self.packed.canonical()
@@ -117,8 +166,11 @@ class NativeWeight(KernelWeight):
             self.out_features,
             self.in_features,
             self.group_size,
-            self.scales.T,  # C-contiguous (n_groups, out)
-            self.zero_points.T,
+            self.n_groups,
+            self.panels.scales,
+            self.scales,  # C-contiguous float64 (out, n_groups)
+            self.panels.zp,
+            self.panels.zp_uniform,
             bias,
             x,
             int8act,
@@ -136,12 +188,6 @@ class NativeWeight(KernelWeight):
                 return None
             return self._reference(ref.linear_int8act, x, bias)
         return self._call(x, bias, True)  # None: x holds a NaN or an infinity
-
-
-def _group_major(a: np.ndarray) -> np.ndarray:
-    g = np.ascontiguousarray(a.T)
-    g.setflags(write=False)
-    return g.T
 
 
 class NativeBackend:
@@ -171,12 +217,10 @@ class NativeBackend:
             packed, nbytes = _LazyCodes(codes), codes.nbytes
         offset = INT8_CODE_OFFSET if bits == 8 else 0
         scales, zp, gs = kernel_params(params, out, in_features, offset)
-        # The kernels read scales and zero points group-major, (n_groups, out): the
-        # weight keeps those arrays and shows them as (out, n_groups) views.
-        scales, zp = _group_major(scales), _group_major(zp)
+        panels = make_panels(scales, zp)
         return NativeWeight(
-            self.name, params.qtype, bits, out, in_features, gs, scales, zp, nbytes,
-            packed=packed,
+            self.name, params.qtype, bits, out, in_features, gs, scales, zp,
+            nbytes, packed=packed, panels=panels,
         )  # fmt: skip
 
     def info(self) -> dict[str, Any]:

@@ -107,6 +107,10 @@ class KernelWeight:
     def n_groups(self) -> int:
         return self.scales.shape[1]
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The parameter arrays this weight holds besides its codes (for ``nbytes``)."""
+        return (self.scales, self.zero_points)
+
     def stored(self) -> np.ndarray:
         """Canonical stored codes, read-only (see the module docstring)."""
         raise NotImplementedError
