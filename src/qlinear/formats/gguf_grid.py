@@ -79,9 +79,7 @@ def _rule(b: np.ndarray, kind: str, c: float) -> tuple[np.ndarray, np.ndarray]:
     return _f16((hi - lo) / 15, kind), _f16(lo, kind)
 
 
-def block_params(
-    b: np.ndarray, kind: str, method: str = "minmax"
-) -> tuple[np.ndarray, np.ndarray]:
+def block_params(b: np.ndarray, kind: str, method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
     """``(d, m)`` float64 ``(...,)``, float16-exact, of float blocks ``b (..., 32)`` (see
     the module docstring; ``d`` is signed for Q4_0, ``m`` is 0 but for Q4_1)."""
     kind = _check_kind(kind)
@@ -171,7 +169,12 @@ def layer_from_grid(
 
 
 def quantize_weight(
-    w: np.ndarray, kind: str, backend: str | None = None, *, method: str = "minmax"
+    w: np.ndarray,
+    kind: str,
+    backend: str | None = None,
+    *,
+    method: str = "minmax",
+    bias: np.ndarray | None = None,
 ) -> QuantizedLinear | OffsetLinear:
     """qlinear's rounding of a float ``(out, in)`` weight (``in`` a multiple of 32) onto
     the ``kind`` grid: float16 block parameters by :func:`block_params` (default
@@ -186,7 +189,7 @@ def quantize_weight(
     b = w.reshape(out_f, in_f // BLOCK, BLOCK)
     d, m = block_params(b, kind, method)
     q = grid_codes(b, d, m, kind).reshape(out_f, in_f)
-    return layer_from_grid(q, d, m, kind, backend=backend)
+    return layer_from_grid(q, d, m, kind, bias=bias, backend=backend)
 
 
 def gptq_quantize_gguf(
