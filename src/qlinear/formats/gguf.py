@@ -39,7 +39,7 @@ from ..linear import QuantizedLinear
 from ..offset_linear import OffsetLinear
 from ..packing import pack_int4, unpack_int4
 from . import LoadInfo
-from .gguf_grid import BLOCK, GGUF_TYPES, TINY, _params, quantize_weight
+from .gguf_grid import BLOCK, GGUF_TYPES, GRID_METHODS, TINY, _params, quantize_weight
 
 __all__ = [
     "GGUF_TYPES",
@@ -423,6 +423,7 @@ def quantize_to_gguf(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     layers: dict[str, QuantizedLinear | OffsetLinear] | None = None,
+    method: str = "minmax",
     t0: float | None = None,
 ) -> Any:
     """Write ``dst`` (.gguf) from a GGUF file (requantized: every metadata key and the
@@ -430,7 +431,9 @@ def quantize_to_gguf(
 
     Every 2-D ``*.weight`` that is not a norm (from a GGUF source: that was quantized, or
     any linear) is written as ``kind``; ``layers`` maps GGUF tensor names to layers
-    already on the grid (e.g. GPTQ-calibrated), encoded as they are. ``include`` /
+    already on the grid (e.g. GPTQ-calibrated), encoded as they are; the others are
+    rounded by :func:`qlinear.formats.gguf_grid.quantize_weight` with ``method``
+    (``"minmax"``: llama.cpp's block scales; ``"mse"``: the shrink search). ``include`` /
     ``exclude`` globs match GGUF tensor names.
     """
     from ..report import CheckpointReport, TensorReport
@@ -438,6 +441,10 @@ def quantize_to_gguf(
     t0 = time.perf_counter() if t0 is None else t0
     if kind not in GGUF_TYPES:
         raise InvalidParamsError(f"gguf type must be one of {GGUF_TYPES}; got {kind!r}")
+    if method not in GRID_METHODS:
+        raise InvalidParamsError(
+            f"GGUF block scales are chosen by one of {GRID_METHODS}; got method {method!r}"
+        )
     gguf = _gguf()
     src_p, dst_p = Path(src), Path(dst)
     if dst_p.suffix != ".gguf":
@@ -458,7 +465,7 @@ def quantize_to_gguf(
         if quantize:
             layer = layers.pop(name, None)
             if layer is None:
-                layer = quantize_weight(w, kind)
+                layer = quantize_weight(w, kind, method=method)
             data = encode_layer(layer, kind, name)
             writer.add_tensor(name, data, raw_dtype=qt)
             rel = None
