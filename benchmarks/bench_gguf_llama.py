@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -178,9 +179,12 @@ def main() -> int:
         seconds[f"GPTQ {up}"] = time.perf_counter() - t
         files.append((f"GPTQ {up}", gptq))
     results = {}
-    for label, path in files:
-        results[label] = _perplexity(py, path, text_file, args.tokens, args.ctx)
-        time.sleep(1.0)
+    try:
+        for label, path in files:
+            results[label] = _perplexity(py, path, text_file, args.tokens, args.ctx)
+            time.sleep(1.0)
+    finally:
+        shutil.rmtree(tmp)  # the quantized files (tens of MB each)
     print(
         f"llama.cpp perplexity, {args.tokens} tokens of {args.text} text, {args.ctx}-token "
         f"windows; GPTQ: {args.calib_samples} x {args.calib_seqlen} calibration tokens of "
