@@ -354,3 +354,25 @@ def test_subnormal_inputs_are_not_marked_dead(rng):
     assert np.all(np.ldexp(tiny, 1040) == x)  # exact: the test's premise
     got = gptq_quantize(w, tiny, "int4", "per_group", "asymmetric", group_size=4, act_order=True)
     np.testing.assert_array_equal(got.qweight, ref.qweight)
+
+
+def test_grid_codes_without_correlation_are_plain_rounding(rng):
+    # H = I: no error is fed to other columns, so every code is the nearest grid point
+    # of the block's own (d, m) (a grid with float offsets, as GGUF's Q4_1)
+    from qlinear.gptq import gptq_grid_codes
+
+    w = rng.standard_normal((6, 24))
+
+    def rule(g):
+        return (g.max(1) - g.min(1)) / 15, g.min(1) + 0.1
+
+    codes, d, m = gptq_grid_codes(w, np.eye(24), 8, rule, 0, 15, damp=0.0)
+    b = w.reshape(6, 3, 8)
+    d_ref, m_ref = rule(b.reshape(18, 8))
+    d_ref, m_ref = d_ref.reshape(6, 3), m_ref.reshape(6, 3)
+    want = np.clip(np.rint((b - m_ref[..., None]) / d_ref[..., None]), 0, 15).reshape(6, 24)
+    np.testing.assert_array_equal(codes, want)
+    np.testing.assert_array_equal(d, d_ref)
+    np.testing.assert_array_equal(m, m_ref)
+    with pytest.raises(ShapeMismatchError, match="multiple of group_size 5"):
+        gptq_grid_codes(w, np.eye(24), 5, rule, 0, 15)

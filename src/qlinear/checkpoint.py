@@ -419,7 +419,8 @@ def quantize_checkpoint(
             ``quantization_config``, or each shard's metadata when there is no
             config.json; scales in the source dtype, codes computed against them),
             ``"qlinear"`` (float64 scales, partial groups kept) or ``"gguf"``
-            (``gguf_type`` ``"q8_0"``, ``"q4_0"`` or ``"q4_1"``; ``config`` is ignored).
+            (``gguf_type`` ``"q8_0"``, ``"q4_0"`` or ``"q4_1"``; of ``config`` only
+            ``method`` is used: ``"minmax"``, llama.cpp's block scales, or ``"mse"``).
         activations: ``"float"`` (weight-only) or ``"int8"`` (W8A8: int-quantized, dynamic
             per-token int8 activations; int8 weights only). compressed-tensors only.
         strict_group_size: compressed-tensors only: a layer whose in_features is not a
@@ -473,7 +474,13 @@ def quantize_checkpoint(
                 "(--ray); choose format='compressed-tensors' or 'qlinear', or drop the executor"
             )
         return gguf.quantize_to_gguf(
-            src, dst, gguf_type or "q8_0", include=include, exclude=exclude, t0=t0
+            src,
+            dst,
+            gguf_type or "q8_0",
+            include=include,
+            exclude=exclude,
+            method=QuantConfig.coerce(config).method,
+            t0=t0,
         )
     cfg = QuantConfig.coerce(config)
     if activations == "int8" and cfg.qtype is not QuantizationType.INT8:

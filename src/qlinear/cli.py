@@ -5,6 +5,7 @@ Commands:
   qlinear quantize SRC -o DST [--bits 8|4] [--granularity tensor|channel|group] ...
                    [--format compressed-tensors|qlinear|gguf] [--gguf-type q8_0|q4_0|q4_1] ...
                    [--gptq [--calib FILE] [--calib-samples N] [--calib-seqlen N] ...]
+                   (--gptq --format gguf: GPTQ on the Q8_0/Q4_0/Q4_1 grid as stored)
   qlinear inspect FILE        (qlinear, compressed-tensors, GGUF)
   qlinear perplexity MODEL [--text FILE] [--ctx 512] [--max-tokens N] [--json]
   qlinear generate MODEL PROMPT [-n 64] [--temperature 0] [--top-k K] [--top-p P] ...
@@ -40,7 +41,9 @@ def _bytes(n: float) -> str:
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8 (int8) or 4 (int4)")
+    # --bits and --scheme default to None so that --format gguf can tell a given flag
+    # (checked against the GGUF type) from the default; _config fills in 8 / symmetric
+    p.add_argument("--bits", type=int, choices=(8, 4), help="8 (int8, default) or 4 (int4)")
     p.add_argument(
         "--granularity",
         choices=tuple(GRANULARITIES),
@@ -52,7 +55,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"columns per group (default {DEFAULT_INT4_GROUP} with --granularity group)",
     )
-    p.add_argument("--scheme", choices=("symmetric", "asymmetric"), default="symmetric")
+    p.add_argument("--scheme", choices=("symmetric", "asymmetric"), help="default symmetric")
     p.add_argument(
         "--method",
         choices=METHODS,
@@ -62,9 +65,10 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    bits = 8 if args.bits is None else args.bits
     gran = args.granularity
     if gran is None:
-        gran = "group" if (args.bits == 4 or args.group_size is not None) else "channel"
+        gran = "group" if (bits == 4 or args.group_size is not None) else "channel"
     gs = args.group_size
     if gran == "group":
         gs = DEFAULT_INT4_GROUP if gs is None else gs
@@ -73,9 +77,9 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
     elif gs is not None:
         parser.error(f"--group-size needs --granularity group; got --granularity {gran}")
     return {
-        "qtype": f"int{args.bits}",
+        "qtype": f"int{bits}",
         "granularity": GRANULARITIES[gran],
-        "scheme": args.scheme,
+        "scheme": args.scheme or "symmetric",
         "group_size": gs,
         "method": args.method,
     }
@@ -161,7 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     qu.add_argument(
         "--gguf-type",
         choices=("q8_0", "q4_0", "q4_1"),
-        help="GGUF block type of the quantized tensors (default q8_0; --format gguf only)",
+        help="GGUF block type of the quantized tensors (default q8_0; --format gguf only). "
+        "The type fixes the grid: --bits/--scheme/--granularity/--group-size, if given, "
+        "must agree (q8_0: 8-bit symmetric, q4_0: 4-bit symmetric, q4_1: 4-bit asymmetric, "
+        "groups of 32); --method minmax (llama.cpp's scales) or mse; with --gptq, GPTQ "
+        "chooses the codes on that grid",
     )
     qu.add_argument(
         "--activations",
@@ -370,12 +378,14 @@ def _cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     if args.gptq:
         return _cmd_quantize_gptq(args, parser)
+    if args.format == "gguf":
+        args.gguf_type = _gguf_grid_flags(args, parser)
     cfg = _config(args, parser)
     if args.gguf_type is not None and args.format != "gguf":
         parser.error(f"--gguf-type needs --format gguf; got --format {args.format}")
     if args.format != "compressed-tensors" and (args.activations != "float"):
         parser.error("--activations int8 is written as compressed-tensors (W8A8) only")
-    if args.activations == "int8" and args.bits != 8:
+    if args.activations == "int8" and cfg["qtype"] != "int8":
         parser.error("--activations int8 (W8A8) needs --bits 8")
     with _executor(args) as executor:
         report = quantize_checkpoint(
@@ -440,15 +450,17 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
     for flag, v in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if v < 1:
             parser.error(f"{flag} must be >= 1; got {v}")
-    if args.format == "gguf":
-        parser.error("--gptq writes compressed-tensors or qlinear; GPTQ to GGUF is not built yet")
-    cfg = _config(args, parser)
     opts = GPTQOptions(
         samples=args.calib_samples,
         seqlen=args.calib_seqlen,
         act_order=args.act_order,
         damp=args.damp,
     )
+    if args.format == "gguf":
+        return _cmd_quantize_gptq_gguf(args, parser, opts)
+    if args.gguf_type is not None:
+        parser.error(f"--gguf-type needs --format gguf; got --format {args.format}")
+    cfg = _config(args, parser)
     with _executor(args) as executor:
         report = gptq_quantize_checkpoint(
             args.src,
@@ -473,6 +485,67 @@ def _cmd_quantize_gptq(args: argparse.Namespace, parser: argparse.ArgumentParser
         print(f"weight-only fallback (too few calibration tokens): {names}")
     print(f"time: {report.seconds:.1f} s")
     print(f"wrote {args.output}")
+    if args.report:
+        atomic_write_text(args.report, report.to_json() + "\n")
+        print(f"report: {args.report}")
+    return 0
+
+
+# GGUF type -> (bits, scheme) of its grid: what --bits / --scheme must say if given
+_GGUF_GRIDS = {"q8_0": (8, "symmetric"), "q4_0": (4, "symmetric"), "q4_1": (4, "asymmetric")}
+
+
+def _gguf_grid_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The GGUF type of ``--gptq --format gguf``, after checking that the grid flags
+    given agree with it: the GGUF type fixes the grid (blocks of 32 columns, float16
+    scales; Q8_0 int8 and Q4_0 int4 symmetric, Q4_1 int4 with a float16 minimum)."""
+    kind = args.gguf_type or "q8_0"
+    bits, scheme = _GGUF_GRIDS[kind]
+    grid = f"--gguf-type {kind} ({bits}-bit {scheme}, groups of 32)"
+    if args.bits is not None and args.bits != bits:
+        parser.error(f"--bits {args.bits} conflicts with {grid}; drop --bits or change the type")
+    if args.scheme is not None and args.scheme != scheme:
+        parser.error(f"--scheme {args.scheme} conflicts with {grid}")
+    if args.granularity is not None and args.granularity != "group":
+        parser.error(f"--granularity {args.granularity} conflicts with {grid}")
+    if args.group_size is not None and args.group_size != 32:
+        parser.error(f"--group-size {args.group_size} conflicts with {grid}")
+    if args.method not in ("minmax", "mse"):
+        parser.error(
+            f"--method {args.method}: GGUF block scales are chosen by minmax (llama.cpp's "
+            "rule) or mse"
+        )
+    if args.activations != "float":
+        parser.error("--activations int8 is written as compressed-tensors (W8A8) only")
+    if args.strict_group_size:
+        parser.error("--strict-group-size applies to compressed-tensors, not GGUF")
+    return kind
+
+
+def _cmd_quantize_gptq_gguf(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, opts: Any
+) -> int:
+    from .io import atomic_write_text
+    from .models.gptq_gguf import gptq_quantize_to_gguf
+
+    kind = _gguf_grid_flags(args, parser)
+    report = gptq_quantize_to_gguf(
+        args.src,
+        args.output,
+        kind,
+        method=args.method,
+        calib_text=_read_text(args.calib),
+        options=opts,
+        progress=not args.no_progress,
+    )
+    print(
+        f"gptq: {report.model_type}, {report.num_layers} layers, {len(report.gptq)} linears "
+        f"calibrated on {report.calibration_tokens} tokens ({args.calib_samples} x "
+        f"{args.calib_seqlen}), act order {'on' if args.act_order else 'off'}"
+    )
+    print(f"grid: GGUF {kind.upper()}, block scales by {args.method}")
+    print(f"time: {report.seconds:.1f} s")
+    print(f"wrote {args.output} (gguf)")
     if args.report:
         atomic_write_text(args.report, report.to_json() + "\n")
         print(f"report: {args.report}")

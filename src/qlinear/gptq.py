@@ -27,7 +27,7 @@ grouping, but over contiguous groups (no ``g_idx`` permutation needs to be store
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -54,7 +54,13 @@ from .qtypes import (
     code_range,
 )
 
-__all__ = ["HessianAccumulator", "PreparedHessian", "gptq_quantize", "hessian"]
+__all__ = [
+    "HessianAccumulator",
+    "PreparedHessian",
+    "gptq_grid_codes",
+    "gptq_quantize",
+    "hessian",
+]
 
 # Rows of X multiplied at once when accumulating X^T X (bounds the float64 copy).
 _ROWS = 4096
@@ -305,8 +311,13 @@ def gptq_quantize(
             seen[g] = True
         return g_scale[g], g_zero[g]
 
+    def quantize(j: int, col: np.ndarray, current) -> tuple[np.ndarray, np.ndarray]:
+        scale, zero = col_params(j, current)
+        q = np.clip(np.rint(col / scale) + zero, qmin, qmax)
+        return q, (q - zero) * scale
+
     with np.errstate(over="ignore", invalid="ignore"):
-        codes = _quantize_columns(wt, u, int(block_size), qmin, qmax, col_params)
+        codes = _quantize_columns(wt, u, int(block_size), quantize)
     if not np.all(np.isfinite(wt)):
         raise InvalidInputError(
             f"the error feedback overflowed float64 for weights up to {np.abs(w).max():.3g} "
@@ -315,6 +326,83 @@ def gptq_quantize(
     if per_group:
         params = params_from_range(g_lo.T, g_hi.T, qt, gran, sc, gs)
     return QuantizedLinear.from_codes(codes.T[:, inv_perm], params, bias=bias, backend=backend)
+
+
+def gptq_grid_codes(
+    weight: np.ndarray,
+    hessian: np.ndarray | PreparedHessian,
+    group_size: int,
+    block_params: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    code_min: int,
+    code_max: int,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ onto a per-group grid with float steps and offsets, as stored in a file.
+
+    ``weight`` float ``(out, in)`` with ``in`` a multiple of ``group_size``; ``hessian``
+    as for :func:`gptq_quantize` (an array or a :class:`PreparedHessian`).
+    ``block_params(g)`` takes a group's error-updated weights float64 ``(out,
+    group_size)`` (when the first of its columns is reached in processing order) and
+    returns ``(d, m)`` float64 ``(out,)``: the step and the offset exactly as the file
+    will store them (already rounded, e.g. to float16). Each column is then quantized
+    against them, ``q = clip(rint((w - m) / d), code_min, code_max)`` (``q = 0`` where
+    ``d == 0``), and the error fed back is ``w - (d * q + m)``: the weight the file
+    dequantizes is the one GPTQ optimised.
+
+    Returns ``(codes int16 (out, in), d (out, n_groups), m (out, n_groups))`` in the
+    original column order, ``W_q[o, k] = d[o, k // gs] * codes[o, k] + m[o, k // gs]``.
+    """
+    _check_options(damp, block_size, act_order)
+    w = as_float_matrix("weight", weight).copy()
+    out_f, in_f = w.shape
+    gs = _check_group_size(group_size, QuantizationGranularity.PER_GROUP)
+    if in_f % gs:
+        raise ShapeMismatchError(
+            f"in_features {in_f} must be a multiple of group_size {gs} for a stored grid"
+        )
+    h = _calibration_hessian(None, hessian, in_f)
+    if isinstance(h, PreparedHessian):
+        if h.damp != float(damp) or h.act_order != bool(act_order):
+            raise InvalidParamsError(
+                f"the PreparedHessian was made with damp={h.damp}, act_order={h.act_order}; "
+                f"got damp={damp}, act_order={act_order}"
+            )
+        prep = h
+    else:
+        prep = PreparedHessian(h, damp=float(damp), act_order=bool(act_order), _checked=True)
+    w[:, prep.dead] = 0.0
+    perm = prep.perm
+    inv_perm = np.argsort(perm)
+    wt = np.ascontiguousarray(w[:, perm].T)
+    ng = in_f // gs
+    d_all, m_all = np.empty((ng, out_f)), np.empty((ng, out_f))
+    safe = np.empty((ng, out_f))
+    group_of = perm // gs
+    seen = np.zeros(ng, dtype=bool)
+
+    def quantize(j: int, col: np.ndarray, current) -> tuple[np.ndarray, np.ndarray]:
+        g = group_of[j]
+        if not seen[g]:
+            cur = current(inv_perm[g * gs : (g + 1) * gs])  # (gs, out)
+            d_all[g], m_all[g] = block_params(np.ascontiguousarray(cur.T))
+            safe[g] = np.where(d_all[g] == 0, 1.0, d_all[g])
+            seen[g] = True
+        d, m = d_all[g], m_all[g]
+        q = np.clip(np.rint((col - m) / safe[g]), code_min, code_max)
+        q = np.where(d == 0, 0.0, q)
+        return q, d * q + m
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes = _quantize_columns(wt, prep.u, int(block_size), quantize)
+    if not np.all(np.isfinite(wt)):
+        raise InvalidInputError(
+            f"the error feedback overflowed float64 for weights up to {np.abs(w).max():.3g} "
+            "in magnitude; expected weights well inside float64's range"
+        )
+    return codes.T[:, inv_perm], d_all.T.copy(), m_all.T.copy()
 
 
 class PreparedHessian:
@@ -385,13 +473,15 @@ def _checked_hessian(h: object, in_f: int) -> np.ndarray:
     return a
 
 
-def _quantize_columns(wt, u, block_size, qmin, qmax, col_params) -> np.ndarray:
+def _quantize_columns(wt, u, block_size, quantize) -> np.ndarray:
     """The GPTQ column loop on ``wt (in, out)`` (columns in processing order, updated in
     place) with ``U (in, in)``; returns the codes ``(in, out)`` as int16.
 
-    ``col_params(j, current)`` gives the (scale, zero) vectors ``(out,)`` of column ``j``;
-    ``current(positions)`` returns the up-to-date weights ``(len, out)`` of columns not yet
-    quantized, pending lazy updates included.
+    ``quantize(j, col, current)`` gives the codes and the dequantized values, both
+    ``(out,)``, of column ``j`` (processing position) whose error-updated weights are
+    ``col``; ``current(positions)`` returns the up-to-date weights ``(len, out)`` of
+    columns not yet quantized, pending lazy updates included (for parameters chosen when
+    a group's first column is reached).
 
     Errors are pushed at three levels: inside a sub-block of ``_SUB`` columns after every
     column, to the rest of the block after each sub-block, and to the columns after the
@@ -419,11 +509,10 @@ def _quantize_columns(wt, u, block_size, qmin, qmax, col_params) -> np.ndarray:
                 return out
 
             for i in range(j1, j2):
-                scale, zero = col_params(i1 + i, current)
                 col = wb[i]
-                q = np.clip(np.rint(col / scale) + zero, qmin, qmax)
+                q, deq = quantize(i1 + i, col, current)
                 codes[i1 + i] = q
-                e = (col - (q - zero) * scale) / ub[i, i]
+                e = (col - deq) / ub[i, i]
                 wb[i:j2] -= np.outer(ub[i, i:j2], e)
                 errb[i] = e
             wb[j2:] -= ub[j1:j2, j2:].T @ errb[j1:j2]

@@ -14,9 +14,11 @@ layers whose ``dequantize()`` equals ``gguf.quants.dequantize`` exactly (as floa
 
 Other tensor types are dequantized through ``gguf.quants.dequantize`` to float32 arrays
 (``LoadInfo.notes`` says which). Writing: layers on these exact grids (group 32, scales
-representable in float16; e.g. from qlinear's GPTQ with those constraints) are encoded
-as they are; float weights are rounded by qlinear to the nearest grid point against the
-stored float16 scale (:func:`quantize_weight`). Hugging Face llama-family checkpoints are
+representable in float16; e.g. from GPTQ on the stored grid,
+:func:`qlinear.formats.gguf_grid.gptq_quantize_gguf`) are encoded as they are; float
+weights are rounded by qlinear to the nearest grid point against the stored float16
+scale (:func:`qlinear.formats.gguf_grid.quantize_weight`; the grids are described
+there). Hugging Face llama-family checkpoints are
 converted with the ``gguf`` tensor name map and llama.cpp's q/k row permutation.
 """
 
@@ -32,13 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from .._fp16 import to_float16_scales
 from ..errors import FormatError, InvalidParamsError, QuantizationError
 from ..linear import QuantizedLinear
 from ..offset_linear import OffsetLinear
 from ..packing import pack_int4, unpack_int4
-from ..params import QuantizationParams
 from . import LoadInfo
+from .gguf_grid import BLOCK, GGUF_TYPES, GRID_METHODS, TINY, _params, quantize_weight
 
 __all__ = [
     "GGUF_TYPES",
@@ -49,9 +50,6 @@ __all__ = [
     "read_causal_lm",
 ]
 
-BLOCK = 32
-GGUF_TYPES = ("q8_0", "q4_0", "q4_1")
-TINY = float(np.float16(2.0**-24))  # smallest positive float16: the scale of all-zero blocks
 FILE_TYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3}  # llama.cpp's LlamaFileType.MOSTLY_*
 
 
@@ -74,11 +72,6 @@ def _qtype(gguf: Any, name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- blocks
-def _params(scale: np.ndarray, zp: np.ndarray, qtype: str) -> QuantizationParams:
-    lo = np.zeros_like(scale)
-    return QuantizationParams(qtype, "asymmetric", "per_group", scale, zp, lo, lo, BLOCK)
-
-
 def _nibbles_gguf_to_cols(qs: np.ndarray) -> np.ndarray:
     """(out, nb, 16) bytes, element j in the low nibble and j + 16 in the high one ->
     (out, nb * 32) nibble values in column order."""
@@ -223,65 +216,6 @@ def encode_layer(layer: QuantizedLinear | OffsetLinear, kind: str, name: str) ->
     d16 = s.astype(np.float16)[..., None].view(np.uint8)
     m16 = np.asarray(m).astype(np.float16)[..., None].view(np.uint8)
     return np.concatenate([d16, m16, qs], axis=-1).reshape(out_f, -1)
-
-
-def quantize_weight(
-    w: np.ndarray, kind: str, backend: str | None = None
-) -> QuantizedLinear | OffsetLinear:
-    """qlinear's rounding of a float ``(out, in)`` weight (``in`` a multiple of 32) onto
-    the ``kind`` grid: float16 block scales chosen as llama.cpp does (Q8_0 ``amax / 127``,
-    Q4_0 ``max / -8`` with ``max`` the signed value of largest magnitude, Q4_1
-    ``(max - min) / 15`` and ``min``), then codes ``clip(rint(w / d))`` against the
-    *stored* scale (llama.cpp rounds against the float32 scale before storing it)."""
-    w = np.asarray(w, dtype=np.float64)
-    out_f, in_f = w.shape
-    if in_f % BLOCK:
-        raise InvalidParamsError(
-            f"{kind.upper()} needs in_features divisible by {BLOCK}; got {in_f}"
-        )
-    b = w.reshape(out_f, in_f // BLOCK, BLOCK)
-
-    def f16(a: np.ndarray) -> np.ndarray:
-        # float16 block scales / minimums, checked: a weight too large (or too small) for
-        # float16 is a clear error, never an Inf scale on disk (qlinear._fp16)
-        h = to_float16_scales(np.abs(a.astype(np.float32)), f"{kind.upper()} block scales")
-        return np.copysign(h.astype(np.float64), a)
-
-    if kind == "q8_0":
-        d = f16(np.abs(b).max(-1) / 127)
-        ds = np.where(d == 0, TINY, d)
-        q = np.clip(np.rint(b / ds[..., None]), -127, 127)
-        q = np.where((d == 0)[..., None], 0, q)
-        params = _params(ds, np.zeros(ds.shape, np.int32), "int8")
-        return QuantizedLinear.from_codes(
-            q.reshape(out_f, in_f).astype(np.int16), params, backend=backend
-        )
-    if kind == "q4_0":
-        i = np.abs(b).argmax(-1)[..., None]
-        d = f16(np.take_along_axis(b, i, -1)[..., 0] / -8)
-        ds = np.where(d == 0, 1.0, d)
-        n = np.clip(np.rint(b / ds[..., None]) + 8, 0, 15)
-        n = np.where((d == 0)[..., None], 8, n)
-        neg = d < 0
-        codes = np.where(neg[..., None], 15 - n, n)
-        params = _params(
-            np.where(d == 0, TINY, np.abs(d)), np.where(neg, 7, 8).astype(np.int32), "int4"
-        )
-        return QuantizedLinear.from_codes(
-            codes.reshape(out_f, in_f).astype(np.int16), params, backend=backend
-        )
-    if kind == "q4_1":
-        lo, hi = b.min(-1), b.max(-1)
-        d, m = f16((hi - lo) / 15), f16(lo)
-        ds = np.where(d == 0, TINY, d)
-        n = np.clip(np.rint((b - m[..., None]) / ds[..., None]), 0, 15)
-        n = np.where((d == 0)[..., None], 0, n)
-        params = _params(ds, np.zeros(ds.shape, np.int32), "int4")
-        inner = QuantizedLinear.from_codes(
-            n.reshape(out_f, in_f).astype(np.int16), params, backend=backend
-        )
-        return OffsetLinear(inner, m)
-    raise InvalidParamsError(f"gguf type must be one of {GGUF_TYPES}; got {kind!r}")
 
 
 # --------------------------------------------------------------------------- reading
@@ -489,6 +423,7 @@ def quantize_to_gguf(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     layers: dict[str, QuantizedLinear | OffsetLinear] | None = None,
+    method: str = "minmax",
     t0: float | None = None,
 ) -> Any:
     """Write ``dst`` (.gguf) from a GGUF file (requantized: every metadata key and the
@@ -496,7 +431,9 @@ def quantize_to_gguf(
 
     Every 2-D ``*.weight`` that is not a norm (from a GGUF source: that was quantized, or
     any linear) is written as ``kind``; ``layers`` maps GGUF tensor names to layers
-    already on the grid (e.g. GPTQ-calibrated), encoded as they are. ``include`` /
+    already on the grid (e.g. GPTQ-calibrated), encoded as they are; the others are
+    rounded by :func:`qlinear.formats.gguf_grid.quantize_weight` with ``method``
+    (``"minmax"``: llama.cpp's block scales; ``"mse"``: the shrink search). ``include`` /
     ``exclude`` globs match GGUF tensor names.
     """
     from ..report import CheckpointReport, TensorReport
@@ -504,6 +441,10 @@ def quantize_to_gguf(
     t0 = time.perf_counter() if t0 is None else t0
     if kind not in GGUF_TYPES:
         raise InvalidParamsError(f"gguf type must be one of {GGUF_TYPES}; got {kind!r}")
+    if method not in GRID_METHODS:
+        raise InvalidParamsError(
+            f"GGUF block scales are chosen by one of {GRID_METHODS}; got method {method!r}"
+        )
     gguf = _gguf()
     src_p, dst_p = Path(src), Path(dst)
     if dst_p.suffix != ".gguf":
@@ -524,7 +465,7 @@ def quantize_to_gguf(
         if quantize:
             layer = layers.pop(name, None)
             if layer is None:
-                layer = quantize_weight(w, kind)
+                layer = quantize_weight(w, kind, method=method)
             data = encode_layer(layer, kind, name)
             writer.add_tensor(name, data, raw_dtype=qt)
             rel = None

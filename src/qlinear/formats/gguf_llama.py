@@ -17,7 +17,7 @@ from ..offset_linear import OffsetLinear
 from ..params import QuantizationParams
 from .gguf import BLOCK, FILE_TYPES, _atomic_gguf, _gguf, _gguf_errors, _reader, _selected, read
 
-__all__ = ["read_causal_lm", "write_from_hf"]
+__all__ = ["gguf_layers", "read_causal_lm", "write_from_hf"]
 
 
 def _permute(w: np.ndarray, n_head: int, n_kv: int | None = None) -> np.ndarray:
@@ -235,9 +235,38 @@ def _hf_names(tmap: Any, n_layers: int) -> dict[str, str]:
 def _unpermute_item(v: Any, n_head: int, n_kv: int) -> Any:
     if isinstance(v, np.ndarray):
         return _unpermute(v, n_head, n_kv)
-    # rows move with their codes, scales, zero points and offsets: rebuild on the new order
+    return _reorder_rows(v, _unpermute(np.arange(v.out_features), n_head, n_kv))
+
+
+def gguf_layers(
+    layers: dict[str, QuantizedLinear | OffsetLinear], config: dict[str, Any]
+) -> dict[str, QuantizedLinear | OffsetLinear]:
+    """Layers under Hugging Face linear names (``model.layers.0.self_attn.q_proj``, rows in
+    Hugging Face order) -> the same layers under their GGUF tensor names
+    (``blk.0.attn_q.weight``) with q/k rows in llama.cpp's order, as
+    :func:`write_from_hf` writes float weights; for ``quantize_to_gguf(..., layers=)``.
+    ``config``: the model's config dict (heads, layers)."""
+    gguf = _gguf()
+    n_layers = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    out = {}
+    for name, v in layers.items():
+        gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise FormatError(f"layer {name!r} has no GGUF name for the llama architecture")
+        if name.endswith(("q_proj", "k_proj")):
+            kv = n_head if name.endswith("q_proj") else n_kv
+            v = _reorder_rows(v, _permute(np.arange(v.out_features), n_head, kv))
+        out[gname] = v
+    return out
+
+
+def _reorder_rows(v: Any, perm: np.ndarray) -> Any:
+    """``v`` with output rows ``perm`` (row ``i`` of the result is row ``perm[i]``): rows
+    move with their codes, scales, zero points, offsets and bias."""
     inner = v.inner if isinstance(v, OffsetLinear) else v
-    perm = _unpermute(np.arange(inner.out_features), n_head, n_kv)
     p = inner.params
     params = QuantizationParams(
         p.qtype,
@@ -253,6 +282,7 @@ def _unpermute_item(v: Any, n_head: int, n_kv: int) -> Any:
         np.ascontiguousarray(inner.stored_weight[perm]),
         params,
         inner.in_features,
+        bias=None if inner.bias is None else inner.bias[perm],
         backend=inner.backend,
     )
     return OffsetLinear(new, v.offsets[perm]) if isinstance(v, OffsetLinear) else new

@@ -50,6 +50,9 @@ from ..quantconfig import QuantConfig
 
 __all__ = ["GPTQCheckpointReport", "GPTQOptions", "gptq_quantize_checkpoint"]
 
+# quantize(name, weight, bias, hessian or None) -> a layer: see calibrate_layer
+LinearQuantizer = Callable[[str, np.ndarray, Any, Any], Any]
+
 # Float32 bytes of activations one calibration batch may hold (sets the batch size).
 _BATCH_BYTES = 96 * 1024 * 1024
 
@@ -153,20 +156,25 @@ def _read_config(src_dir: Path) -> dict[str, Any]:
     return d
 
 
-def calibration_ids(src_dir: Path, text: str | None, samples: int, seqlen: int) -> np.ndarray:
+def calibration_ids(src_dir: Any, text: str | None, samples: int, seqlen: int) -> np.ndarray:
     """int64 ``(samples, seqlen)``: the first ``samples * seqlen`` tokens of ``text``
-    (default: the calibration corpus) under the checkpoint's ``tokenizer.json``."""
+    (default: the calibration corpus) under the checkpoint's ``tokenizer.json``
+    (``src_dir`` a directory) or a :class:`qlinear.models.tokenizer.Tokenizer`."""
     from .corpus import corpus_text
     from .tokenizer import Tokenizer
 
-    tok_path = src_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise FormatError(f"{src_dir} has no tokenizer.json; GPTQ calibration needs it")
+    if isinstance(src_dir, Tokenizer):
+        tok = src_dir
+    else:
+        tok_path = Path(src_dir) / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FormatError(f"{src_dir} has no tokenizer.json; GPTQ calibration needs it")
+        tok = Tokenizer(tok_path)
     if text is None:
         text = corpus_text("calib")
     if not text.strip():
         raise InvalidInputError("the calibration text is empty; expected some text")
-    ids = Tokenizer(tok_path).encode(text)
+    ids = tok.encode(text)
     need = samples * seqlen
     if len(ids) < need:
         raise InvalidInputError(
@@ -222,7 +230,8 @@ def _quantize_group(
     opts: GPTQOptions,
     fallback: list[tuple[str, int]],
     gptq_names: list[str],
-) -> dict[str, QuantizedLinear]:
+    quantize: LinearQuantizer | None = None,
+) -> dict[str, Any]:
     out = {}
     hessians: dict[str, PreparedHessian] = {}
     for name in group:
@@ -235,7 +244,10 @@ def _quantize_group(
         rows = 0 if acc is None else acc.rows
         # routed experts may see few tokens; every other linear sees all of them
         if rows == 0 or (".experts." in name and rows < opts.min_tokens):
-            out[name] = QuantizedLinear.from_fp(w, lcfg.calibrate(w), bias=bias)
+            if quantize is not None:
+                out[name] = quantize(name, w, bias, None)
+            else:
+                out[name] = QuantizedLinear.from_fp(w, lcfg.calibrate(w), bias=bias)
             fallback.append((name, int(rows)))
             continue
         if root not in hessians:
@@ -244,6 +256,10 @@ def _quantize_group(
                 damp=opts.damp,
                 act_order=opts.act_order,  # type: ignore[union-attr]
             )
+        gptq_names.append(name)
+        if quantize is not None:
+            out[name] = quantize(name, w, bias, hessians[root])
+            continue
         out[name] = gptq_quantize(
             w,
             None,
@@ -258,7 +274,6 @@ def _quantize_group(
             bias=bias,
             hessian=hessians[root],
         )
-        gptq_names.append(name)
     return out
 
 
@@ -327,10 +342,17 @@ def calibrate_layer(
     dense: bool,
     fallback: list[tuple[str, int]] | None = None,
     gptq_names: list[str] | None = None,
-) -> tuple[dict[str, QuantizedLinear], np.ndarray]:
+    quantize: LinearQuantizer | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
     """GPTQ of one decoder layer (see the module docstring) on float32 hidden states
     ``h (samples, seqlen, hidden)``: returns ``(name -> QuantizedLinear, h_next)`` with
-    ``h_next`` the quantized layer's output, float32, the shape of ``h``."""
+    ``h_next`` the quantized layer's output, float32, the shape of ``h``.
+
+    ``quantize(name, weight, bias, hessian)`` replaces the per-linear quantizer (``cfg``
+    then only sets the batch plan): it gets the float weight ``(out, in)``, the bias
+    (or None) and the :class:`PreparedHessian` of the linear's calibration inputs (None:
+    too few rows, quantize from the weight alone) and returns a layer (anything with
+    ``forward``), e.g. GPTQ on a GGUF grid (:mod:`qlinear.models.gptq_gguf`)."""
     fallback = [] if fallback is None else fallback
     gptq_names = [] if gptq_names is None else gptq_names
     lins = layer.linears
@@ -351,7 +373,9 @@ def calibrate_layer(
             batch_size=batch_size,
             down=(down_inputs, h_next) if merge else None,  # type: ignore[arg-type]
         )
-        done.update(_quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names))
+        done.update(
+            _quantize_group(lins, group, accs, alias, cfg, opts, fallback, gptq_names, quantize)
+        )
     if h_next is not None:
         (down,) = groups[-1]
         q = done[down]
