@@ -260,3 +260,14 @@ def test_weights_too_large_for_float16_scales_are_a_clear_error(kind):
     w = np.full((2, 32), 1e7)
     with pytest.raises(InvalidParamsError, match="block scales"):
         quantize_weight(w, kind)
+
+
+def test_hf_llama_with_attention_bias_is_refused_for_gguf(tmp_path):
+    pytest.importorskip("tokenizers")
+    from _tiny_lm import build_tiny
+
+    src = build_tiny(tmp_path / "tiny", "llama", layers=1, attention_bias=True)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(FormatError, match=r"[qk]_proj\.bias.*attention_bias"):
+        qg.quantize_to_gguf(src, out, "q8_0")
+    assert not out.exists()

@@ -84,6 +84,12 @@ def write_from_hf(gguf: Any, src: Path, dst: Path, kind: str, emit: Any, include
             gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise FormatError(f"tensor {name!r} has no GGUF name for the llama architecture")
+            if name.endswith(("q_proj.bias", "k_proj.bias")):
+                # llama.cpp's q/k row order would have to apply to these too; not verified
+                raise FormatError(
+                    f"tensor {name!r}: q/k biases (attention_bias) are not converted to "
+                    "GGUF; expected a llama checkpoint without attention bias"
+                )
             arr = np.asarray(t.array(name))
             if name.endswith("q_proj.weight"):
                 arr = _permute(arr, n_head, n_head)
