@@ -13,6 +13,20 @@ Variants run interleaved, ``--reps`` rounds with pauses; the table shows the med
 ratio against llama.cpp (or against float32 when llama.cpp is absent). The quantized
 variants quantize every linear layer and the (tied) lm_head, as llama.cpp's Q4_1 file
 quantizes its output matrix too.
+
+``--gguf``: both engines on the very same GGUF files instead. Q8_0 and Q4_0 files are
+made once into ``--work-dir`` (``qlinear.formats.gguf.quantize_to_gguf``; default source
+the packaged Q4_1 file, whose token embedding is quantized and doubles as the tied output
+matrix, as in llama.cpp's own files; ``--source DIR`` takes a float checkpoint, whose
+embedding stays float32), then qlinear (``load_causal_lm(file)``) and llama.cpp load each
+file. Both compute the logits of the last position only in the prefill (llama.cpp's
+default, ``logits_all=False``; qlinear ``last_only=True``). Decode: greedy, ``--decode``
+tokens after a ``--prompt``-token prompt, one token per call. The first ``--agree``
+greedy tokens of both engines after the same prompt are compared (a sanity check: the two
+round differently, so they may part ways after a near tie).
+
+    python benchmarks/bench_decoder.py --gguf --llama-python /work/venv-llama/bin/python \\
+        [--work-dir /tmp/qlinear-bench/gguf] [--decode 64] [--reps 3]
 """
 
 from __future__ import annotations
@@ -53,6 +67,31 @@ for _ in range(n_decode):
     llm.eval([nxt])
 decode = time.perf_counter() - t0
 print(json.dumps({"prefill": n_prefill / prefill, "decode": n_decode / decode}))
+"""
+
+# --gguf: last-position logits only in the prefill (llama.cpp's default), greedy tokens back
+LLAMA_GGUF_CHILD = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, threads, n_prefill, n_prompt, n_decode = sys.argv[1], *map(int, sys.argv[2:6])
+llm = Llama(model_path=path, n_ctx=max(n_prefill, n_prompt + n_decode) + 8, n_threads=threads,
+            n_threads_batch=threads, n_batch=n_prefill, logits_all=False, verbose=False)
+rng = np.random.default_rng(0)
+toks = [int(t) for t in rng.integers(100, 30000, size=n_prefill)]
+n_vocab = llm.n_vocab()
+def last():  # without logits_all, llm.scores stays empty: read the context's last row
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+llm.reset(); llm.eval(toks[:16])  # warm-up
+llm.reset(); t0 = time.perf_counter(); llm.eval(toks); prefill = time.perf_counter() - t0
+llm.reset(); llm.eval(toks[:n_prompt])
+out = [int(np.argmax(last()))]
+t0 = time.perf_counter()
+for _ in range(n_decode):
+    llm.eval([out[-1]])
+    out.append(int(np.argmax(last())))
+decode = time.perf_counter() - t0
+print(json.dumps({"prefill": n_prefill / prefill, "decode": n_decode / decode, "tokens": out}))
 """
 
 
@@ -126,6 +165,141 @@ def measure(model, ids: np.ndarray, n_prompt: int, n_decode: int) -> dict[str, f
     return {"prefill": len(ids) / prefill, "decode": n_decode / decode}
 
 
+def gguf_files(work_dir: Path, source: Path) -> dict[str, Path]:
+    """Q8_0 and Q4_0 GGUF files of ``source``, made once and kept in ``work_dir``."""
+    from qlinear.formats.gguf import quantize_to_gguf
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tag = source.stem if source.is_file() else source.name
+    out = {}
+    for kind in ("q8_0", "q4_0"):
+        path = work_dir / f"{tag}.{kind}.gguf"
+        if not path.is_file():
+            print(f"writing {path} ...", flush=True)
+            quantize_to_gguf(source, path, kind)
+        out[kind] = path
+    return out
+
+
+def measure_last(model, ids: np.ndarray, n_prompt: int, n_decode: int) -> dict:
+    """Prefill of ``ids`` (last-position logits), then greedy decode after ``n_prompt``
+    tokens; the greedy tokens come back too (the first one is the prompt's)."""
+    t0 = time.perf_counter()
+    model.forward(ids, last_only=True)
+    prefill = time.perf_counter() - t0
+    cache = model.new_cache()
+    logits = model.forward(ids[:n_prompt], cache=cache, last_only=True)
+    out = [int(np.argmax(logits[-1]))]
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        logits = model.forward(np.array([out[-1]]), cache=cache, last_only=True)
+        out.append(int(np.argmax(logits[-1])))
+    decode = time.perf_counter() - t0
+    return {"prefill": len(ids) / prefill, "decode": n_decode / decode, "tokens": out}
+
+
+def linear_share(model, n_prompt: int, n_decode: int) -> tuple[float, float]:
+    """(ms per decoded token in all, ms of it outside the linear layers): the runner's
+    linear calls are timed through a wrapper around ``run_linear`` (fused groups stay
+    fused, unlike :func:`overhead_ms`'s hollow model); the wrapper's own cost counts as
+    outside."""
+    from qlinear.models import causal_lm, decoder_layer, decoder_moe
+
+    inner = decoder_layer.run_linear
+    spent = [0.0]
+
+    def timed(lin, x):
+        t = time.perf_counter()
+        y = inner(lin, x)
+        spent[0] += time.perf_counter() - t
+        return y
+
+    mods = (causal_lm, decoder_layer, decoder_moe)
+    for mod in mods:
+        mod.run_linear = timed
+    try:
+        cache = model.new_cache()
+        model.forward(np.arange(100, 100 + n_prompt), cache=cache, last_only=True)
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            model.forward(np.array([1]), cache=cache, last_only=True)
+        total = (time.perf_counter() - t0) / n_decode * 1e3
+    finally:
+        for mod in mods:
+            mod.run_linear = inner
+    return total, total - spent[0] / n_decode * 1e3
+
+
+def gguf_main(args: argparse.Namespace) -> None:
+    import qlinear
+    from qlinear.models import load_causal_lm
+
+    qlinear.set_num_threads(args.threads)
+    source = Path(args.source) if args.source else gguf_path()
+    if source is None:
+        sys.exit("no source: pass --source (a GGUF file or a float checkpoint directory)")
+    files = gguf_files(Path(args.work_dir), source)
+    py = args.llama_python or sys.executable
+    has_llama = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    ids = np.random.default_rng(0).integers(100, 30000, size=args.prefill)
+    models = {k: load_causal_lm(f) for k, f in files.items()}
+    for m in models.values():  # warm-up: touch every page once
+        measure_last(m, ids[:64], 16, 2)
+    runs: dict[str, list[dict]] = {}
+    load_avg = []
+    for _ in range(args.reps):
+        for kind, path in files.items():
+            load_avg.append(os.getloadavg()[0])
+            runs.setdefault(f"qlinear {kind}", []).append(
+                measure_last(models[kind], ids, args.prompt, args.decode)
+            )
+            time.sleep(args.pause)
+            if has_llama:
+                cmd = [py, "-c", LLAMA_GGUF_CHILD, str(path), str(args.threads),
+                       str(args.prefill), str(args.prompt), str(args.decode)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs.setdefault(f"llama.cpp {kind}", []).append(
+                    json.loads(out.strip().splitlines()[-1])
+                )
+                time.sleep(args.pause)
+    med = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("prefill", "decode")}
+        for k, v in runs.items()
+    }
+    print(f"SmolLM2-135M GGUF files from {source.name}, {args.threads} threads each, backend "
+          f"{qlinear.backend_info()['backend']}; prefill {args.prefill} tokens (last-position "
+          f"logits), decode {args.decode} tokens after {args.prompt}; median of {args.reps} "
+          f"interleaved rounds")  # fmt: skip
+    print(f"load average (1 min) during the rounds: {min(load_avg):.1f} to {max(load_avg):.1f} "
+          f"({os.cpu_count()} CPUs)")  # fmt: skip
+    if not has_llama:
+        print("llama.cpp: skipped (llama_cpp not importable; pass --llama-python)")
+    print(f"{'engine':<16} {'MB':>6} {'prefill tok/s':>14} {'x llama':>8} "
+          f"{'decode tok/s':>13} {'x llama':>8} {'greedy agree':>13}")  # fmt: skip
+    for kind, path in files.items():
+        mb = path.stat().st_size / 1e6
+        q, ll = med[f"qlinear {kind}"], med.get(f"llama.cpp {kind}")
+        agree = "-"
+        if ll is not None:
+            a = runs[f"qlinear {kind}"][0]["tokens"][: args.agree]
+            b = runs[f"llama.cpp {kind}"][0]["tokens"][: args.agree]
+            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+            agree = f"{same}/{len(a)}"
+            print(f"{'llama.cpp ' + kind:<16} {mb:6.1f} {ll['prefill']:14.1f} {1:8.2f} "
+                  f"{ll['decode']:13.1f} {1:8.2f} {'':>13}")  # fmt: skip
+        rp = q["prefill"] / ll["prefill"] if ll else float("nan")
+        rd = q["decode"] / ll["decode"] if ll else float("nan")
+        print(f"{'qlinear ' + kind:<16} {mb:6.1f} {q['prefill']:14.1f} {rp:8.2f} "
+              f"{q['decode']:13.1f} {rd:8.2f} {agree:>13}")  # fmt: skip
+    for kind, m in models.items():
+        shares = [linear_share(m, args.prompt, args.decode) for _ in range(3)]
+        total, outside = zip(*shares, strict=True)
+        t, o = statistics.median(total), statistics.median(outside)
+        print(f"qlinear {kind}: {t:.2f} ms per decoded token, {o:.2f} ms ({o / t:.0%}) "
+              "outside the linear layers (median of 3)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -135,7 +309,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pause", type=float, default=1.0)
     ap.add_argument("--llama-python", default=None, help="interpreter with llama_cpp installed")
+    ap.add_argument("--gguf", action="store_true", help="both engines on the same GGUF files")
+    ap.add_argument("--work-dir", default="/tmp/qlinear-bench/gguf", help="--gguf: file cache")
+    ap.add_argument("--source", help="--gguf: GGUF file or float checkpoint dir to quantize")
+    ap.add_argument("--agree", type=int, default=16, help="--gguf: greedy tokens compared")
     args = ap.parse_args()
+    if args.gguf:
+        gguf_main(args)
+        return
 
     import qlinear
     from qlinear.models import load_causal_lm

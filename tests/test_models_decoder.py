@@ -228,3 +228,34 @@ def test_attention_in_query_blocks_equals_one_block(model_dirs, monkeypatch):
     assert max_rel_diff(model(ids), whole) <= 1e-6  # per sequence, in blocks of 3 rows
     monkeypatch.setattr(decoder_layer, "_SCORE_ELEMENTS", 4 * 13 * 13)
     assert max_rel_diff(model(ids), whole) <= 1e-6  # per sequence, one block
+
+
+def test_runner_linear_calls_equal_the_public_forward():
+    """run_linear (the model's unchecked path) gives what each layer kind's checked
+    forward gives: float, quantized, and OffsetLinear (the GGUF Q4_1 layer) with bias."""
+    from qlinear.models.decoder_ops import run_linear
+    from qlinear.offset_linear import OffsetLinear
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((40, 96)).astype(np.float32)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    p = calibrate_linear(w, "int4", "per_group", "symmetric", group_size=32)
+    q = QuantizedLinear.from_fp(w, p)
+    off = OffsetLinear(q.with_bias(rng.standard_normal(40)), rng.standard_normal((40, 3)))
+    for lin in (FloatLinear(w, rng.standard_normal(40)), q, off):
+        got = run_linear(lin, x)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(lin.forward(x), dtype=np.float32))
+
+
+def test_one_token_steps_equal_the_full_sequence_with_a_window(model_dirs):
+    """Decoding one token at a time (the one-query attention path, taken when every
+    cached key is visible, and the masked path once the sliding window is shorter than
+    the context) gives the full sequence's logits."""
+    model = load_causal_lm(model_dirs["mistral_window"])
+    ids = _ids(12, batch=1, seq=16)
+    full = model(ids)
+    cache = model.new_cache(batch=1, capacity=2)
+    steps = [model.forward(ids[:, i : i + 1], cache=cache) for i in range(16)]
+    assert cache.capacity >= 16
+    assert max_rel_diff(np.concatenate(steps, axis=1), full) <= 1e-5

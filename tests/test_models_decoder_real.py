@@ -121,6 +121,29 @@ def test_smollm2_gguf_file_runs_quantized_and_matches_transformers(smollm2):
     assert max_rel_diff(model(np.array(ids)), expected) <= 1e-4
 
 
+def test_gguf_tied_head_runs_on_the_quantized_table():
+    """The packaged GGUF's token embedding is Q8_0 and doubles as the output matrix: the
+    loaded model's tied lm_head is that quantized table (as llama.cpp runs it), and its
+    logits equal those of a float head over the dequantized embedding (the same values),
+    prefill and cached decode alike."""
+    pytest.importorskip("gguf")
+    from conftest import smollm2_gguf_path
+
+    model = load_causal_lm(smollm2_gguf_path())
+    head = model.linear("lm_head")
+    assert isinstance(head, QuantizedLinear) and head.group_size == 32
+    table = model._embed  # the float32 lookup table the embedding step reads
+    assert np.array_equal(head.dequantize(np.float32), table)
+    floaty = model.with_linears({"lm_head": FloatLinear(table)})
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, size=12)
+    assert max_rel_diff(model(ids), floaty(ids)) <= 1e-5
+    cache = model.new_cache(capacity=4)  # grows past its first capacity while decoding
+    steps = [model.forward(ids[:5], cache=cache, last_only=True)]
+    steps += [model.forward(ids[i : i + 1], cache=cache) for i in range(5, 12)]
+    assert cache.length == 12 and cache.capacity >= 12
+    assert max_rel_diff(np.concatenate(steps)[-8:], floaty(ids)[4:]) <= 1e-5
+
+
 def test_w8a8_checkpoint_runs_with_int8_activations(tmp_path):
     """A W8A8 checkpoint (compressed-tensors int-quantized, dynamic per-token input
     activations) runs its linears in int8-activation mode when loaded; the same codes

@@ -59,6 +59,15 @@ def _attend(
     ``_SCORE_ELEMENTS`` floats, whatever the context length."""
     b, nh, t, d = q.shape
     s, g = k.shape[2], nh // nkv
+    if t == 1 and mask_of(positions) is None:
+        # one query that sees every key (a decode step): the block loop, the mask and
+        # the output buffer would cost more than the arithmetic; the same operations
+        scores = q.reshape(b, nkv, g, d) @ k.transpose(0, 1, 3, 2)  # (b, nkv, g, s)
+        scores *= np.float32(d**-0.5)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return (scores @ v).reshape(b, nh, 1, d)
     if b > 1 and b * nh * t * s > _SCORE_ELEMENTS:  # one sequence at a time, then blocks
         return np.concatenate(
             [
@@ -325,7 +334,8 @@ class DecoderLayer:
         c = self.config
         nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qn, kn, vn, on = _attention_names(self.prefix)
-        if capture is None and self._qkv is not None:
+        fused = capture is None and self._qkv is not None
+        if fused:
             qkv = run_linear(self._qkv, x)
             q, k, v = (
                 qkv[:, : nh * hd],
@@ -345,8 +355,14 @@ class DecoderLayer:
             q = rms_norm(q, self._norms["q"], c.rms_norm_eps)
             k = rms_norm(k, self._norms["k"], c.rms_norm_eps)
         cos, sin = rope
-        q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # (b, nh, t, hd)
-        k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # (b, nkv, t, hd)
+        if fused and c.qk_norm is None and c.clip_qkv is None:
+            # q and k are neighbouring columns of the fused qkv output: rotate both at once
+            qk = apply_rope(qkv[:, : (nh + nkv) * hd].reshape(b, t, nh + nkv, hd),
+                            cos[:, None], sin[:, None]).transpose(0, 2, 1, 3)  # fmt: skip
+            q, k = qk[:, :nh], qk[:, nh:]  # (b, nh, t, hd), (b, nkv, t, hd)
+        else:
+            q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # (b, nh, t, hd)
+            k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)  # (b, nkv, t, hd)
         v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.append(self.index, k, v)

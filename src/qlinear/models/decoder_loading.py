@@ -112,10 +112,12 @@ def _load_gguf(path: Path, backend: str | None) -> CausalLM:
     cfg = DecoderConfig.from_dict(raw, source=f"{path} (GGUF metadata)")
     emb = tensors.get("model.embed_tokens")
     if emb is not None and not isinstance(emb, np.ndarray):
-        # a quantized token embedding is a lookup table here: held dequantized (float32);
-        # a tied lm_head then multiplies by the same float table
+        # a quantized token embedding is a lookup table here: held dequantized (float32)
+        # for the rows the ids pick, and kept quantized below as the tied lm_head
         tensors = {**tensors, "model.embed_tokens.weight": emb.dequantize(np.float32)}
         del tensors["model.embed_tokens"]
+    else:
+        emb = None
 
     def get(name: str) -> Any:
         item = tensors.get(name)
@@ -136,7 +138,13 @@ def _load_gguf(path: Path, backend: str | None) -> CausalLM:
             )  # fmt: skip
         except ImportError:
             tokenizer = None
-    return CausalLM.from_tensors(cfg, get, tokenizer=tokenizer, source=str(path))
+    model = CausalLM.from_tensors(cfg, get, tokenizer=tokenizer, source=str(path))
+    if emb is not None and cfg.tie_word_embeddings:
+        # as llama.cpp does: the tied output matrix is the file's quantized table, the
+        # same values as the float lookup table, a quarter (Q8_0) to an eighth of the
+        # bytes read per decoded token
+        model = model.with_linears({"lm_head": emb})
+    return model
 
 
 def _release_pages(arrays: Any) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import FormatError
 from ..linear import QuantizedLinear
 from ..moe._pieces import silu
+from ..offset_linear import OffsetLinear
 from ..params import QuantizationParams
 from ..qtypes import QuantizationGranularity
 from .ops import FloatLinear, LinearLike
@@ -36,9 +37,20 @@ Capture = Callable[[str, np.ndarray], "LinearLike | None"]
 
 def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
     """``lin(x)`` as float32 for a float32 ``(tokens, in)`` x the model already checked:
-    QuantizedLinear through its unchecked path (the model checks its logits once)."""
-    if type(lin) is QuantizedLinear and x.shape[0]:
-        y = lin._forward_2d(x)
+    QuantizedLinear (alone or inside an OffsetLinear) through its unchecked path (the
+    model checks its logits once)."""
+    kind = type(lin)
+    if kind is QuantizedLinear and x.shape[0]:
+        y = lin._forward_2d(x)  # type: ignore[attr-defined]
+    elif kind is FloatLinear:
+        y = x @ lin.weight.T  # type: ignore[attr-defined]
+        if lin.bias is not None:  # type: ignore[attr-defined]
+            y += lin.bias  # type: ignore[attr-defined]
+    elif kind is OffsetLinear and x.shape[0]:
+        # OffsetLinear.forward's formula without its checks of x
+        y = lin.inner._forward_2d(x)  # type: ignore[attr-defined]
+        sums = x.reshape(x.shape[0], -1, lin.group_size).sum(axis=-1)  # type: ignore[attr-defined]
+        y = y + sums @ lin.offsets.T.astype(y.dtype)  # type: ignore[attr-defined]
     else:
         y = lin.forward(x)
     return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
@@ -88,17 +100,28 @@ def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> Linear
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """float32 ``(..., d)`` -> float32 ``(..., d)``: ``weight * x / sqrt(mean(x^2) + eps)``
     (mean over the last axis, in float32 as transformers' LlamaRMSNorm computes it)."""
+    # x * rsqrt(var + eps), as transformers multiplies; the few-element var is where the
+    # square root and the division happen, the (tokens, d) array sees two products only
     var = np.einsum("...i,...i->...", x, x)[..., None]
     var *= np.float32(1.0 / x.shape[-1])
     var += np.float32(eps)
-    out = x / np.sqrt(var)
+    np.sqrt(var, out=var)
+    np.divide(np.float32(1.0), var, out=var)
+    out = x * var
     out *= weight
     return out
 
 
 def swiglu(gu: np.ndarray, d_ff: int) -> np.ndarray:
-    """``gu`` float32 ``(tokens, 2 d_ff)`` (gate then up) -> ``silu(gate) * up``."""
-    h = silu(gu[:, :d_ff])
+    """``gu`` float32 ``(tokens, 2 d_ff)`` (gate then up) -> ``silu(gate) * up`` with
+    ``silu(g) = g / (1 + exp(-g))``: one new array, the rest in place. A gate below about
+    -88 makes ``exp(-g)`` Inf and the quotient 0 (silu's limit); callers run it under
+    ``np.errstate(over="ignore")``."""
+    g = gu[:, :d_ff]
+    h = np.negative(g)
+    np.exp(h, out=h)
+    h += np.float32(1.0)
+    np.divide(g, h, out=h)
     h *= gu[:, d_ff:]
     return h
 
