@@ -195,6 +195,19 @@ def _upper_cholesky_of_inverse(h: np.ndarray, damp: float) -> np.ndarray:
     return _inv_upper(np.ascontiguousarray(r))
 
 
+def _prepared(h: np.ndarray | PreparedHessian, damp: float, act_order: bool) -> PreparedHessian:
+    """``h`` as a :class:`PreparedHessian` for these options (made here from a raw
+    Hessian; a prepared one must have been made with the same options)."""
+    if isinstance(h, PreparedHessian):
+        if h.damp != float(damp) or h.act_order != bool(act_order):
+            raise InvalidParamsError(
+                f"the PreparedHessian was made with damp={h.damp}, act_order={h.act_order}; "
+                f"got damp={damp}, act_order={act_order}"
+            )
+        return h
+    return PreparedHessian(h, damp=float(damp), act_order=bool(act_order), _checked=True)
+
+
 def gptq_quantize(
     weight: np.ndarray,
     x_calib: np.ndarray | None,
@@ -279,15 +292,7 @@ def gptq_quantize(
         col_scale = np.broadcast_to(params.scale.astype(np.float64), (out_f,))
         col_zero = np.broadcast_to(params.zero_point.astype(np.float64), (out_f,))
 
-    if isinstance(h, PreparedHessian):
-        if h.damp != float(damp) or h.act_order != bool(act_order):
-            raise InvalidParamsError(
-                f"the PreparedHessian was made with damp={h.damp}, act_order={h.act_order}; "
-                f"got damp={damp}, act_order={act_order}"
-            )
-        prep = h
-    else:
-        prep = PreparedHessian(h, damp=float(damp), act_order=bool(act_order), _checked=True)
+    prep = _prepared(h, damp, act_order)
     dead, perm, u = prep.dead, prep.perm, prep.u
     w[:, dead] = 0.0
     inv_perm = np.argsort(perm)
@@ -364,15 +369,7 @@ def gptq_grid_codes(
             f"in_features {in_f} must be a multiple of group_size {gs} for a stored grid"
         )
     h = _calibration_hessian(None, hessian, in_f)
-    if isinstance(h, PreparedHessian):
-        if h.damp != float(damp) or h.act_order != bool(act_order):
-            raise InvalidParamsError(
-                f"the PreparedHessian was made with damp={h.damp}, act_order={h.act_order}; "
-                f"got damp={damp}, act_order={act_order}"
-            )
-        prep = h
-    else:
-        prep = PreparedHessian(h, damp=float(damp), act_order=bool(act_order), _checked=True)
+    prep = _prepared(h, damp, act_order)
     w[:, prep.dead] = 0.0
     perm = prep.perm
     inv_perm = np.argsort(perm)

@@ -392,6 +392,22 @@ def calibrate_layer(
     return done, h_next
 
 
+def _checked_ids(arch: Any, tokenizer: Any, calib_text: str | None, opts: GPTQOptions) -> Any:
+    """:func:`calibration_ids` for ``arch`` (``tokenizer``: a Tokenizer or the model
+    directory), checked against its context length and vocabulary."""
+    if opts.seqlen > arch.max_positions:
+        raise InvalidInputError(
+            f"calibration seqlen {opts.seqlen} is longer than the model's "
+            f"max_position_embeddings {arch.max_positions}"
+        )
+    ids = calibration_ids(tokenizer, calib_text, opts.samples, opts.seqlen)
+    if ids.max() >= arch.vocab_size:
+        raise FormatError(
+            f"the tokenizer produced id {int(ids.max())}; the embedding has {arch.vocab_size} rows"
+        )
+    return ids
+
+
 def _batch_size(cfg: Any, seqlen: int) -> int:
     moe_f = getattr(cfg, "moe_intermediate_size", 0) * getattr(cfg, "top_k", 0)
     per_sample = (
@@ -482,16 +498,7 @@ def gptq_quantize_checkpoint(
         arch = _bert_arch(raw_cfg, src_dir, source)
     else:
         arch = _decoder_arch(raw_cfg, src_dir, source)
-    if opts.seqlen > arch.max_positions:
-        raise InvalidInputError(
-            f"calibration seqlen {opts.seqlen} is longer than the model's "
-            f"max_position_embeddings {arch.max_positions}"
-        )
-    ids = calibration_ids(src_dir, calib_text, opts.samples, opts.seqlen)
-    if ids.max() >= arch.vocab_size:
-        raise FormatError(
-            f"the tokenizer produced id {int(ids.max())}; the embedding has {arch.vocab_size} rows"
-        )
+    ids = _checked_ids(arch, src_dir, calib_text, opts)
     if executor is not None and raw_cfg.get("model_type") == "bert":
         raise InvalidParamsError("the GPTQ executor (--ray) runs decoder models only; got bert")
     h = arch.embed(ids) if executor is None else None  # float32 (samples, seqlen, hidden)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, InvalidInputError, InvalidParamsError
+from ..errors import FormatError, InvalidParamsError
 from ..formats.gguf_grid import BLOCK, GGUF_TYPES, GRID_METHODS, gptq_quantize_gguf, quantize_weight
 from ..linear import QuantizedLinear
 from ..offset_linear import OffsetLinear
@@ -44,12 +44,12 @@ from .gptq_checkpoint import (
     GPTQOptions,
     _Arch,
     _batch_size,
+    _checked_ids,
     _decoder_arch,
     _progress,
     _read_config,
     _Source,
     calibrate_layer,
-    calibration_ids,
 )
 from .ops import FloatLinear
 
@@ -157,17 +157,7 @@ def _calibrate(
     """Layer-sequential GPTQ of every decoder linear onto the grid: ``(layers under
     Hugging Face linear names, GPTQ-calibrated names, weight-only fallbacks, seconds per
     layer)``."""
-    if opts.seqlen > arch.max_positions:
-        raise InvalidInputError(
-            f"calibration seqlen {opts.seqlen} is longer than the model's "
-            f"max_position_embeddings {arch.max_positions}"
-        )
-    ids = calibration_ids(tokenizer, calib_text, opts.samples, opts.seqlen)
-    if ids.max() >= arch.vocab_size:
-        raise FormatError(
-            f"the tokenizer produced id {int(ids.max())}; the embedding has {arch.vocab_size} rows"
-        )
-    h = arch.embed(ids)
+    h = arch.embed(_checked_ids(arch, tokenizer, calib_text, opts))
     batch = opts.batch_size or _batch_size(arch.config, opts.seqlen)
     # only sets calibrate_layer's plan: the quantizer below replaces the config's grid
     cfg = QuantConfig.coerce({"qtype": "int8", "granularity": "per_channel"})
