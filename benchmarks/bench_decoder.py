@@ -21,7 +21,9 @@ matrix, as in llama.cpp's own files; ``--source DIR`` takes a float checkpoint, 
 embedding stays float32), then qlinear (``load_causal_lm(file)``) and llama.cpp load each
 file. Both compute the logits of the last position only in the prefill (llama.cpp's
 default, ``logits_all=False``; qlinear ``last_only=True``). Decode: greedy, ``--decode``
-tokens after a ``--prompt``-token prompt, one token per call. The first ``--agree``
+tokens after a ``--prompt``-token prompt, one token per call. qlinear runs once per
+``--activations`` mode (default both: float x, and x quantized per token to int8 as
+llama.cpp quantizes x for these types). The first ``--agree``
 greedy tokens of both engines after the same prompt are compared (a sanity check: the two
 round differently, so they may part ways after a near tie).
 
@@ -243,7 +245,8 @@ def gguf_main(args: argparse.Namespace) -> None:
     py = args.llama_python or sys.executable
     has_llama = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
     ids = np.random.default_rng(0).integers(100, 30000, size=args.prefill)
-    models = {k: load_causal_lm(f) for k, f in files.items()}
+    acts = args.activations.split(",")
+    models = {(k, a): load_causal_lm(f, activations=a) for k, f in files.items() for a in acts}
     for m in models.values():  # warm-up: touch every page once
         measure_last(m, ids[:64], 16, 2)
     runs: dict[str, list[dict]] = {}
@@ -251,10 +254,11 @@ def gguf_main(args: argparse.Namespace) -> None:
     for _ in range(args.reps):
         for kind, path in files.items():
             load_avg.append(os.getloadavg()[0])
-            runs.setdefault(f"qlinear {kind}", []).append(
-                measure_last(models[kind], ids, args.prompt, args.decode)
-            )
-            time.sleep(args.pause)
+            for a in acts:
+                runs.setdefault(f"qlinear {kind} {a}", []).append(
+                    measure_last(models[kind, a], ids, args.prompt, args.decode)
+                )
+                time.sleep(args.pause)
             if has_llama:
                 cmd = [py, "-c", LLAMA_GGUF_CHILD, str(path), str(args.threads),
                        str(args.prefill), str(args.prompt), str(args.decode)]  # fmt: skip
@@ -275,28 +279,33 @@ def gguf_main(args: argparse.Namespace) -> None:
           f"({os.cpu_count()} CPUs)")  # fmt: skip
     if not has_llama:
         print("llama.cpp: skipped (llama_cpp not importable; pass --llama-python)")
-    print(f"{'engine':<16} {'MB':>6} {'prefill tok/s':>14} {'x llama':>8} "
+    print(f"{'engine':<20} {'MB':>6} {'prefill tok/s':>14} {'x llama':>8} "
           f"{'decode tok/s':>13} {'x llama':>8} {'greedy agree':>13}")  # fmt: skip
     for kind, path in files.items():
         mb = path.stat().st_size / 1e6
-        q, ll = med[f"qlinear {kind}"], med.get(f"llama.cpp {kind}")
-        agree = "-"
+        ll = med.get(f"llama.cpp {kind}")
         if ll is not None:
-            a = runs[f"qlinear {kind}"][0]["tokens"][: args.agree]
-            b = runs[f"llama.cpp {kind}"][0]["tokens"][: args.agree]
-            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-            agree = f"{same}/{len(a)}"
-            print(f"{'llama.cpp ' + kind:<16} {mb:6.1f} {ll['prefill']:14.1f} {1:8.2f} "
+            print(f"{'llama.cpp ' + kind:<20} {mb:6.1f} {ll['prefill']:14.1f} {1:8.2f} "
                   f"{ll['decode']:13.1f} {1:8.2f} {'':>13}")  # fmt: skip
-        rp = q["prefill"] / ll["prefill"] if ll else float("nan")
-        rd = q["decode"] / ll["decode"] if ll else float("nan")
-        print(f"{'qlinear ' + kind:<16} {mb:6.1f} {q['prefill']:14.1f} {rp:8.2f} "
-              f"{q['decode']:13.1f} {rd:8.2f} {agree:>13}")  # fmt: skip
-    for kind, m in models.items():
+        for act in acts:
+            name = f"qlinear {kind} {act}"
+            q, agree = med[name], "-"
+            if ll is not None:
+                a = runs[name][0]["tokens"][: args.agree]
+                b = runs[f"llama.cpp {kind}"][0]["tokens"][: args.agree]
+                same = next(
+                    (i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)
+                )
+                agree = f"{same}/{len(a)}"
+            rp = q["prefill"] / ll["prefill"] if ll else float("nan")
+            rd = q["decode"] / ll["decode"] if ll else float("nan")
+            print(f"{name:<20} {mb:6.1f} {q['prefill']:14.1f} {rp:8.2f} "
+                  f"{q['decode']:13.1f} {rd:8.2f} {agree:>13}")  # fmt: skip
+    for (kind, act), m in models.items():
         shares = [linear_share(m, args.prompt, args.decode) for _ in range(3)]
         total, outside = zip(*shares, strict=True)
         t, o = statistics.median(total), statistics.median(outside)
-        print(f"qlinear {kind}: {t:.2f} ms per decoded token, {o:.2f} ms ({o / t:.0%}) "
+        print(f"qlinear {kind} {act}: {t:.2f} ms per decoded token, {o:.2f} ms ({o / t:.0%}) "
               "outside the linear layers (median of 3)")  # fmt: skip
 
 
@@ -313,6 +322,11 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/tmp/qlinear-bench/gguf", help="--gguf: file cache")
     ap.add_argument("--source", help="--gguf: GGUF file or float checkpoint dir to quantize")
     ap.add_argument("--agree", type=int, default=16, help="--gguf: greedy tokens compared")
+    ap.add_argument(
+        "--activations",
+        default="float,int8",
+        help="--gguf: qlinear's activation modes to run, comma-separated (load_causal_lm)",
+    )
     args = ap.parse_args()
     if args.gguf:
         gguf_main(args)

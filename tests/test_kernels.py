@@ -274,6 +274,36 @@ def test_results_do_not_depend_on_thread_count(backend, rng):
         np.testing.assert_array_equal(out[t][1], out[1][1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", [FORMATS[1], FORMATS[4]], ids=["int8", "int4-g16"])
+def test_prefetch_changes_no_result_and_outlives_its_arrays(backend, fmt, rng):
+    # A prefetch request (the model runners send one per linear, for the next) only
+    # warms caches: results with and without it are the same bits, a request for a
+    # layer freed before the pool gets to it is harmless, an empty one is a no-op.
+    layer = make_layer(rng, 70, 96, fmt, "asymmetric", backend)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    before = kernels.get_num_threads()
+    try:
+        qlinear.set_num_threads(2)
+        want = (layer(x), layer(x, activations="int8"))
+        np.testing.assert_array_equal(want[1], reference_of(layer)(x, activations="int8"))
+        for _ in range(3):
+            gone = make_layer(rng, 300, 512, fmt, "symmetric", backend)
+            gone._prefetch()
+            del gone
+            layer._prefetch()
+            got = (layer(x), layer(x, activations="int8"))
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+        native = pytest.importorskip("qlinear._native") if backend != "numpy" else None
+        if native is not None:
+            native.prefetch([])
+            native.prefetch([np.zeros(0, np.uint8), np.zeros((3, 0), np.float32)])
+            np.testing.assert_array_equal(layer(x), want[0])
+    finally:
+        qlinear.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", NATIVE)
 def test_results_do_not_depend_on_the_pool_wait_policy(backend, rng):
     # The pool's wait policy (spin time, pause or yield, sleeping at once) decides when a

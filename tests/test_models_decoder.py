@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 import qlinear  # noqa: E402
 from qlinear import QuantizedLinear, calibrate_linear  # noqa: E402
 from qlinear.models import DecoderLayer, FloatLinear, load_causal_lm  # noqa: E402
+from qlinear.models.decoder_ops import Int8ActivationLinear  # noqa: E402
 
 TOL = 1e-4
 
@@ -246,6 +247,54 @@ def test_runner_linear_calls_equal_the_public_forward():
         got = run_linear(lin, x)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, np.asarray(lin.forward(x), dtype=np.float32))
+    got = run_linear(Int8ActivationLinear(q), x)
+    np.testing.assert_array_equal(got, q.forward(x, activations="int8"))
+
+
+def test_fused_int8_activation_parts_give_each_parts_rows():
+    """q/k/v (and gate/up) of a W8A8 model fuse into one int8-activation layer whose
+    columns are, bit for bit, what each part gives on its own (x is quantized per token,
+    the same for every part)."""
+    from qlinear.models.decoder_ops import fuse_linears, run_linear
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    parts = []
+    for out_f in (48, 16, 16):
+        w = rng.standard_normal((out_f, 64))
+        p = calibrate_linear(w, "int8", "per_channel", "symmetric")
+        parts.append(QuantizedLinear.from_fp(w, p, bias=rng.standard_normal(out_f)))
+    fused = fuse_linears([Int8ActivationLinear(q) for q in parts])
+    assert isinstance(fused, Int8ActivationLinear)
+    got = run_linear(fused, x)
+    want = np.concatenate([q.forward(x, activations="int8") for q in parts], axis=1)
+    np.testing.assert_array_equal(got, want)
+    # a mix of int8 and float activation modes does not fuse into one mode
+    assert not isinstance(fuse_linears([Int8ActivationLinear(parts[0]), parts[1]]),
+                          Int8ActivationLinear)  # fmt: skip
+
+
+def test_prefetching_the_next_linear_changes_no_logit(model_dirs, monkeypatch):
+    """The runner asks the kernels' pool to prefetch each next linear's weight; int4 and
+    int8 models give the same logits with and without (the requests only warm caches)."""
+    from qlinear.models import decoder_layer
+
+    fp = load_causal_lm(model_dirs["llama"])
+    ids = _ids(13, batch=1, seq=7)
+    for qtype, gs in (("int4", 32), ("int8", None)):
+        mapping = {}
+        for n in fp.linear_names():
+            w = fp.linear(n).weight
+            p = calibrate_linear(w, qtype, "per_group" if gs else "per_channel", "symmetric",
+                                 group_size=gs)  # fmt: skip
+            mapping[n] = Int8ActivationLinear(QuantizedLinear.from_fp(w, p))
+        q = fp.with_linears(mapping)
+        with_pf = [q(ids), q(ids[:, :1])]
+        with monkeypatch.context() as m:
+            m.setattr(decoder_layer, "prefetch_linear", lambda lin: None)
+            without = [q(ids), q(ids[:, :1])]
+        for a, b in zip(with_pf, without, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_one_token_steps_equal_the_full_sequence_with_a_window(model_dirs):

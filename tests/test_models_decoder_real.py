@@ -164,3 +164,30 @@ def test_w8a8_checkpoint_runs_with_int8_activations(tmp_path):
     y8, yw, yf = q(ids), weight_only(ids), fp(ids)
     assert max_rel_diff(y8, yw) > 0  # the activation mode is really in use
     assert max_rel_diff(y8, yf) <= 0.3  # a loose bound: tiny random models amplify errors
+
+
+def test_activations_choose_the_mode_over_what_was_stored(tmp_path):
+    """``load_causal_lm(..., activations=)``: "int8" on a weight-only int8 checkpoint runs
+    as the W8A8 checkpoint of the same codes runs (logits bit for bit), "float" on the
+    W8A8 one runs as the weight-only one; float layers stay float; a bad mode is named."""
+    from qlinear.errors import InvalidParamsError
+    from qlinear.models.decoder_ops import Int8ActivationLinear
+
+    mt, extra = VARIANTS["llama"]
+    src = build(mt, extra, tmp_path / "float")
+    w8a8, w8 = tmp_path / "w8a8", tmp_path / "w8"
+    base = ["--bits", "8", "--no-progress"]
+    assert main(["quantize", str(src), "-o", str(w8a8), *base, "--activations", "int8"]) == 0
+    assert main(["quantize", str(src), "-o", str(w8), *base]) == 0
+    ids = np.random.default_rng(4).integers(0, 128, size=(2, 9))
+    as_w8a8 = load_causal_lm(w8, activations="int8")
+    assert any(isinstance(as_w8a8.linear(n), Int8ActivationLinear) for n in as_w8a8.linear_names())
+    np.testing.assert_array_equal(as_w8a8(ids), load_causal_lm(w8a8)(ids))
+    as_w8 = load_causal_lm(w8a8, activations="float")
+    assert not any(isinstance(as_w8.linear(n), Int8ActivationLinear) for n in as_w8.linear_names())
+    np.testing.assert_array_equal(as_w8(ids), load_causal_lm(w8)(ids))
+    fp = load_causal_lm(src, activations="int8")  # nothing quantized: nothing changes
+    assert all(isinstance(fp.linear(n), FloatLinear) for n in fp.linear_names())
+    np.testing.assert_array_equal(fp(ids), load_causal_lm(src)(ids))
+    with pytest.raises(InvalidParamsError, match=r"activations.*'int4'"):
+        load_causal_lm(w8, activations="int4")

@@ -144,3 +144,23 @@ def test_cli_generate_streams_and_reports(smollm2_dir, smollm2, capsys):
         assert main([*argv, "--seed", "11", "--top-p", "0.9"]) == 0
         runs.append(json.loads(capsys.readouterr().out)["text"])
     assert runs[0] == runs[1]
+
+
+def test_cli_generate_with_int8_activations(tmp_path, capsys):
+    """``qlinear generate --activations int8`` decodes greedily what the int8-activation
+    model's own greedy loop gives."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    from _tiny_lm import build_tiny
+    from qlinear.models import load_causal_lm
+
+    src, q = build_tiny(tmp_path / "tiny"), tmp_path / "w8"
+    assert main(["quantize", str(src), "-o", str(q), "--bits", "8", "--no-progress"]) == 0
+    capsys.readouterr()
+    model = load_causal_lm(q, activations="int8")
+    ids = model.tokenizer.encode("def f(x): return")
+    want = model.tokenizer.decode(list(generate_tokens(model, ids, max_new_tokens=6)))
+    argv = ["generate", str(q), "def f(x): return", "-n", "6", "--json", "--activations", "int8"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["text"] == want and r["generated_tokens"] == 6

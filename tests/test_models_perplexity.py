@@ -129,3 +129,25 @@ def test_cli_errors(tiny_llama, tmp_path, capsys):
     assert main(["perplexity", str(tiny_llama), "--ctx", "65"]) == 1  # max_position 64
     assert "max_position_embeddings 64" in capsys.readouterr().err
     assert main(["perplexity", str(tiny_llama), "--ctx", "1"]) == 2
+
+
+def test_cli_activations_choose_the_linear_mode(tiny_llama, tmp_path, capsys):
+    """``qlinear perplexity --activations int8`` scores the model as
+    ``load_causal_lm(..., activations="int8")`` runs it; "float" as stored; a mode
+    argparse does not know is a usage error (exit 2)."""
+    from qlinear.models import load_causal_lm
+    from qlinear.models.perplexity import text_perplexity
+
+    q = tmp_path / "w8"
+    assert main(["quantize", str(tiny_llama), "-o", str(q), "--bits", "8", "--no-progress"]) == 0
+    capsys.readouterr()
+    base = ["perplexity", str(q), "--ctx", "32", "--max-tokens", "70", "--json"]
+    runs = {a: _cli_json(capsys, [*base, "--activations", a]) for a in ("float", "int8")}
+    for a, got in runs.items():
+        want = text_perplexity(load_causal_lm(q, activations=a), ctx=32, max_tokens=70)
+        assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-12)
+        assert got["tokens"] == want.tokens == 70 - 3  # windows of 32, 32 and 6 tokens
+    assert runs["int8"]["perplexity"] != runs["float"]["perplexity"]  # a different mode ran
+    assert _cli_json(capsys, base)["perplexity"] == runs["float"]["perplexity"]
+    assert main([*base, "--activations", "int4"]) == 2
+    assert "--activations" in capsys.readouterr().err

@@ -380,6 +380,11 @@ class QuantizedLinear:
         in x's dtype. NaN/Inf in x and overflow still raise InvalidInputError."""
         return self._weight.forward(x, self._bias, activations)
 
+    def _prefetch(self) -> None:
+        """For qlinear's model runners: start bringing this layer's weight into cache
+        ahead of its next forward (decode is memory-bound); never changes a result."""
+        self._weight.prefetch()
+
     __call__ = forward
 
     def __reduce__(self):

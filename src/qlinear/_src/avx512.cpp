@@ -12,6 +12,9 @@ namespace qlinear {
 namespace avx512 {
 
 constexpr int MR_I = 12;
+#ifndef QL_PF
+#define QL_PF 1024
+#endif
 constexpr int MR_F = 6;
 
 // The one vector unpacking of an int4 step (layout.h): 32 bytes of nibbles -> codes
@@ -355,6 +358,8 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
         for (; s + 2 <= sb; s += 2) {
             __m512i v0, v1;
 #define QL_B(W, A, E)                                                  \
+    _mm_prefetch(reinterpret_cast<const char*>(W) + s * (BITS * 8) + QL_PF, _MM_HINT_T0); \
+    if (BITS == 8) _mm_prefetch(reinterpret_cast<const char*>(W) + s * 64 + 64 + QL_PF, _MM_HINT_T0); \
     if (BITS == 4) load_pair4(W + s * 32, &v0, &v1);                   \
     else {                                                             \
         v0 = _mm512_loadu_si512(W + s * 64);                           \

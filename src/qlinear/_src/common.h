@@ -9,6 +9,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "layout.h"
 
@@ -69,6 +71,9 @@ void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), 
 #define QL_DEFAULT_SPIN_YIELD 0
 #endif
 void set_spin_policy(int spin_us, bool yield);
+// Ask the pool's first worker to prefetch these byte ranges, in order, while it waits
+// for its next job (replaces an earlier request). Never faults, never blocks a job.
+void prefetch_async(std::vector<std::pair<const char*, int64_t>> ranges);
 int spin_policy_us();
 bool spin_policy_yield();
 

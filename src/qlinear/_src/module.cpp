@@ -168,6 +168,14 @@ PYBIND11_MODULE(_native, m) {
     m.def("pack", &pack);
     m.def("unpack", &unpack);
     m.def("linear", &linear);
+    m.def("prefetch", [](py::sequence arrays) {
+        std::vector<std::pair<const char*, int64_t>> ranges;
+        for (py::handle h : arrays) {
+            py::buffer_info b = py::reinterpret_borrow<py::buffer>(h).request();
+            ranges.emplace_back(static_cast<const char*>(b.ptr), static_cast<int64_t>(b.size * b.itemsize));
+        }
+        prefetch_async(std::move(ranges));
+    });
     m.def("set_spin_policy", &set_spin_policy, py::arg("spin_us"), py::arg("yield_"));
     m.def("spin_policy", [] { return py::make_tuple(spin_policy_us(), spin_policy_yield()); });
 }

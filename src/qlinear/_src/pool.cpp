@@ -13,6 +13,8 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -42,6 +44,52 @@ int spin_policy_us() { return g_spin_us.load(); }
 bool spin_policy_yield() { return g_spin_yield.load() != 0; }
 
 namespace {
+
+// Background prefetch: byte ranges the next calls will read. Worker 0 issues prefetches
+// for them, PF_LINES cache lines between two looks at `gen`, while it polls for its next
+// job (never while it sleeps, never during a job). A prefetch never faults, so a range
+// whose array is gone by then is harmless; a new request replaces the old one.
+constexpr int PF_LINES = 16;
+struct PrefetchRequest {
+    std::mutex m;
+    std::atomic<bool> pending{false};
+    std::vector<std::pair<const char*, int64_t>> ranges;
+};
+PrefetchRequest g_prefetch;
+
+struct PrefetchCursor {
+    std::vector<std::pair<const char*, int64_t>> ranges;
+    size_t i = 0;
+    int64_t off = 0;
+
+    // One slice of the work; false when there is nothing left to prefetch.
+    bool step() {
+        if (g_prefetch.pending.load(std::memory_order_acquire)) {
+            std::lock_guard<std::mutex> lk(g_prefetch.m);
+            ranges.swap(g_prefetch.ranges);
+            g_prefetch.ranges.clear();
+            g_prefetch.pending.store(false, std::memory_order_relaxed);
+            i = 0;
+            off = 0;
+        }
+        if (i >= ranges.size()) return false;
+        const char* p = ranges[i].first;
+        const int64_t n = ranges[i].second;
+        const int64_t end = std::min<int64_t>(n, off + PF_LINES * 64);
+        for (; off < end; off += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+            _mm_prefetch(p + off, _MM_HINT_T0);
+#else
+            __builtin_prefetch(p + off);
+#endif
+        }
+        if (off >= n) {
+            ++i;
+            off = 0;
+        }
+        return true;
+    }
+};
 
 // Job protocol: `gen` is odd while the caller sets a job up and even once it is published.
 // A worker enters a job by incrementing `active` and re-reading `gen` (both seq_cst): if
@@ -80,17 +128,23 @@ struct Pool {
     // `seen`: the job generation when the worker was started (a job published before
     // the thread gets to run must still be picked up).
     void worker(int idx, uint64_t seen) {
+        PrefetchCursor pf;
         for (;;) {
             uint64_t g = gen.load(std::memory_order_acquire);
             const int spin_us = g_spin_us.load(std::memory_order_relaxed);
             const bool yield = g_spin_yield.load(std::memory_order_relaxed) != 0;
             if (spin_us > 0 && (g == seen || (g & 1))) {
-                const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
                 for (int spin = 1; g == seen || (g & 1); ++spin) {
-                    if (yield) sched_yield();
+                    // prefetch work does not count against the wait: the window starts
+                    // once there is none left
+                    const bool busy = idx == 0 && pf.step();
+                    if (busy) spin = 0;
+                    else if (yield) sched_yield();
                     else QL_PAUSE();
                     g = gen.load(std::memory_order_acquire);
-                    if ((spin & 63) == 0 && std::chrono::steady_clock::now() > until) break;
+                    if (spin == 0) until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                    else if ((spin & 63) == 0 && std::chrono::steady_clock::now() > until) break;
                 }
             }
             if (g == seen || (g & 1)) {
@@ -135,6 +189,12 @@ Pool* get_pool() {
 }
 
 }  // namespace
+
+void prefetch_async(std::vector<std::pair<const char*, int64_t>> ranges) {
+    std::lock_guard<std::mutex> lk(g_prefetch.m);
+    g_prefetch.ranges.swap(ranges);
+    g_prefetch.pending.store(true, std::memory_order_release);
+}
 
 void parallel_for(int64_t ntasks, int threads, void (*fn)(void*, int64_t, int), void* ctx) {
     if (ntasks <= 0) return;

@@ -23,7 +23,14 @@ from ..params import QuantizationParams
 from ..qtypes import QuantizationType
 from .registry import KernelWeight, get_num_threads, kernel_params
 
-__all__ = ["STATUS", "NativeBackend", "NativeWeight", "Panels", "backends", "make_panels"]
+__all__ = [
+    "STATUS",
+    "NativeBackend",
+    "NativeWeight",
+    "Panels",
+    "backends",
+    "make_panels",
+]
 
 try:
     from .. import _native  # type: ignore[attr-defined]
@@ -125,6 +132,15 @@ class NativeWeight(KernelWeight):
     def arrays(self) -> tuple[np.ndarray, ...]:
         p = self.panels
         return (*super().arrays(), p.scales, *(() if p.zp is None else (p.zp,)))
+
+    def prefetch(self) -> None:
+        """Ask the kernels' thread pool to bring the packed codes and scale panels into
+        cache while its first worker waits for the next call (docs/kernels.md, "Prefetch
+        between calls"); a later request replaces this one. Nothing before the codes are
+        packed, or with one thread."""
+        codes = self.packed.codes
+        if codes is not None:
+            _native.prefetch((codes, self.panels.scales))
 
     def stored(self) -> np.ndarray:
         canon = self.packed.canonical()

@@ -86,6 +86,9 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.source = source
         self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
+        # per layer: what the model's next linear call reads (the next layer's q/k/v,
+        # then the head), prefetched after the layer's last linear
+        self._then = (*(layer.first_linear for layer in self.layers[1:]), self._head)
 
     @classmethod
     def from_tensors(
@@ -197,8 +200,8 @@ class CausalLM:
         rope = rope_tables(self._inv_freq, positions)  # shared by every layer
         # Overflow shows up as Inf/NaN in the logits, checked once below (no warnings).
         with np.errstate(over="ignore", invalid="ignore"):
-            for layer in self.layers:
-                h = layer.run(h, positions, cache, None, rope)
+            for layer, then in zip(self.layers, self._then, strict=True):
+                h = layer.run(h, positions, cache, None, rope, then)
             if last_only:
                 h = h[:, -1:]
             logits = self._logits(h)

@@ -23,6 +23,7 @@ from .decoder_ops import (
     need_array,
     need_linear,
     offer,
+    prefetch_linear,
     rms_norm,
     run_linear,
     swiglu,
@@ -113,6 +114,7 @@ class DecoderLayer:
         "_lin",
         "_moe",
         "_norms",
+        "_pf",
         "_qkv",
         "config",
         "index",
@@ -142,6 +144,13 @@ class DecoderLayer:
         if moe is None:
             g, u, _ = _mlp_names(self.prefix)
             self._gate_up = reuse["gate_up"] if "gate_up" in reuse else self._fuse([g, u])
+        # what the next linear call reads, prefetched by the kernels' pool worker while
+        # this thread runs the NumPy steps in between (decode is memory-bound)
+        self._pf = {
+            "qkv": self._lin[_attention_names(self.prefix)[3]],
+            "o": self._gate_up,
+            "gate_up": None if moe is not None else self._lin[_mlp_names(self.prefix)[2]],
+        }
 
     def _fuse(self, names: list[str]) -> LinearLike | None:
         """The fused layer of ``names``; float parts become row views of the fused weight
@@ -230,6 +239,12 @@ class DecoderLayer:
         return out
 
     @property
+    def first_linear(self) -> LinearLike | None:
+        """The linear :meth:`run` calls first (q/k/v fused into one), or None when the
+        parts could not be fused; what a caller prefetches before this layer."""
+        return self._qkv
+
+    @property
     def norms(self) -> dict[str, np.ndarray]:
         """The RMSNorm weights: ``"input"``, ``"post"`` and, with q/k norms, ``"q"``, ``"k"``."""
         return dict(self._norms)
@@ -298,10 +313,12 @@ class DecoderLayer:
         cache: KVCache | None,
         capture: Capture | None,
         rope: tuple[np.ndarray, np.ndarray] | None,
+        then: LinearLike | None = None,
     ) -> np.ndarray:
         """:meth:`forward` without its checks, for callers that made them once (the
         model): ``h`` float32 ``(B, T, hidden)``, ``positions`` int ``(T,)``, ``rope`` the
-        ``(cos, sin)`` tables of ``positions`` (or None to compute them)."""
+        ``(cos, sin)`` tables of ``positions`` (or None to compute them); ``then``: what
+        the model's next linear reads, prefetched after this layer's last one."""
         b, t, hid = h.shape
         if rope is None:
             rope = rope_tables(self._inv_freq, positions)
@@ -310,7 +327,7 @@ class DecoderLayer:
         att = self._attention(x, b, t, positions, rope, cache, capture)
         out = h + att.reshape(b, t, hid)
         x = rms_norm(out, self._norms["post"], eps).reshape(b * t, hid)
-        out += self._mlp(x, capture).reshape(b, t, hid)
+        out += self._mlp(x, capture, then).reshape(b, t, hid)
         return out
 
     __call__ = forward
@@ -337,6 +354,7 @@ class DecoderLayer:
         fused = capture is None and self._qkv is not None
         if fused:
             qkv = run_linear(self._qkv, x)
+            prefetch_linear(self._pf["qkv"])
             q, k, v = (
                 qkv[:, : nh * hd],
                 qkv[:, nh * hd : (nh + nkv) * hd],
@@ -368,7 +386,9 @@ class DecoderLayer:
             k, v = cache.append(self.index, k, v)
         att = _attend(q, k, v, nkv, lambda pos: self._mask(pos, k.shape[2]), positions)
         att = att.transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
-        return self._apply(on, np.ascontiguousarray(att), capture)
+        y = self._apply(on, np.ascontiguousarray(att), capture)
+        prefetch_linear(self._pf["o"])
+        return y
 
     def _mask(self, positions: np.ndarray, s: int) -> np.ndarray | None:
         """bool ``(t, s)``: query at ``positions[i]`` may see key ``j`` (keys are at
@@ -385,15 +405,21 @@ class DecoderLayer:
             mask &= kpos > qpos - window
         return mask
 
-    def _mlp(self, x: np.ndarray, capture: Capture | None) -> np.ndarray:
+    def _mlp(
+        self, x: np.ndarray, capture: Capture | None, then: LinearLike | None = None
+    ) -> np.ndarray:
         if self._moe is not None:
             return self._moe.forward(x, capture)
         g, u, d = _mlp_names(self.prefix)
         f = self.config.intermediate_size
         if capture is None and self._gate_up is not None:
-            hid = swiglu(run_linear(self._gate_up, x), f)
+            gu = run_linear(self._gate_up, x)
+            prefetch_linear(self._pf["gate_up"])
+            hid = swiglu(gu, f)
         else:
             hid = swiglu(
                 np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f
             )
-        return self._apply(d, hid, capture)
+        y = self._apply(d, hid, capture)
+        prefetch_linear(then)
+        return y

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, InvalidParamsError
 from ..io import load_with_info
+from ..linear import QuantizedLinear
 from .causal_lm import CausalLM
 from .decoder_config import DecoderConfig
 from .decoder_ops import Int8ActivationLinear
@@ -56,7 +57,24 @@ def _tokenizer(d: Path, cfg: DecoderConfig) -> Any:
     )
 
 
-def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) -> CausalLM:
+_ACTIVATIONS = (None, "float", "int8")
+
+
+def _with_activations(item: Any, activations: str | None, stored: str = "float") -> Any:
+    """``item`` as it runs with ``activations`` (None: as ``stored`` says): a
+    QuantizedLinear wrapped in, or taken out of, :class:`Int8ActivationLinear`; anything
+    else unchanged."""
+    mode = stored if activations is None else activations
+    if isinstance(item, Int8ActivationLinear):
+        item = item.layer
+    if isinstance(item, QuantizedLinear) and mode == "int8":
+        return Int8ActivationLinear(item)
+    return item
+
+
+def load_causal_lm(
+    path: str | os.PathLike[str], *, backend: str | None = None, activations: str | None = None
+) -> CausalLM:
     """A :class:`CausalLM` from a Hugging Face checkpoint directory or a GGUF file.
 
     The directory holds ``config.json`` (a supported ``model_type``: llama, mistral,
@@ -71,22 +89,34 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
     :class:`qlinear.offset_linear.OffsetLinear`), other types are dequantized by gguf-py,
     and the tokenizer is built from the GGUF tokenizer metadata.
 
+    ``activations``: how the quantized layers treat x. None (the default) runs each as
+    it was stored: int8 for a W8A8 checkpoint (compressed-tensors with dynamic input
+    activations), float otherwise. ``"float"`` runs every quantized layer on float x;
+    ``"int8"`` quantizes x per token to int8 for every QuantizedLinear (VNNI integer dot
+    products, as llama.cpp's CPU path quantizes x for Q8_0 / Q4_0 weights; several times
+    faster at batch 1, see docs/models.md for the perplexity it costs). Q4_1 layers
+    (OffsetLinear) and float layers stay on float x.
+
     Raises:
         FormatError: no config.json, an unsupported model_type or rope scaling (named,
             with what is supported), a missing or misshaped tensor (named, with the shape
             expected).
         FileNotFoundError: the directory, or a shard it names, does not exist.
+        InvalidParamsError: ``activations`` is not None, "float" or "int8".
     """
+    if activations not in _ACTIVATIONS:
+        raise InvalidParamsError(
+            f"activations must be None, 'float' or 'int8'; got {activations!r}"
+        )
     d = Path(path)
     if d.is_file() and d.suffix.lower() == ".gguf":
-        return _load_gguf(d, backend)
+        return _load_gguf(d, backend, activations)
     if not d.is_dir():
         raise FileNotFoundError(f"no such model directory: {d}")
     cfg = read_config(d)
     items, info = load_with_info(d, backend=backend)
-    for n, mode in info.activations.items():
-        if mode == "int8":  # W8A8 checkpoints run as they were quantized to run
-            items[n] = Int8ActivationLinear(items[n])
+    for n, item in items.items():  # W8A8 checkpoints run as they were quantized to run
+        items[n] = _with_activations(item, activations, info.activations.get(n, "float"))
 
     def get(name: str) -> Any:
         item = items.get(name)
@@ -103,12 +133,13 @@ def load_causal_lm(path: str | os.PathLike[str], *, backend: str | None = None) 
     return model
 
 
-def _load_gguf(path: Path, backend: str | None) -> CausalLM:
+def _load_gguf(path: Path, backend: str | None, activations: str | None) -> CausalLM:
     """A llama-family GGUF file through :func:`qlinear.formats.gguf.read_causal_lm`:
     Q8_0 / Q4_0 / Q4_1 tensors run as quantized layers, other types dequantized."""
     from ..formats.gguf import read_causal_lm
 
     raw, tensors, tok_json = read_causal_lm(path, backend=backend)
+    tensors = {n: _with_activations(t, activations) for n, t in tensors.items()}
     cfg = DecoderConfig.from_dict(raw, source=f"{path} (GGUF metadata)")
     emb = tensors.get("model.embed_tokens")
     if emb is not None and not isinstance(emb, np.ndarray):

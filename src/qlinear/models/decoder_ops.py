@@ -22,6 +22,7 @@ __all__ = [
     "fuse_linears",
     "linear_dims",
     "offer",
+    "prefetch_linear",
     "rms_norm",
     "run_linear",
     "silu",
@@ -46,6 +47,8 @@ def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
         y = x @ lin.weight.T  # type: ignore[attr-defined]
         if lin.bias is not None:  # type: ignore[attr-defined]
             y += lin.bias  # type: ignore[attr-defined]
+    elif kind is Int8ActivationLinear and x.shape[0]:
+        y = lin.layer._forward_2d(x, "int8")  # type: ignore[attr-defined]
     elif kind is OffsetLinear and x.shape[0]:
         # OffsetLinear.forward's formula without its checks of x
         y = lin.inner._forward_2d(x)  # type: ignore[attr-defined]
@@ -54,6 +57,20 @@ def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
     else:
         y = lin.forward(x)
     return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
+
+
+def prefetch_linear(lin: LinearLike | None) -> None:
+    """Have the kernels' pool worker bring what a native forward of ``lin`` streams
+    through (packed codes, scale panels) into cache while this thread runs the NumPy
+    steps before that call (decode is memory-bound). Nothing for other layers, or codes
+    not packed yet."""
+    kind = type(lin)
+    if kind is Int8ActivationLinear:
+        lin = lin.layer  # type: ignore[union-attr]
+    elif kind is OffsetLinear:
+        lin = lin.inner  # type: ignore[union-attr]
+    if type(lin) is QuantizedLinear:
+        lin._prefetch()  # type: ignore[union-attr]
 
 
 class Int8ActivationLinear:
@@ -152,7 +169,9 @@ def fuse_linears(parts: Sequence[LinearLike]) -> LinearLike | None:
     FloatLinear parts: their weights concatenated (a copy). QuantizedLinear parts with the
     same qtype, scheme, per-channel or per-group granularity and group size: one layer
     from the concatenated codes, scales and zero points (the same codes, so the same
-    results row for row)."""
+    results row for row). Int8ActivationLinear parts: their layers fused so, still run
+    with int8 activations (x is quantized per token, so each row of the fused result is
+    the one its part gives)."""
     if all(type(p) is FloatLinear for p in parts):
         fl: list[FloatLinear] = list(parts)  # type: ignore[arg-type]
         has_b = [p.bias is not None for p in fl]
@@ -163,6 +182,9 @@ def fuse_linears(parts: Sequence[LinearLike]) -> LinearLike | None:
                 [p.bias if p.bias is not None else np.zeros(p.out_features, np.float32) for p in fl]
             )
         return FloatLinear(w, b)
+    if all(type(p) is Int8ActivationLinear for p in parts):
+        inner = fuse_linears([p.layer for p in parts])  # type: ignore[attr-defined]
+        return None if inner is None else Int8ActivationLinear(inner)  # type: ignore[arg-type]
     if all(isinstance(p, QuantizedLinear) for p in parts):
         ql: list[QuantizedLinear] = list(parts)  # type: ignore[arg-type]
         if not _quantized_fusable(ql):
