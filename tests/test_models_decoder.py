@@ -308,3 +308,34 @@ def test_one_token_steps_equal_the_full_sequence_with_a_window(model_dirs):
     steps = [model.forward(ids[:, i : i + 1], cache=cache) for i in range(16)]
     assert cache.capacity >= 16
     assert max_rel_diff(np.concatenate(steps, axis=1), full) <= 1e-5
+
+
+@pytest.mark.skipif(qlinear.kernels.native.STATUS != "ok", reason="native extension not built")
+def test_native_rms_norm_matches_the_numpy_specification():
+    """The native RMSNorm (one call per norm in the runner) against rms_norm_numpy on
+    fresh rows of awkward widths and magnitudes: float32 products in the same order, so
+    within a few float32 ulps; the dispatcher falls back to NumPy for what it does not
+    take (float64, strided x)."""
+    from qlinear.kernels.native import rms_norm as native_rms_norm
+    from qlinear.models.decoder_ops import rms_norm, rms_norm_numpy
+
+    rng = np.random.default_rng(14)
+    for n in (1, 3, 17):
+        for d in (1, 5, 63, 64, 65, 576, 1537):
+            for mag in (1e-3, 1.0, 1e4):
+                x = (rng.standard_normal((n, d)) * mag).astype(np.float32)
+                w = rng.standard_normal(d).astype(np.float32)
+                eps = float(rng.choice([1e-6, 1e-5]))
+                want = rms_norm_numpy(x, w, eps)
+                got = native_rms_norm(x, w, eps)
+                assert got.dtype == np.float32 and got.shape == (n, d)
+                bound = 4 * np.finfo(np.float32).eps * (np.abs(want) + np.finfo(np.float32).tiny)
+                assert (np.abs(got - want) <= bound).all(), (n, d, mag)
+    x3 = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    np.testing.assert_allclose(rms_norm(x3, w, 1e-5), rms_norm_numpy(x3, w, 1e-5), rtol=1e-6)
+    strided = x3[:, :, ::2]  # not C-contiguous: the NumPy path, bit for bit
+    w20 = w[:20].copy()
+    np.testing.assert_array_equal(rms_norm(strided, w20, 1e-5), rms_norm_numpy(strided, w20, 1e-5))
+    x64 = x3.astype(np.float64)
+    np.testing.assert_array_equal(rms_norm(x64, w, 1e-5), rms_norm_numpy(x64, w, 1e-5))

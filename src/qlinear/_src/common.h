@@ -77,6 +77,9 @@ void prefetch_async(std::vector<std::pair<const char*, int64_t>> ranges);
 int spin_policy_us();
 bool spin_policy_yield();
 
+// decode_ops.cpp: RMSNorm of float32 rows (the decoder runner's, between linear calls).
+void rms_norm_rows(const float* x, int64_t n, int64_t d, const float* w, float eps, float* out);
+
 // Decoding helpers shared by all files (plain scalar code).
 // Fill out64[r*4+kk] with the unsigned code of row r (< rb), column 4*s+kk of block
 // data `blk` (rb rows), 0 for padding rows/columns; `s == K4` means the tail step.

@@ -149,6 +149,23 @@ py::object linear(const std::string& isa, py::array_t<uint8_t, py::array::c_styl
     throw std::invalid_argument("x must be float32 or float64");
 }
 
+using F32C = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// x (n, d) and w (d,) float32 -> (n, d): qlinear.models.decoder_ops.rms_norm.
+py::array_t<float> rms_norm(F32C x, F32C w, float eps) {
+    check(x.ndim() == 2 && w.ndim() == 1 && w.shape(0) == x.shape(1), "x must be (n, d), w (d,)");
+    py::array_t<float> out({x.shape(0), x.shape(1)});
+    const float* xp = x.data();
+    const float* wp = w.data();
+    float* op = out.mutable_data();
+    const int64_t n = x.shape(0), d = x.shape(1);
+    {
+        py::gil_scoped_release nogil;
+        rms_norm_rows(xp, n, d, wp, eps, op);
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -176,6 +193,7 @@ PYBIND11_MODULE(_native, m) {
         }
         prefetch_async(std::move(ranges));
     });
+    m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"));
     m.def("set_spin_policy", &set_spin_policy, py::arg("spin_us"), py::arg("yield_"));
     m.def("spin_policy", [] { return py::make_tuple(spin_policy_us(), spin_policy_yield()); });
 }

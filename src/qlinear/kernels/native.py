@@ -30,6 +30,7 @@ __all__ = [
     "Panels",
     "backends",
     "make_panels",
+    "rms_norm",
 ]
 
 try:
@@ -241,6 +242,14 @@ class NativeBackend:
 
     def info(self) -> dict[str, Any]:
         return {"kernels": self._describe}
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """float32 ``x (n, d)``, ``weight (d,)`` -> ``(n, d)``: each row times
+    ``1 / sqrt(mean(row^2) + eps)``, then times ``weight``, in float32 as
+    :func:`qlinear.models.decoder_ops.rms_norm_numpy` (the specification) computes it;
+    the sum of squares in float64. Needs the extension (callers check :data:`STATUS`)."""
+    return _native.rms_norm(x, weight, eps)
 
 
 def backends() -> tuple[NativeBackend, ...]:
