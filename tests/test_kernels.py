@@ -277,7 +277,7 @@ def test_results_do_not_depend_on_thread_count(backend, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", [FORMATS[1], FORMATS[4]], ids=["int8", "int4-g16"])
 def test_prefetch_changes_no_result_and_outlives_its_arrays(backend, fmt, rng):
-    # A prefetch request (the model runners send one per linear, for the next) only
+    # A prefetch request (the model runners send one per linear, for the next two) only
     # warms caches: results with and without it are the same bits, a request for a
     # layer freed before the pool gets to it is harmless, an empty one is a no-op.
     layer = make_layer(rng, 70, 96, fmt, "asymmetric", backend)
@@ -287,11 +287,14 @@ def test_prefetch_changes_no_result_and_outlives_its_arrays(backend, fmt, rng):
         qlinear.set_num_threads(2)
         want = (layer(x), layer(x, activations="int8"))
         np.testing.assert_array_equal(want[1], reference_of(layer)(x, activations="int8"))
+        arrays = layer._prefetch_arrays()  # the packed codes and scale panels, or none
+        assert (len(arrays) == 2) == (backend != "numpy")
+        assert all(a.flags.c_contiguous for a in arrays)
         for _ in range(3):
             gone = make_layer(rng, 300, 512, fmt, "symmetric", backend)
-            gone._prefetch()
+            kernels.native.prefetch(gone._prefetch_arrays())
             del gone
-            layer._prefetch()
+            kernels.native.prefetch(layer._prefetch_arrays())
             got = (layer(x), layer(x, activations="int8"))
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])

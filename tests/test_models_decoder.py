@@ -291,7 +291,7 @@ def test_prefetching_the_next_linear_changes_no_logit(model_dirs, monkeypatch):
         q = fp.with_linears(mapping)
         with_pf = [q(ids), q(ids[:, :1])]
         with monkeypatch.context() as m:
-            m.setattr(decoder_layer, "prefetch_linear", lambda lin: None)
+            m.setattr(decoder_layer, "prefetch_linears", lambda *lins: None)
             without = [q(ids), q(ids[:, :1])]
         for a, b in zip(with_pf, without, strict=True):
             np.testing.assert_array_equal(a, b)

@@ -380,10 +380,10 @@ class QuantizedLinear:
         in x's dtype. NaN/Inf in x and overflow still raise InvalidInputError."""
         return self._weight.forward(x, self._bias, activations)
 
-    def _prefetch(self) -> None:
-        """For qlinear's model runners: start bringing this layer's weight into cache
-        ahead of its next forward (decode is memory-bound); never changes a result."""
-        self._weight.prefetch()
+    def _prefetch_arrays(self) -> tuple[np.ndarray, ...]:
+        """For qlinear's model runners: what this layer's forward streams through, to
+        prefetch ahead of it (:func:`qlinear.kernels.native.prefetch`)."""
+        return self._weight.prefetch_arrays()
 
     __call__ = forward
 

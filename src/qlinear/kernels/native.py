@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "Panels",
     "backends",
     "make_panels",
+    "prefetch",
     "rms_norm",
 ]
 
@@ -134,14 +136,10 @@ class NativeWeight(KernelWeight):
         p = self.panels
         return (*super().arrays(), p.scales, *(() if p.zp is None else (p.zp,)))
 
-    def prefetch(self) -> None:
-        """Ask the kernels' thread pool to bring the packed codes and scale panels into
-        cache while its first worker waits for the next call (docs/kernels.md, "Prefetch
-        between calls"); a later request replaces this one. Nothing before the codes are
-        packed, or with one thread."""
+    def prefetch_arrays(self) -> tuple[np.ndarray, ...]:
+        """The packed codes and the scale panels; none before the codes are packed."""
         codes = self.packed.codes
-        if codes is not None:
-            _native.prefetch((codes, self.panels.scales))
+        return () if codes is None else (codes, self.panels.scales)
 
     def stored(self) -> np.ndarray:
         canon = self.packed.canonical()
@@ -242,6 +240,15 @@ class NativeBackend:
 
     def info(self) -> dict[str, Any]:
         return {"kernels": self._describe}
+
+
+def prefetch(arrays: Sequence[np.ndarray]) -> None:
+    """Ask the kernels' thread pool to bring ``arrays`` (C-contiguous), in order, into
+    cache while its first worker waits for the next call (docs/kernels.md, "Prefetch
+    between calls"); a later request replaces this one. Never changes a result; nothing
+    without the extension, for an empty list, or with one thread."""
+    if _native is not None and arrays:
+        _native.prefetch(arrays)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

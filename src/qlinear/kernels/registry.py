@@ -111,10 +111,11 @@ class KernelWeight:
         """The parameter arrays this weight holds besides its codes (for ``nbytes``)."""
         return (self.scales, self.zero_points)
 
-    def prefetch(self) -> None:
-        """Start bringing what :meth:`forward` streams through into cache, ahead of the
-        call, without waiting; never changes a result. Nothing by default (the NumPy
-        backend has no thread of its own to do it)."""
+    def prefetch_arrays(self) -> tuple[np.ndarray, ...]:
+        """The arrays :meth:`forward` streams through, for
+        :func:`qlinear.kernels.native.prefetch` to bring into cache ahead of the call;
+        none by default (the NumPy backend has no thread of its own to do it)."""
+        return ()
 
     def stored(self) -> np.ndarray:
         """Canonical stored codes, read-only (see the module docstring)."""

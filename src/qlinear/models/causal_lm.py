@@ -86,9 +86,9 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.source = source
         self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
-        # per layer: what the model's next linear call reads (the next layer's q/k/v,
-        # then the head), prefetched after the layer's last linear
-        self._then = (*(layer.first_linear for layer in self.layers[1:]), self._head)
+        # per layer: the model's next linears after it (the next layer's q/k/v and o, or
+        # the head), prefetched ahead of them
+        self._then = (*(layer.first_linears for layer in self.layers[1:]), (self._head,))
 
     @classmethod
     def from_tensors(

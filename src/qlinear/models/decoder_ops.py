@@ -24,7 +24,7 @@ __all__ = [
     "fuse_linears",
     "linear_dims",
     "offer",
-    "prefetch_linear",
+    "prefetch_linears",
     "rms_norm",
     "rms_norm_numpy",
     "run_linear",
@@ -62,18 +62,21 @@ def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
     return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
 
 
-def prefetch_linear(lin: LinearLike | None) -> None:
-    """Have the kernels' pool worker bring what a native forward of ``lin`` streams
-    through (packed codes, scale panels) into cache while this thread runs the NumPy
-    steps before that call (decode is memory-bound). Nothing for other layers, or codes
-    not packed yet."""
-    kind = type(lin)
-    if kind is Int8ActivationLinear:
-        lin = lin.layer  # type: ignore[union-attr]
-    elif kind is OffsetLinear:
-        lin = lin.inner  # type: ignore[union-attr]
-    if type(lin) is QuantizedLinear:
-        lin._prefetch()  # type: ignore[union-attr]
+def prefetch_linears(*lins: LinearLike | None) -> None:
+    """Have the kernels' pool worker bring what native forwards of ``lins`` stream
+    through (packed codes, scale panels), in order, into cache while this thread runs
+    the NumPy steps and the calls before them (decode is memory-bound; one request, which
+    replaces the previous one). Nothing for float layers, None, or codes not packed yet."""
+    arrays: list[np.ndarray] = []
+    for lin in lins:
+        kind = type(lin)
+        if kind is Int8ActivationLinear:
+            lin = lin.layer  # type: ignore[union-attr]
+        elif kind is OffsetLinear:
+            lin = lin.inner  # type: ignore[union-attr]
+        if type(lin) is QuantizedLinear:
+            arrays += lin._prefetch_arrays()  # type: ignore[union-attr]
+    native.prefetch(arrays)
 
 
 class Int8ActivationLinear:
