@@ -355,6 +355,37 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
         __m512i a0 = z, a1 = z, a2 = z, a3 = z, e0 = z, e1 = z, e2 = z, e3 = z;
         int64_t s = sa;
+        if (BITS == 4) {
+            // No lane shuffles per step pair: the low nibbles hold rows 0..7 of step s
+            // (128-bit lanes 0, 1) and of step s+1 (lanes 2, 3), the high nibbles rows
+            // 8..15 alike (load_pair4), so they meet x of step s in lanes 0, 1 and of
+            // step s+1 in lanes 2, 3; a (low) and e (high) are regrouped into rows once
+            // per group. Integer sums: the same bits as the step-by-step order.
+            const __m512i mask = _mm512_set1_epi8(0x0F);
+            const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+            for (; s + 2 <= sb; s += 2) {
+                const __m512i xv = _mm512_permutexvar_epi32(
+                    pick, _mm512_castsi128_si512(
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(xq + 4 * s))));
+#define QL_B4(W, A, E)                                                                      \
+    {                                                                                       \
+        _mm_prefetch(reinterpret_cast<const char*>(W) + s * 32 + QL_PF, _MM_HINT_T0);       \
+        const __m512i v = _mm512_loadu_si512(W + s * 32);                                   \
+        A = _mm512_dpbusd_epi32(A, _mm512_and_si512(v, mask), xv);                          \
+        E = _mm512_dpbusd_epi32(E, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask), xv);    \
+    }
+                QL_B4(w0, a0, e0) QL_B4(w1, a1, e1) QL_B4(w2, a2, e2) QL_B4(w3, a3, e3)
+#undef QL_B4
+            }
+#define QL_ROWS(A, E)                                                                      \
+    {                                                                                      \
+        const __m512i even = _mm512_shuffle_i64x2(A, E, 0x44), odd = _mm512_shuffle_i64x2(A, E, 0xEE); \
+        A = _mm512_add_epi32(even, odd);                                                   \
+        E = z;                                                                             \
+    }
+            QL_ROWS(a0, e0) QL_ROWS(a1, e1) QL_ROWS(a2, e2) QL_ROWS(a3, e3)
+#undef QL_ROWS
+        }
         for (; s + 2 <= sb; s += 2) {
             __m512i v0, v1;
 #define QL_B(W, A, E)                                                  \
