@@ -12,10 +12,11 @@ namespace qlinear {
 namespace avx512 {
 
 constexpr int MR_I = 12;
+constexpr int MR_F = 6;
+// How far ahead of its loads the batch-1 int8-mode kernel prefetches each weight stream.
 #ifndef QL_PF
 #define QL_PF 1024
 #endif
-constexpr int MR_F = 6;
 
 // The one vector unpacking of an int4 step (layout.h): 32 bytes of nibbles -> codes
 // 0..31 (low nibbles) and 32..63 (high nibbles).
@@ -355,7 +356,7 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
         const int64_t sa = g * sg, sb = sa + sg < kp ? sa + sg : kp;
         __m512i a0 = z, a1 = z, a2 = z, a3 = z, e0 = z, e1 = z, e2 = z, e3 = z;
         int64_t s = sa;
-        if (BITS == 4) {
+        if constexpr (BITS == 4) {
             // No lane shuffles per step pair: the low nibbles hold rows 0..7 of step s
             // (128-bit lanes 0, 1) and of step s+1 (lanes 2, 3), the high nibbles rows
             // 8..15 alike (load_pair4), so they meet x of step s in lanes 0, 1 and of
@@ -385,21 +386,16 @@ static void i_groups_r1_b(const uint8_t* const* w, int64_t ng, int64_t sg, int64
     }
             QL_ROWS(a0, e0) QL_ROWS(a1, e1) QL_ROWS(a2, e2) QL_ROWS(a3, e3)
 #undef QL_ROWS
-        }
-        for (; s + 2 <= sb; s += 2) {
-            __m512i v0, v1;
-#define QL_B(W, A, E)                                                  \
-    _mm_prefetch(reinterpret_cast<const char*>(W) + s * (BITS * 8) + QL_PF, _MM_HINT_T0); \
-    if (BITS == 8) _mm_prefetch(reinterpret_cast<const char*>(W) + s * 64 + 64 + QL_PF, _MM_HINT_T0); \
-    if (BITS == 4) load_pair4(W + s * 32, &v0, &v1);                   \
-    else {                                                             \
-        v0 = _mm512_loadu_si512(W + s * 64);                           \
-        v1 = _mm512_loadu_si512(W + s * 64 + 64);                      \
-    }                                                                  \
-    dpm(A, v0, xq + 4 * s);                                            \
-    dpm(E, v1, xq + 4 * s + 4);
-            QL_B(w0, a0, e0) QL_B(w1, a1, e1) QL_B(w2, a2, e2) QL_B(w3, a3, e3)
+        } else {
+            for (; s + 2 <= sb; s += 2) {
+#define QL_B(W, A, E)                                                                  \
+    _mm_prefetch(reinterpret_cast<const char*>(W + s * 64) + QL_PF, _MM_HINT_T0);      \
+    _mm_prefetch(reinterpret_cast<const char*>(W + s * 64) + 64 + QL_PF, _MM_HINT_T0); \
+    dpm(A, _mm512_loadu_si512(W + s * 64), xq + 4 * s);                                \
+    dpm(E, _mm512_loadu_si512(W + s * 64 + 64), xq + 4 * s + 4);
+                QL_B(w0, a0, e0) QL_B(w1, a1, e1) QL_B(w2, a2, e2) QL_B(w3, a3, e3)
 #undef QL_B
+            }
         }
         if (s < sb) {
             dpm(a0, load_step<BITS>(w0, s), xq + 4 * s);

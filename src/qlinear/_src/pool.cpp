@@ -10,10 +10,10 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
-#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -135,16 +135,23 @@ struct Pool {
             const bool yield = g_spin_yield.load(std::memory_order_relaxed) != 0;
             if (spin_us > 0 && (g == seen || (g & 1))) {
                 auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                bool prefetching = false;
                 for (int spin = 1; g == seen || (g & 1); ++spin) {
                     // prefetch work does not count against the wait: the window starts
-                    // once there is none left
-                    const bool busy = idx == 0 && pf.step();
-                    if (busy) spin = 0;
-                    else if (yield) sched_yield();
-                    else QL_PAUSE();
+                    // (clock read once) when there is none left
+                    if (idx == 0 && pf.step()) {
+                        prefetching = true;
+                    } else {
+                        if (prefetching) {
+                            prefetching = false;
+                            spin = 1;
+                            until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+                        }
+                        if (yield) sched_yield();
+                        else QL_PAUSE();
+                    }
                     g = gen.load(std::memory_order_acquire);
-                    if (spin == 0) until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
-                    else if ((spin & 63) == 0 && std::chrono::steady_clock::now() > until) break;
+                    if (!prefetching && (spin & 63) == 0 && std::chrono::steady_clock::now() > until) break;
                 }
             }
             if (g == seen || (g & 1)) {

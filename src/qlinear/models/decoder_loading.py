@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidParamsError
 from ..io import load_with_info
+from ..kernels import ACTIVATION_MODES
 from ..linear import QuantizedLinear
 from .causal_lm import CausalLM
 from .decoder_config import DecoderConfig
@@ -57,17 +58,12 @@ def _tokenizer(d: Path, cfg: DecoderConfig) -> Any:
     )
 
 
-_ACTIVATIONS = (None, "float", "int8")
-
-
 def _with_activations(item: Any, activations: str | None, stored: str = "float") -> Any:
     """``item`` as it runs with ``activations`` (None: as ``stored`` says): a
-    QuantizedLinear wrapped in, or taken out of, :class:`Int8ActivationLinear`; anything
-    else unchanged."""
+    QuantizedLinear in int8 mode wrapped in :class:`Int8ActivationLinear`; anything else
+    unchanged."""
     mode = stored if activations is None else activations
-    if isinstance(item, Int8ActivationLinear):
-        item = item.layer
-    if isinstance(item, QuantizedLinear) and mode == "int8":
+    if mode == "int8" and isinstance(item, QuantizedLinear):
         return Int8ActivationLinear(item)
     return item
 
@@ -104,7 +100,7 @@ def load_causal_lm(
         FileNotFoundError: the directory, or a shard it names, does not exist.
         InvalidParamsError: ``activations`` is not None, "float" or "int8".
     """
-    if activations not in _ACTIVATIONS:
+    if activations is not None and activations not in ACTIVATION_MODES:
         raise InvalidParamsError(
             f"activations must be None, 'float' or 'int8'; got {activations!r}"
         )
