@@ -476,3 +476,59 @@ def test_grouped_int8_mode_bit_exact_on_odd_shapes_and_threads(backend, gs, qtyp
                 check_float(layer, x)
     finally:
         qlinear.set_num_threads(before)
+
+
+TILED = [b for b in NATIVE if b == "amx"]
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize(
+    "fmt",
+    [("int8", "per_channel", None), ("int8", "per_group", 32), ("int4", "per_group", 32),
+     ("int4", "per_group", 64), ("int8", "per_tensor", None), ("int4", "per_channel", None)],
+    ids=lambda f: f"{f[0]}-{f[1]}-{f[2]}",
+)  # fmt: skip
+def test_int8_mode_tile_shapes_bit_exact(backend, fmt, rng):
+    # The shapes the AMX tiles take (four full 16-row blocks, in a multiple of 32 or 64,
+    # 16 or more rows of x), next to ones they leave to the vpdpbusd kernels (a partial
+    # last block quad, in % 32 != 0): 16..300 rows (300: several row chunks), both
+    # schemes, bias or not, float32 and float64 x, 1/2/3 threads. On a CPU without AMX
+    # the same shapes run on the other kernels, against the same reference.
+    before = kernels.get_num_threads()
+    try:
+        for i, (out_f, in_f) in enumerate([(64, 64), (133, 96), (192, 576), (64, 1024), (70, 100)]):
+            scheme = "asymmetric" if i % 2 else "symmetric"
+            layer = make_layer(rng, out_f, in_f, fmt, scheme, backend, bias=i % 2 == 0)
+            ref = reference_of(layer)
+            for n in (16, 17, 40, 129, 300):
+                x = (rng.standard_normal((n, in_f)) * 4).astype(np.float32 if n % 2 else np.float64)
+                expected = ref(x, activations="int8")
+                for t in (1, 2, 3):
+                    qlinear.set_num_threads(t)
+                    np.testing.assert_array_equal(layer(x, activations="int8"), expected)
+    finally:
+        qlinear.set_num_threads(before)
+
+
+@pytest.mark.skipif(not TILED, reason="no AMX on this CPU (or not enabled by the OS)")
+def test_amx_tiles_run_where_they_apply_and_only_there(rng):
+    from qlinear import _native
+
+    def tasks(out_f, in_f, n, fmt=("int8", "per_channel", None)):
+        layer = make_layer(rng, out_f, in_f, fmt, "symmetric", "amx")
+        x = rng.standard_normal((n, in_f)).astype(np.float32)
+        before = _native.amx_tasks()
+        y = layer(x, activations="int8")
+        np.testing.assert_array_equal(y, reference_of(layer)(x, activations="int8"))
+        return _native.amx_tasks() - before
+
+    assert tasks(128, 256, 40) == 2  # two quads of blocks, one row chunk
+    assert tasks(128, 256, 40, ("int4", "per_group", 32)) == 2
+    assert tasks(128, 256, 15) == 0  # fewer rows than a tile: vpdpbusd
+    assert tasks(128, 256, 20, ("int4", "per_group", 32)) == 0  # int4 from 32 rows
+    assert tasks(128, 100, 40) == 0  # in % 32 != 0
+    assert tasks(70, 256, 40) == 1  # the partial second quad goes to vpdpbusd
+    layer = make_layer(rng, 128, 256, FORMATS[1], "symmetric", "avx512")
+    before = _native.amx_tasks()
+    layer(rng.standard_normal((40, 256)).astype(np.float32), activations="int8")
+    assert _native.amx_tasks() == before  # the avx512 backend never uses the tiles

@@ -149,6 +149,6 @@ static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int
 
 namespace qlinear {
 namespace avx2 {
-const KernelTable table = {"avx2", &linear_float, &linear_int8act};
+const KernelTable table = {"avx2", &linear_float, &linear_int8act, &softmax_rows, &swiglu_rows, &rope_rows};
 }  // namespace avx2
 }  // namespace qlinear

@@ -931,11 +931,14 @@ static void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int
 }  // namespace avx512
 }  // namespace qlinear
 
+#include "amx_tiles.h"
 #include "kernels_impl.h"
 
 namespace qlinear {
 namespace avx512 {
-const KernelTable table = {"avx512", &linear_float, &linear_int8act};
+const KernelTable table = {"avx512", &linear_float, &linear_int8act, &softmax_rows, &swiglu_rows, &rope_rows};
+// The same kernels, int8 mode on AMX tiles from AMX_ROWS rows (CPUs with AMX-INT8).
+const KernelTable amx_table = {"amx", &linear_float, &linear_int8act_tiles, &softmax_rows, &swiglu_rows, &rope_rows};
 }  // namespace avx512
 }  // namespace qlinear
 

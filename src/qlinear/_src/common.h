@@ -44,20 +44,56 @@ struct Call {
     int threads;
 };
 
+// The attention softmax of the decoder runner (runner_ops.h): each row of s scaled,
+// softmax over its visible columns [lo, hi], 0 elsewhere, in place.
+struct SoftmaxCall {
+    float* s;            // (rows, cols), row r at s + r * cols
+    int64_t rows, cols;  // row r uses lo[r % per], hi[r % per]
+    int64_t per;
+    float scale;
+    const int64_t* lo;   // first visible column of each of the `per` query rows
+    const int64_t* hi;   // last visible column (lo <= hi < cols)
+};
+
+// SwiGLU and RoPE of the decoder runner (runner_ops.h).
+struct SwigluCall {
+    const float* gu;  // (rows, 2 d): gate then up
+    float* out;       // (rows, d)
+    int64_t rows, d;
+};
+
+struct RopeCall {
+    const float* x;        // rows of `heads` vectors of d floats; row r at x + r * x_rs
+    int64_t x_rs;
+    float* out;            // (rows, heads, d), contiguous
+    int64_t rows, heads, d;
+    const float* cos;      // (t, d): row r uses table row r % t
+    const float* sin;
+    int64_t t;
+};
+
 // Per-ISA entry points (generic.cpp, avx2.cpp, avx512.cpp).
 struct KernelTable {
     const char* name;
     void (*linear_float)(const Layer&, const Call&);
     bool (*linear_int8act)(const Layer&, const Call&);  // false: x not finite
+    void (*softmax_rows)(const SoftmaxCall&, int threads);
+    void (*swiglu_rows)(const SwigluCall&, int threads);
+    void (*rope_rows)(const RopeCall&, int threads);
 };
 
 namespace generic { extern const KernelTable table; }
 namespace avx2 { extern const KernelTable table; }
-namespace avx512 { extern const KernelTable table; }
+namespace avx512 { extern const KernelTable table; extern const KernelTable amx_table; }
+
+// Tasks the AMX tiles ran (module.cpp; read by the tests to see the path taken).
+int64_t amx_tasks_run();
+void count_amx_task();
 
 // cpu.cpp
 bool cpu_has_avx2();
 bool cpu_has_avx512vnni();
+bool cpu_has_amx();  // AMX-TILE + AMX-INT8, enabled by the OS, tile data permission granted
 
 // pool.cpp: run fn(task) for task in [0, ntasks) on up to `threads` threads (the caller
 // is one of them). Which thread runs a task never changes its result.

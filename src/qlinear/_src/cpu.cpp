@@ -5,6 +5,10 @@
 #include <cpuid.h>
 #define QL_X86 1
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace qlinear {
 
@@ -45,6 +49,23 @@ static bool probe_avx512vnni() {
                vl = b7 & (1u << 31), vnni = c7 & (1u << 11);
     return f && dq && bw && vl && vnni;
 }
+// AMX-TILE and AMX-INT8 (CPUID leaf 7 EDX bits 24, 25), their state enabled in XCR0
+// (bits 17, 18), and Linux's permission to use the tile data (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process: without it the first
+// tile instruction raises SIGILL). Elsewhere no AMX.
+static bool probe_amx() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    if (!probe_avx512vnni() || (xgetbv0() & 0x60000) != 0x60000) return false;
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    if ((d & (1u << 24)) == 0 || (d & (1u << 25)) == 0) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return false;
+#endif
+}
 // CPUID traps to the hypervisor on virtual machines (tens of microseconds): probe once.
 bool cpu_has_avx2() {
     static const bool v = probe_avx2();
@@ -54,7 +75,12 @@ bool cpu_has_avx512vnni() {
     static const bool v = probe_avx512vnni();
     return v;
 }
+bool cpu_has_amx() {
+    static const bool v = probe_amx();
+    return v;
+}
 #else
+bool cpu_has_amx() { return false; }
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512vnni() { return false; }
 #endif

@@ -54,6 +54,15 @@ inline int64_t steps_per_group(const Layer& L) {
     return L.n_groups == 1 ? (L.in + 3) / 4 : L.group_size / 4;
 }
 
+// The zero points and float32 scales of block bi, group g (rows < rb; the rest stay 0).
+inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_t* zpv,
+                       float* sv) {
+    const int64_t i0 = panel(L, bi, g);
+    if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
+    else std::fill(zpv, zpv + rb, L.zp_uniform);
+    std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
+}
+
 inline int pick_threads(const Layer& L, const Call& C) {
     const double work = static_cast<double>(C.n) * L.out * L.in;
     return work < (1 << 20) ? 1 : std::max(1, C.threads);

@@ -53,6 +53,6 @@ void f_micro(const T* wbuf, int64_t nsteps, const T* x, int64_t x_rs, int mr, T*
 
 namespace qlinear {
 namespace generic {
-const KernelTable table = {"portable", &linear_float, &linear_int8act};
+const KernelTable table = {"portable", &linear_float, &linear_int8act, &softmax_rows, &swiglu_rows, &rope_rows};
 }  // namespace generic
 }  // namespace qlinear

@@ -4,7 +4,8 @@
 // one group, float32 group sums for several: ref.linear_int8act).
 // Needs from the ISA: MR_I, i_micro, i_micro4, quantize_row_isa<T>, group_epilogue, and
 // HAS_GROUPS_R1 with i_groups_r1, HAS_GROUPS4 with i_groups4, I4_EXPAND_ROWS with
-// expand_steps4 (stubs: no_direct_float.h).
+// expand_steps4, HAS_AMX with amx_rows, amx_kt and amx_task (stubs: no_direct_float.h;
+// AMX: amx_tiles.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -25,7 +26,58 @@ struct I8Ctx {
     int32_t* rs;
     int64_t mchunk, nmchunks;
     int64_t qrows;  // rows of x per quantization task
+    bool tiles;     // the ISA's AMX tiles may run (the `amx` backend; amx_tiles.h)
+    int8_t* xt;     // with tiles: xq in tile order (amx_tile_order)
 };
+
+// Rows [16 t0, 16 t1) of the quantized x (xq, row stride xq_rs) in tile order at xt:
+// 16-row tiles, each a run of kt-byte column chunks of its 16 rows (one AMX tile of x is
+// then 16 kt contiguous bytes, like the weight steps, instead of 16 strided rows).
+inline void amx_tile_order(const int8_t* xq, int64_t xq_rs, int64_t in, int kt, int64_t t0,
+                           int64_t t1, int8_t* xt) {
+    for (int64_t t = t0; t < t1; ++t)
+        for (int64_t c = 0; c < in; c += kt)
+            for (int r = 0; r < 16; ++r)
+                std::memcpy(xt + t * 16 * in + c * 16 + r * kt, xq + (16 * t + r) * xq_rs + c,
+                            static_cast<size_t>(kt));
+}
+
+// Whether the tiles take layer L's weights widened to signed bytes, code minus zero
+// point (widen_block): every int4 layer (codes -15..15), and int8 layers whose zero
+// points are all 128 (the codes themselves) with several groups, where it removes the
+// zero-point term from every group's epilogue.
+inline bool tiles_widen(const Layer& L) {
+    return L.bits == 4 ? I4_EXPAND_ROWS > 0 : L.n_groups > 1 && !L.zpu && L.zp_uniform == 128;
+}
+
+// Full block bi as signed bytes u - zpu in the int8 step order at dst (int4:
+// expand_steps4, then minus each row's zero point of the step's group; int8: u ^ 0x80).
+inline void widen_block(const Layer& L, int64_t bi, uint8_t* dst) {
+    const int64_t nd = L.in / 4, sg = steps_per_group(L);
+    const uint8_t* src = L.w + bi * block_bytes(L.bits, NR, L.in);
+    if (L.bits == 8) {
+        for (int64_t i = 0; i < nd * 64; ++i) dst[i] = src[i] ^ 0x80;
+        return;
+    }
+    expand_steps4(src, nd, dst);
+    for (int64_t g = 0; g < L.n_groups; ++g) {
+        alignas(64) uint8_t zb[64];
+        for (int r = 0; r < NR; ++r) {
+            const int32_t z = !L.zpu ? L.zp_uniform
+                              : L.n_groups == 1 ? L.zpu[bi * NR + r] : L.zpu[panel(L, bi, g) + r];
+            for (int kk = 0; kk < 4; ++kk) zb[r * 4 + kk] = static_cast<uint8_t>(z);
+        }
+        for (int64_t st = g * sg; st < std::min(nd, (g + 1) * sg); ++st)
+            for (int i = 0; i < 64; ++i) dst[st * 64 + i] = static_cast<uint8_t>(dst[st * 64 + i] - zb[i]);
+    }
+}
+
+inline void i8_tile_order_task(void* p, int64_t task, int) {
+    auto& c = *static_cast<I8Ctx*>(p);
+    const int64_t nt = (c.C->n + 31) / 32 * 2;
+    amx_tile_order(c.xq, c.xq_rs, c.L->in, amx_kt(*c.L), task * 4, std::min(nt, task * 4 + 4),
+                   c.xt);
+}
 
 template <class T>
 void i8_quant_task(void* p, int64_t task, int) {
@@ -36,15 +88,6 @@ void i8_quant_task(void* p, int64_t task, int) {
         quantize_row_isa<T>(static_cast<const T*>(c.C->x) + m * c.C->x_rs, c.L->in, c.xq_rs, gs,
                         c.L->n_groups, c.xq + m * c.xq_rs, c.sx + m, c.rs + m * c.L->n_groups);
     }
-}
-
-// The zero points and float32 scales of block bi, group g (rows < rb; the rest stay 0).
-inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_t* zpv,
-                       float* sv) {
-    const int64_t i0 = panel(L, bi, g);
-    if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
-    else std::fill(zpv, zpv + rb, L.zp_uniform);
-    std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
 }
 
 // Output blocks per int8 task: two full blocks share every activation broadcast.
@@ -63,12 +106,23 @@ void i8_task(void* p, int64_t task, int) {
     for (int64_t bi = bp * I8_BLOCKS; bi < nblocks && nb < I8_BLOCKS; ++bi, ++nb)
         view_block(L, bi, scratch, vs[nb]);
     const bool quad = nb == 4 && vs[3].rb == NR;  // only the last block can be partial
-    // Many rows of x over int4 blocks: the ISA may expand the task's four blocks once
-    // into unsigned bytes (the int8 step order), so every row tile runs the int8
-    // micro-kernel on them instead of unpacking each step again per tile.
+    // AMX tiles: four full blocks, enough rows, groups a whole number of tile products.
+    const bool tiles = HAS_AMX && c.xt && quad && m1 - m0 >= amx_rows(L);
+    // Many rows of x over int4 blocks (or tiles): the task's four blocks are expanded
+    // once into bytes in the int8 step order (signed, code minus zero point, for the
+    // tiles), so every row tile reads bytes instead of unpacking each step again.
     thread_local std::vector<uint8_t> expanded;
-    if (I4_EXPAND_ROWS > 0 && L.bits == 4 && quad && m1 - m0 >= I4_EXPAND_ROWS &&
-        vs[0].nd * 64 * 4 <= (int64_t(2) << 20)) {
+    const bool widened = tiles && tiles_widen(L) && vs[0].nd * 64 * 4 <= (int64_t(2) << 20);
+    if (widened) {  // signed bytes for tdpbssd, once per task
+        const int64_t nd = vs[0].nd;
+        if (expanded.size() < static_cast<size_t>(4 * nd * 64)) expanded.resize(4 * nd * 64);
+        for (int b = 0; b < 4; ++b) {
+            widen_block(L, bp * I8_BLOCKS + b, expanded.data() + b * nd * 64);
+            vs[b].w = expanded.data() + b * nd * 64;
+            vs[b].bits = 8;
+        }
+    } else if (I4_EXPAND_ROWS > 0 && L.bits == 4 && quad && m1 - m0 >= I4_EXPAND_ROWS &&
+               vs[0].nd * 64 * 4 <= (int64_t(2) << 20)) {
         const int64_t nd = vs[0].nd;
         if (expanded.size() < static_cast<size_t>(4 * nd * 64)) expanded.resize(4 * nd * 64);
         for (int b = 0; b < 4; ++b) {
@@ -76,6 +130,12 @@ void i8_task(void* p, int64_t task, int) {
             vs[b].w = expanded.data() + b * nd * 64;
             vs[b].bits = 8;
         }
+    }
+    T* y = static_cast<T*>(c.C->y);
+    if (tiles && vs[0].bits == 8) {
+        const uint8_t* w4[4] = {vs[0].w, vs[1].w, vs[2].w, vs[3].w};
+        amx_task<T>(L, c.xt, c.sx, c.rs, m0, m1, w4, bp * I8_BLOCKS, y, widened);
+        return;
     }
     const int64_t ng = L.n_groups, kp = (L.in + 3) / 4, sg = steps_per_group(L);
     // One tile of MR_I rows at a time runs through every step (the weights of the task's
@@ -85,7 +145,6 @@ void i8_task(void* p, int64_t task, int) {
     alignas(64) int64_t acc64[I8_BLOCKS * bstride];
     alignas(64) double accd[I8_BLOCKS * bstride];  // one group, past INT_CHUNK steps
     alignas(64) float accf[I8_BLOCKS * bstride];   // several groups (float32, as the reference)
-    T* y = static_cast<T*>(c.C->y);
     for (int64_t m = m0; m < m1; m += MR_I) {
         const int mr = static_cast<int>(std::min<int64_t>(MR_I, m1 - m));
         const int8_t* xm = c.xq + m * c.xq_rs;
@@ -239,11 +298,14 @@ void i8_task(void* p, int64_t task, int) {
 
 // Returns false (y untouched) if x holds a NaN or an infinity.
 template <class T>
-bool linear_int8act_t(const Layer& L, const Call& C) {
+bool linear_int8act_t(const Layer& L, const Call& C, bool tiles) {
     const int64_t kp = (L.in + 3) / 4;
     I8Ctx c;
     c.L = &L;
     c.C = &C;
+    c.tiles = HAS_AMX && tiles && C.n >= amx_rows(L);
+    // AMX tiles read x in 32-row pairs of 16-row tiles: rows up to n rounded up to 32.
+    const int64_t xrows = c.tiles ? (C.n + 31) / 32 * 32 : C.n;
     // Rows of xq 64-byte aligned in length and, when that is a multiple of 4 KiB, one
     // line longer: rows a power-of-two apart would share L1 sets with each other and with
     // the weight panel (blocks are 16 * in bytes apart).
@@ -252,7 +314,7 @@ bool linear_int8act_t(const Layer& L, const Call& C) {
     // Quantized x, its scales and row sums: every byte is written by the quantization
     // (padding included), so a buffer kept by the calling thread is reused without
     // clearing; calls above 64 MiB use a temporary one.
-    const size_t nxq = static_cast<size_t>(C.n * c.xq_rs);
+    const size_t nxq = static_cast<size_t>(xrows * c.xq_rs);
     const size_t nsx = static_cast<size_t>(C.n) * sizeof(double);
     const size_t nrs = static_cast<size_t>(C.n * L.n_groups) * sizeof(int32_t);
     const size_t need = (nxq + 63) / 64 * 64 + (nsx + 63) / 64 * 64 + nrs + 64;
@@ -270,9 +332,25 @@ bool linear_int8act_t(const Layer& L, const Call& C) {
     parallel_for((C.n + c.qrows - 1) / c.qrows, qthreads, &i8_quant_task<T>, &c);
     for (int64_t m = 0; m < C.n; ++m)
         if (std::isnan(c.sx[m])) return false;  // x holds a NaN or an infinity
+    if (xrows > C.n)
+        std::memset(c.xq + C.n * c.xq_rs, 0, static_cast<size_t>((xrows - C.n) * c.xq_rs));
+    // With tiles, x in tile order too (kept like xq; above 64 MiB a temporary one).
+    thread_local std::vector<int8_t> keep_t;
+    std::vector<int8_t> temp_t;
+    c.xt = nullptr;
+    if (c.tiles && amx_kt(L) > 0) {
+        const size_t nxt = static_cast<size_t>(xrows * L.in);
+        std::vector<int8_t>& bt = nxt <= (size_t(64) << 20) ? keep_t : temp_t;
+        if (bt.size() < nxt) bt.resize(nxt);
+        c.xt = bt.data();
+        parallel_for((xrows / 16 + 3) / 4, qthreads, &i8_tile_order_task, &c);
+    }
     const int64_t nblocks = (L.out + NR - 1) / NR;
     const int64_t ntask_b = (nblocks + I8_BLOCKS - 1) / I8_BLOCKS;
-    c.mchunk = C.n <= 256 ? C.n : 128;
+    // Row chunks: all rows up to 256; with tiles over widened weights up to 512 when
+    // there are enough block tasks to share out (each task widens its blocks once).
+    const bool big = c.xt && tiles_widen(L) && ntask_b >= 8 * threads;
+    c.mchunk = C.n <= (big ? 512 : 256) ? C.n : (big ? 512 : 128);
     c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
     parallel_for(ntask_b * c.nmchunks, threads, &i8_task<T>, &c);
     return true;

@@ -16,6 +16,7 @@
 #pragma once
 #include "float_driver.h"
 #include "int8_driver.h"
+#include "runner_ops.h"
 
 namespace qlinear {
 namespace QL_ISA {
@@ -26,8 +27,14 @@ inline void linear_float(const Layer& L, const Call& C) {
 }
 
 inline bool linear_int8act(const Layer& L, const Call& C) {
-    if (C.f64) return linear_int8act_t<double>(L, C);
-    return linear_int8act_t<float>(L, C);
+    if (C.f64) return linear_int8act_t<double>(L, C, false);
+    return linear_int8act_t<float>(L, C, false);
+}
+
+// The same with the ISA's AMX tiles for tasks of enough rows (only the `amx` table).
+inline bool linear_int8act_tiles(const Layer& L, const Call& C) {
+    if (C.f64) return linear_int8act_t<double>(L, C, true);
+    return linear_int8act_t<float>(L, C, true);
 }
 
 }  // namespace QL_ISA

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -13,6 +14,12 @@ namespace py = pybind11;
 namespace qlinear {
 void pack_weights(int bits, const uint8_t* canon, int64_t out, int64_t in, uint8_t* dst);
 void unpack_weights(int bits, const uint8_t* src, int64_t out, int64_t in, uint8_t* canon);
+}  // namespace qlinear
+
+namespace qlinear {
+static std::atomic<int64_t> g_amx_tasks{0};
+int64_t amx_tasks_run() { return g_amx_tasks.load(std::memory_order_relaxed); }
+void count_amx_task() { g_amx_tasks.fetch_add(1, std::memory_order_relaxed); }
 }  // namespace qlinear
 
 namespace {
@@ -30,6 +37,11 @@ const KernelTable* table_for(const std::string& isa) {
         if (!cpu_has_avx512vnni())
             throw std::invalid_argument("avx512 kernels need a CPU with AVX-512 VNNI");
         return &avx512::table;
+    }
+    if (isa == "amx") {
+        if (!cpu_has_amx())
+            throw std::invalid_argument("amx kernels need a CPU with AMX-INT8 that the OS enables");
+        return &avx512::amx_table;
     }
 #endif
     throw std::invalid_argument("unknown kernel set '" + isa + "'");
@@ -166,6 +178,64 @@ py::array_t<float> rms_norm(F32C x, F32C w, float eps) {
     return out;
 }
 
+// scores: float32 (rows, cols) C-contiguous, modified in place; lo, hi: int64 (per,)
+// with 0 <= lo <= hi < cols and rows a multiple of per.
+void softmax_rows_py(const std::string& isa, py::array_t<float, py::array::c_style> scores,
+                     float scale, py::array_t<int64_t, py::array::c_style> lo,
+                     py::array_t<int64_t, py::array::c_style> hi, int threads) {
+    const KernelTable* tab = table_for(isa);
+    check(scores.ndim() == 2, "scores must be (rows, cols)");
+    const int64_t rows = scores.shape(0), cols = scores.shape(1), per = lo.size();
+    check(per > 0 && hi.size() == per && rows % per == 0, "lo, hi must be (per,) with rows % per == 0");
+    const int64_t* l = lo.data();
+    const int64_t* h = hi.data();
+    for (int64_t i = 0; i < per; ++i)
+        check(0 <= l[i] && l[i] <= h[i] && h[i] < cols, "need 0 <= lo <= hi < cols");
+    SoftmaxCall c{scores.mutable_data(), rows, cols, per, scale, l, h};
+    py::gil_scoped_release nogil;
+    tab->softmax_rows(c, threads < 1 ? 1 : threads);
+}
+
+// gu: float32 (rows, 2 d) C-contiguous -> (rows, d).
+py::array_t<float> swiglu_rows_py(const std::string& isa,
+                                  py::array_t<float, py::array::c_style> gu, int threads) {
+    const KernelTable* tab = table_for(isa);
+    check(gu.ndim() == 2 && gu.shape(1) % 2 == 0, "gu must be (rows, 2 d)");
+    const int64_t rows = gu.shape(0), d = gu.shape(1) / 2;
+    py::array_t<float> out({rows, d});
+    SwigluCall c{gu.data(), out.mutable_data(), rows, d};
+    {
+        py::gil_scoped_release nogil;
+        tab->swiglu_rows(c, threads < 1 ? 1 : threads);
+    }
+    return out;
+}
+
+// x: float32 (rows, heads * d) with unit column stride (any row stride); cos, sin:
+// float32 (t, d) C-contiguous, rows % t == 0 -> (rows, heads, d).
+py::array_t<float> rope_rows_py(const std::string& isa, py::array_t<float> x, int64_t heads,
+                                py::array_t<float, py::array::c_style> cos,
+                                py::array_t<float, py::array::c_style> sin, int threads) {
+    const KernelTable* tab = table_for(isa);
+    check(x.ndim() == 2 && heads > 0 && x.shape(1) % heads == 0, "x must be (rows, heads * d)");
+    const int64_t rows = x.shape(0), d = x.shape(1) / heads;
+    check(d % 2 == 0, "the head size must be even");
+    check(x.strides(1) == static_cast<py::ssize_t>(sizeof(float)) && x.strides(0) >= 0 &&
+              x.strides(0) % static_cast<py::ssize_t>(sizeof(float)) == 0,
+          "x must have unit column stride");
+    check(cos.ndim() == 2 && cos.shape(1) == d && sin.ndim() == 2 && sin.shape(0) == cos.shape(0) &&
+              sin.shape(1) == d && cos.shape(0) > 0 && rows % cos.shape(0) == 0,
+          "cos, sin must be (t, d) with rows % t == 0");
+    py::array_t<float> out({rows, heads, d});
+    RopeCall c{x.data(), x.strides(0) / static_cast<py::ssize_t>(sizeof(float)), out.mutable_data(),
+               rows, heads, d, cos.data(), sin.data(), cos.shape(0)};
+    {
+        py::gil_scoped_release nogil;
+        tab->rope_rows(c, threads < 1 ? 1 : threads);
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -175,12 +245,15 @@ PYBIND11_MODULE(_native, m) {
 #ifdef QL_HAVE_X86_KERNELS
         d["avx2"] = cpu_has_avx2();
         d["avx512vnni"] = cpu_has_avx512vnni();
+        d["amx"] = cpu_has_amx();
 #else
         d["avx2"] = false;  // kernels not compiled for this architecture
         d["avx512vnni"] = false;
+        d["amx"] = false;
 #endif
         return d;
     });
+    m.def("amx_tasks", &amx_tasks_run);  // tests: how many int8-mode tasks ran on AMX tiles
     m.def("packed_nbytes", [](int bits, int64_t out, int64_t in) { return packed_bytes(bits, out, in); });
     m.def("pack", &pack);
     m.def("unpack", &unpack);
@@ -194,6 +267,11 @@ PYBIND11_MODULE(_native, m) {
         prefetch_async(std::move(ranges));
     });
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"));
+    m.def("swiglu_rows", &swiglu_rows_py, py::arg("isa"), py::arg("gu"), py::arg("threads"));
+    m.def("rope_rows", &rope_rows_py, py::arg("isa"), py::arg("x"), py::arg("heads"), py::arg("cos"),
+          py::arg("sin"), py::arg("threads"));
+    m.def("softmax_rows", &softmax_rows_py, py::arg("isa"), py::arg("scores"), py::arg("scale"),
+          py::arg("lo"), py::arg("hi"), py::arg("threads"));
     m.def("set_spin_policy", &set_spin_policy, py::arg("spin_us"), py::arg("yield_"));
     m.def("spin_policy", [] { return py::make_tuple(spin_policy_us(), spin_policy_yield()); });
 }

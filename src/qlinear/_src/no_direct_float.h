@@ -30,3 +30,12 @@ inline void expand_steps4(const uint8_t*, int64_t, uint8_t*) {}
 static constexpr bool HAS_GROUPS4 = false;
 inline void i_groups4(const uint8_t* const*, int, int64_t, int64_t, int64_t, const int8_t*,
                       int64_t, const int32_t*, const Layer&, int64_t, float*, int64_t, int) {}
+
+// No AMX tiles (int8_driver.h).
+static constexpr bool HAS_AMX = false;
+static constexpr int64_t AMX_ROWS = 0;
+inline int64_t amx_rows(const Layer&) { return 0; }
+inline int amx_kt(const Layer&) { return 0; }
+template <class T>
+void amx_task(const Layer&, const int8_t*, const double*, const int32_t*, int64_t, int64_t,
+              const uint8_t* const*, int64_t, T*, bool) {}

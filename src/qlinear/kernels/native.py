@@ -33,6 +33,9 @@ __all__ = [
     "make_panels",
     "prefetch",
     "rms_norm",
+    "rope_rows",
+    "softmax_rows",
+    "swiglu_rows",
 ]
 
 try:
@@ -259,6 +262,36 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return _native.rms_norm(x, weight, eps)
 
 
+def softmax_rows(
+    backend: str, scores: np.ndarray, scale: float, lo: np.ndarray, hi: np.ndarray
+) -> None:
+    """In place, for float32 C-contiguous ``scores (rows, cols)``: row ``r`` becomes the
+    softmax of ``scores[r] * scale`` over its visible columns ``lo[r % per] ..
+    hi[r % per]`` (int64 ``(per,)``), 0 elsewhere, on ``backend``'s kernels and the
+    kernels' threads; as :func:`qlinear.models.decoder_ops.softmax_rows_numpy` (the
+    specification) computes it, with an exp of its own (tested within a few float32
+    ulps). Needs the extension (callers check :data:`STATUS`)."""
+    _native.softmax_rows(backend, scores, scale, lo, hi, get_num_threads())
+
+
+def swiglu_rows(backend: str, gu: np.ndarray) -> np.ndarray:
+    """float32 C-contiguous ``gu (rows, 2 d)`` (gate then up) -> ``silu(gate) * up``
+    ``(rows, d)`` on ``backend``'s kernels, as
+    :func:`qlinear.models.decoder_ops.swiglu` computes it in NumPy but with an exp of its
+    own (tested within a few float32 ulps). Needs the extension."""
+    return _native.swiglu_rows(backend, gu, get_num_threads())
+
+
+def rope_rows(
+    backend: str, x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray
+) -> np.ndarray:
+    """float32 ``x (rows, heads * d)`` (unit column stride, any row stride), ``cos``/``sin``
+    float32 C-contiguous ``(t, d)`` with ``rows % t == 0`` -> ``(rows, heads, d)``: each
+    head vector of row ``r`` rotated with table row ``r % t``, bit for bit as
+    :func:`qlinear.models.rope.apply_rope`. Needs the extension."""
+    return _native.rope_rows(backend, x, heads, cos, sin, get_num_threads())
+
+
 def backends() -> tuple[NativeBackend, ...]:
     """The native backends, fastest last; none without the extension."""
     if _native is None:
@@ -267,4 +300,7 @@ def backends() -> tuple[NativeBackend, ...]:
         NativeBackend("portable", 10, None, "native portable C++ (no ISA extensions)"),
         NativeBackend("avx2", 20, "avx2", "native AVX2+FMA (int8: vpmaddwd)"),
         NativeBackend("avx512", 30, "avx512vnni", "native AVX-512 (int8: VNNI vpdpbusd)"),
+        NativeBackend(
+            "amx", 40, "amx", "native AVX-512 + AMX (int8 mode from 16 rows: tdpbsud tiles)"
+        ),
     )

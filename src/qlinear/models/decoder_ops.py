@@ -29,6 +29,8 @@ __all__ = [
     "rms_norm_numpy",
     "run_linear",
     "silu",
+    "softmax_rows",
+    "softmax_rows_numpy",
     "swiglu",
 ]
 
@@ -121,10 +123,10 @@ def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> Linear
 
 
 @functools.cache
-def use_native_rms_norm() -> bool:
-    """Whether the runner's RMSNorm runs on the native extension: when it is built,
-    unless the active kernel backend is the NumPy reference (``QLINEAR_BACKEND=numpy``).
-    Decided once, like the backend."""
+def use_native_ops() -> bool:
+    """Whether the runner's float steps (RMSNorm, attention softmax, SwiGLU, RoPE) run on
+    the native extension: when it is built, unless the active kernel backend is the NumPy
+    reference (``QLINEAR_BACKEND=numpy``). Decided once, like the backend."""
     from ..kernels import get_backend
 
     return native.STATUS == "ok" and get_backend().name != "numpy"
@@ -140,7 +142,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         and x.dtype == np.float32
         and weight.dtype == np.float32
         and x.flags.c_contiguous
-        and use_native_rms_norm()
+        and use_native_ops()
     ):
         return native.rms_norm(x.reshape(-1, d), weight, eps).reshape(x.shape)
     return rms_norm_numpy(x, weight, eps)
@@ -162,11 +164,49 @@ def rms_norm_numpy(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+def softmax_rows(scores: np.ndarray, scale: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The attention softmax: float32 ``scores (..., per, cols)`` -> the same shape, each
+    row ``i`` of the last two axes scaled by ``scale`` and normalised over its visible
+    keys ``lo[i] .. hi[i]`` (int64 ``(per,)``; 0 elsewhere). In place on the native
+    kernels for a C-contiguous array (one pass per row instead of six NumPy passes over
+    the whole score block); :func:`softmax_rows_numpy` otherwise, and its specification."""
+    if scores.dtype == np.float32 and scores.flags.c_contiguous and use_native_ops():
+        from ..kernels import get_backend
+
+        lo, hi = np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
+        native.softmax_rows(get_backend().name, scores.reshape(-1, scores.shape[-1]), scale, lo, hi)
+        return scores
+    return softmax_rows_numpy(scores, scale, lo, hi)
+
+
+def softmax_rows_numpy(
+    scores: np.ndarray, scale: float, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """:func:`softmax_rows` in NumPy float32: ``scores * scale``, keys outside ``lo[i] ..
+    hi[i]`` set to -inf, minus the row maximum, exp, divided by the row sum (in place
+    where NumPy allows)."""
+    scores *= np.float32(scale)
+    cols = np.arange(scores.shape[-1])
+    mask = (cols >= np.asarray(lo)[:, None]) & (cols <= np.asarray(hi)[:, None])
+    if not mask.all():
+        scores = np.where(mask, scores, np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
 def swiglu(gu: np.ndarray, d_ff: int) -> np.ndarray:
     """``gu`` float32 ``(tokens, 2 d_ff)`` (gate then up) -> ``silu(gate) * up`` with
     ``silu(g) = g / (1 + exp(-g))``: one new array, the rest in place. A gate below about
     -88 makes ``exp(-g)`` Inf and the quotient 0 (silu's limit); callers run it under
-    ``np.errstate(over="ignore")``."""
+    ``np.errstate(over="ignore")``. On the native kernels (C-contiguous float32 gu) one
+    pass with an exp of their own, within a few float32 ulps of this."""
+    native_ok = gu.dtype == np.float32 and gu.flags.c_contiguous and gu.shape[1] == 2 * d_ff
+    if native_ok and use_native_ops():
+        from ..kernels import get_backend
+
+        return native.swiglu_rows(get_backend().name, gu)
     g = gu[:, :d_ff]
     h = np.negative(g)
     np.exp(h, out=h)

@@ -62,3 +62,26 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out = x * cos
     out += rot
     return out
+
+
+def rope_rows(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """``x`` float32 ``(rows, heads * d)`` (a column slice of a fused projection is fine),
+    ``cos``/``sin`` ``(t, d)`` with ``rows % t == 0`` -> float32 ``(rows, heads, d)``: the
+    heads of row ``r`` rotated by table row ``r % t``, as :func:`apply_rope` (bit for
+    bit); one native pass when the extension runs the model's float steps."""
+    from ..kernels import get_backend, native
+    from .decoder_ops import use_native_ops
+
+    d = x.shape[1] // heads
+    if (
+        x.dtype == np.float32
+        and x.strides[1] == 4
+        and cos.dtype == sin.dtype == np.float32
+        and cos.flags.c_contiguous
+        and sin.flags.c_contiguous
+        and use_native_ops()
+    ):
+        return native.rope_rows(get_backend().name, x, heads, cos, sin)
+    t = cos.shape[0]
+    x4 = x.reshape(-1, t, heads, d)
+    return apply_rope(x4, cos[:, None], sin[:, None]).reshape(-1, heads, d)
