@@ -277,7 +277,7 @@ def test_fused_int8_activation_parts_give_each_parts_rows():
 def test_prefetching_the_next_linear_changes_no_logit(model_dirs, monkeypatch):
     """The runner asks the kernels' pool to prefetch each next linear's weight; int4 and
     int8 models give the same logits with and without (the requests only warm caches)."""
-    from qlinear.models import decoder_layer
+    from qlinear.kernels import native
 
     fp = load_causal_lm(model_dirs["llama"])
     ids = _ids(13, batch=1, seq=7)
@@ -289,9 +289,19 @@ def test_prefetching_the_next_linear_changes_no_logit(model_dirs, monkeypatch):
                                  group_size=gs)  # fmt: skip
             mapping[n] = Int8ActivationLinear(QuantizedLinear.from_fp(w, p))
         q = fp.with_linears(mapping)
-        with_pf = [q(ids), q(ids[:, :1])]
+        requests: list[int] = []
+
+        def recording(arrays, requests=requests, real=native.prefetch):
+            requests.append(len(arrays))
+            real(arrays)
+
         with monkeypatch.context() as m:
-            m.setattr(decoder_layer, "prefetch_linears", lambda *lins: None)
+            m.setattr(native, "prefetch", recording)
+            with_pf = [q(ids), q(ids[:, :1])]
+        if native.STATUS == "ok" and qlinear.backend_info()["backend"] != "numpy":
+            assert requests and max(requests) > 0  # the runner did ask, with arrays
+        with monkeypatch.context() as m:
+            m.setattr(native, "prefetch", lambda arrays: None)
             without = [q(ids), q(ids[:, :1])]
         for a, b in zip(with_pf, without, strict=True):
             np.testing.assert_array_equal(a, b)

@@ -19,11 +19,11 @@ from .decoder_moe import MoEBlock
 from .decoder_ops import (
     Capture,
     Getter,
+    PrefetchPlan,
     fuse_linears,
     need_array,
     need_linear,
     offer,
-    prefetch_linears,
     rms_norm,
     run_linear,
     softmax_rows,
@@ -112,6 +112,7 @@ class DecoderLayer:
         "_moe",
         "_norms",
         "_pf",
+        "_pf_then",
         "_qkv",
         "config",
         "index",
@@ -146,7 +147,11 @@ class DecoderLayer:
         # memory-bound; two ahead measured 8-17% faster than one, four no better)
         o = self._lin[_attention_names(self.prefix)[3]]
         down = None if moe is not None else self._lin[_mlp_names(self.prefix)[2]]
-        self._pf = {"qkv": (o, self._gate_up), "o": (self._gate_up, down), "gate_up": (down,)}
+        self._pf = {
+            "qkv": PrefetchPlan(o, self._gate_up),
+            "o": PrefetchPlan(self._gate_up, down),
+        }
+        self._pf_then: dict[int, tuple[tuple, PrefetchPlan, PrefetchPlan]] = {}
 
     def _fuse(self, names: list[str]) -> LinearLike | None:
         """The fused layer of ``names``; float parts become row views of the fused weight
@@ -350,7 +355,7 @@ class DecoderLayer:
         fused = capture is None and self._qkv is not None
         if fused:
             qkv = run_linear(self._qkv, x)
-            prefetch_linears(*self._pf["qkv"])
+            self._pf["qkv"]()
             q, k, v = (
                 qkv[:, : nh * hd],
                 qkv[:, nh * hd : (nh + nkv) * hd],
@@ -383,17 +388,23 @@ class DecoderLayer:
         att = _attend(q, k, v, nkv, *self._visible(positions, k.shape[2]))
         att = att.transpose(0, 2, 1, 3).reshape(b * t, nh * hd)
         y = self._apply(on, np.ascontiguousarray(att), capture)
-        prefetch_linears(*self._pf["o"])
+        self._pf["o"]()
         return y
 
     def _visible(self, positions: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
         """int64 ``(lo, hi)``, each ``(t,)``: the query at ``positions[i]`` sees keys
         ``lo[i] .. hi[i]`` (keys are at positions ``0..s-1``; causal, and within the
         sliding window on a sliding-attention layer)."""
+        sliding = self.config.layer_types[self.index] == "sliding_attention"
+        if len(positions) == 1:  # a decode step: plain integers (a dozen NumPy calls less)
+            p = int(positions[0])
+            lo1 = max(0, p - self.config.sliding_window + 1) if sliding else 0
+            if lo1 <= min(p, s - 1):
+                return np.array([lo1], np.int64), np.array([min(p, s - 1)], np.int64)
         qpos = np.asarray(positions, dtype=np.int64)
         hi = np.minimum(qpos, s - 1)
         lo = np.zeros_like(hi)
-        if self.config.layer_types[self.index] == "sliding_attention":
+        if sliding:
             lo = np.maximum(lo, qpos - self.config.sliding_window + 1)
         if (lo > hi).any():
             i = int(np.argmax(lo > hi))
@@ -410,14 +421,18 @@ class DecoderLayer:
             return self._moe.forward(x, capture)
         g, u, d = _mlp_names(self.prefix)
         f = self.config.intermediate_size
+        plans = self._pf_then.get(id(then))
+        if plans is None or plans[0] is not then:  # the model's next linears: planned once
+            plans = (then, PrefetchPlan(self._lin[d], *then[:1]), PrefetchPlan(*then))
+            self._pf_then[id(then)] = plans
         if capture is None and self._gate_up is not None:
             gu = run_linear(self._gate_up, x)
-            prefetch_linears(*self._pf["gate_up"], *then[:1])
+            plans[1]()
             hid = swiglu(gu, f)
         else:
             hid = swiglu(
                 np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f
             )
         y = self._apply(d, hid, capture)
-        prefetch_linears(*then)
+        plans[2]()
         return y

@@ -21,6 +21,7 @@ from .ops import FloatLinear, LinearLike
 __all__ = [
     "Capture",
     "Getter",
+    "PrefetchPlan",
     "fuse_linears",
     "linear_dims",
     "offer",
@@ -64,12 +65,11 @@ def run_linear(lin: LinearLike, x: np.ndarray) -> np.ndarray:
     return y if y.dtype == np.float32 else np.asarray(y, dtype=np.float32)
 
 
-def prefetch_linears(*lins: LinearLike | None) -> None:
-    """Have the kernels' pool worker bring what native forwards of ``lins`` stream
-    through (packed codes, scale panels), in order, into cache while this thread runs
-    the NumPy steps and the calls before them (decode is memory-bound; one request, which
-    replaces the previous one). Nothing for float layers, None, or codes not packed yet."""
+def _prefetch_arrays(lins: Sequence[LinearLike | None]) -> tuple[list[np.ndarray], bool]:
+    """What native forwards of ``lins`` stream through, in order, and whether every
+    quantized one among them has its codes packed already (else it gives nothing yet)."""
     arrays: list[np.ndarray] = []
+    ready = True
     for lin in lins:
         kind = type(lin)
         if kind is Int8ActivationLinear:
@@ -77,8 +77,39 @@ def prefetch_linears(*lins: LinearLike | None) -> None:
         elif kind is OffsetLinear:
             lin = lin.inner  # type: ignore[union-attr]
         if type(lin) is QuantizedLinear:
-            arrays += lin._prefetch_arrays()  # type: ignore[union-attr]
-    native.prefetch(arrays)
+            got = lin._prefetch_arrays()  # type: ignore[union-attr]
+            if not got and lin._weight.backend != "numpy":  # type: ignore[union-attr]
+                ready = False  # packed at its first forward: ask again next time
+            arrays += got
+    return arrays, ready
+
+
+def prefetch_linears(*lins: LinearLike | None) -> None:
+    """Have the kernels' pool worker bring what native forwards of ``lins`` stream
+    through (packed codes, scale panels), in order, into cache while this thread runs
+    the NumPy steps and the calls before them (decode is memory-bound; one request, which
+    replaces the previous one). Nothing for float layers, None, or codes not packed yet."""
+    native.prefetch(_prefetch_arrays(lins)[0])
+
+
+class PrefetchPlan:
+    """:func:`prefetch_linears` of a fixed sequence of linears, with the list of arrays
+    gathered once (as soon as every quantized linear in it is packed): a decode step
+    sends four requests a layer, and gathering them each time cost about 0.5 ms a token."""
+
+    __slots__ = ("_arrays", "_lins")
+
+    def __init__(self, *lins: LinearLike | None) -> None:
+        self._lins = lins
+        self._arrays: list[np.ndarray] | None = None
+
+    def __call__(self) -> None:
+        arrays = self._arrays
+        if arrays is None:
+            arrays, ready = _prefetch_arrays(self._lins)
+            if ready:
+                self._arrays = arrays
+        native.prefetch(arrays)
 
 
 class Int8ActivationLinear:
@@ -123,13 +154,20 @@ def offer(capture: Capture, name: str, x: np.ndarray, lin: LinearLike) -> Linear
 
 
 @functools.cache
-def use_native_ops() -> bool:
-    """Whether the runner's float steps (RMSNorm, attention softmax, SwiGLU, RoPE) run on
-    the native extension: when it is built, unless the active kernel backend is the NumPy
-    reference (``QLINEAR_BACKEND=numpy``). Decided once, like the backend."""
+def native_ops_backend() -> str | None:
+    """The kernel backend that runs the runner's float steps (RMSNorm, attention softmax,
+    SwiGLU, RoPE) natively: the active one when the extension is built, unless it is the
+    NumPy reference (``QLINEAR_BACKEND=numpy``), then None. Decided once, like the
+    backend."""
     from ..kernels import get_backend
 
-    return native.STATUS == "ok" and get_backend().name != "numpy"
+    name = get_backend().name
+    return name if native.STATUS == "ok" and name != "numpy" else None
+
+
+def use_native_ops() -> bool:
+    """Whether :func:`native_ops_backend` names a backend."""
+    return native_ops_backend() is not None
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -170,11 +208,10 @@ def softmax_rows(scores: np.ndarray, scale: float, lo: np.ndarray, hi: np.ndarra
     keys ``lo[i] .. hi[i]`` (int64 ``(per,)``; 0 elsewhere). In place on the native
     kernels for a C-contiguous array (one pass per row instead of six NumPy passes over
     the whole score block); :func:`softmax_rows_numpy` otherwise, and its specification."""
-    if scores.dtype == np.float32 and scores.flags.c_contiguous and use_native_ops():
-        from ..kernels import get_backend
-
+    backend = native_ops_backend()
+    if backend and scores.dtype == np.float32 and scores.flags.c_contiguous:
         lo, hi = np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
-        native.softmax_rows(get_backend().name, scores.reshape(-1, scores.shape[-1]), scale, lo, hi)
+        native.softmax_rows(backend, scores.reshape(-1, scores.shape[-1]), scale, lo, hi)
         return scores
     return softmax_rows_numpy(scores, scale, lo, hi)
 
@@ -202,11 +239,9 @@ def swiglu(gu: np.ndarray, d_ff: int) -> np.ndarray:
     -88 makes ``exp(-g)`` Inf and the quotient 0 (silu's limit); callers run it under
     ``np.errstate(over="ignore")``. On the native kernels (C-contiguous float32 gu) one
     pass with an exp of their own, within a few float32 ulps of this."""
-    native_ok = gu.dtype == np.float32 and gu.flags.c_contiguous and gu.shape[1] == 2 * d_ff
-    if native_ok and use_native_ops():
-        from ..kernels import get_backend
-
-        return native.swiglu_rows(get_backend().name, gu)
+    backend = native_ops_backend()
+    if backend and gu.dtype == np.float32 and gu.flags.c_contiguous and gu.shape[1] == 2 * d_ff:
+        return native.swiglu_rows(backend, gu)
     g = gu[:, :d_ff]
     h = np.negative(g)
     np.exp(h, out=h)

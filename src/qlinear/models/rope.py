@@ -12,7 +12,9 @@ import math
 
 import numpy as np
 
+from ..kernels import native
 from .decoder_config import RopeConfig
+from .decoder_ops import native_ops_backend
 
 __all__ = ["apply_rope", "inverse_frequencies", "rope_tables"]
 
@@ -69,19 +71,17 @@ def rope_rows(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray) -> np
     ``cos``/``sin`` ``(t, d)`` with ``rows % t == 0`` -> float32 ``(rows, heads, d)``: the
     heads of row ``r`` rotated by table row ``r % t``, as :func:`apply_rope` (bit for
     bit); one native pass when the extension runs the model's float steps."""
-    from ..kernels import get_backend, native
-    from .decoder_ops import use_native_ops
-
     d = x.shape[1] // heads
+    backend = native_ops_backend()
     if (
-        x.dtype == np.float32
+        backend
+        and x.dtype == np.float32
         and x.strides[1] == 4
         and cos.dtype == sin.dtype == np.float32
         and cos.flags.c_contiguous
         and sin.flags.c_contiguous
-        and use_native_ops()
     ):
-        return native.rope_rows(get_backend().name, x, heads, cos, sin)
+        return native.rope_rows(backend, x, heads, cos, sin)
     t = cos.shape[0]
     x4 = x.reshape(-1, t, heads, d)
     return apply_rope(x4, cos[:, None], sin[:, None]).reshape(-1, heads, d)
