@@ -77,6 +77,26 @@ def test_float32_overflow_is_a_clear_error(rng, backend, mode, scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["float", "int8"])
+@pytest.mark.parametrize("fmt", [("int8", None), ("int4", 32)])
+def test_overflow_in_one_output_block_of_many_is_found(rng, backend, mode, fmt):
+    # Each native task checks the outputs it wrote: one overflowing row of x in a large
+    # call (several tasks and row chunks, the AMX tiles where the CPU has them) is found,
+    # whichever task holds it; the same call without that row gives finite outputs.
+    qtype, gs = fmt
+    w = rng.standard_normal((200, 256)).astype(np.float32)
+    gran = "per_group" if gs else "per_channel"
+    layer = QuantizedLinear.from_fp(
+        w, qlinear.calibrate_linear(w, qtype, gran, group_size=gs), backend=backend
+    )
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    assert np.isfinite(layer.forward(x, activations=mode)).all()
+    x[277] = 3e38
+    with pytest.raises(InvalidInputError, match="overflowed float32"):
+        layer.forward(x, activations=mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_weights_in_float64(rng, backend):
     w = rng.standard_normal((8, 16)) * 1e300
     layer = QuantizedLinear.from_fp(w, qlinear.calibrate_linear(w), backend=backend)

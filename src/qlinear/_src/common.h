@@ -75,8 +75,10 @@ struct RopeCall {
 // Per-ISA entry points (generic.cpp, avx2.cpp, avx512.cpp).
 struct KernelTable {
     const char* name;
-    void (*linear_float)(const Layer&, const Call&);
-    bool (*linear_int8act)(const Layer&, const Call&);  // false: x not finite
+    // Both return false when y holds an Inf or NaN (checked by each task on what it
+    // wrote) or, in int8 mode, when x does (found while quantizing; y is then untouched).
+    bool (*linear_float)(const Layer&, const Call&);
+    bool (*linear_int8act)(const Layer&, const Call&);
     void (*softmax_rows)(const SoftmaxCall&, int threads);
     void (*swiglu_rows)(const SwigluCall&, int threads);
     void (*rope_rows)(const RopeCall&, int threads);

@@ -3,8 +3,10 @@
 // kernels_impl.h.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -61,6 +63,25 @@ inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_
     if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
     else std::fill(zpv, zpv + rb, L.zp_uniform);
     std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
+}
+
+// Whether y[r][c] is finite for rows [r0, r1), columns [c0, c1) (row stride ld): a
+// task's check of what it just wrote, while it is in cache (the one output check of a
+// native forward: an overflow of x's dtype shows as Inf or NaN).
+template <class T>
+inline bool block_finite(const T* y, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    constexpr U EXP = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+    U bad = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+        const T* yr = y + r * ld;
+        for (int64_t c = c0; c < c1; ++c) {
+            U b;
+            std::memcpy(&b, yr + c, sizeof b);
+            bad |= (b & EXP) == EXP;
+        }
+    }
+    return bad == 0;
 }
 
 inline int pick_threads(const Layer& L, const Call& C) {

@@ -23,6 +23,7 @@ struct FCtx {
     int64_t mchunk, nmchunks;
     int64_t direct_rows;  // up to this many rows: one block per task, codes in registers
     bool grouped;         // more rows: F_BLOCKS blocks per task, codes through wbuf
+    std::atomic<bool> overflow{false};  // some task wrote an Inf or NaN
 };
 
 constexpr int64_t F_BLOCKS = 8;
@@ -210,8 +211,22 @@ void f_task(void* p, int64_t task, int) {
     }
 }
 
+// f_task, then the check of the outputs it wrote.
 template <class T>
-void linear_float_t(const Layer& L, const Call& C) {
+void f_task_checked(void* p, int64_t task, int tid) {
+    f_task<T>(p, task, tid);
+    auto& c = *static_cast<FCtx<T>*>(p);
+    const int64_t ti = task / c.nmchunks, mi = task % c.nmchunks;
+    const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
+    const int64_t o0 = (c.grouped ? ti * F_BLOCKS : ti) * NR;
+    const int64_t o1 = std::min(c.L->out, o0 + (c.grouped ? F_BLOCKS : 1) * NR);
+    if (!block_finite(static_cast<const T*>(c.C->y), c.L->out, m0, m1, o0, o1))
+        c.overflow.store(true, std::memory_order_relaxed);
+}
+
+// Returns false if an output is not finite (a NaN/Inf in x, or an overflow).
+template <class T>
+bool linear_float_t(const Layer& L, const Call& C) {
     FCtx<T> c;
     c.L = &L;
     c.C = &C;
@@ -233,7 +248,8 @@ void linear_float_t(const Layer& L, const Call& C) {
     const bool grouped = C.n > c.direct_rows;
     c.grouped = grouped;
     const int64_t nb = grouped ? (nblocks + F_BLOCKS - 1) / F_BLOCKS : nblocks;
-    parallel_for(nb * c.nmchunks, pick_threads(L, C), &f_task<T>, &c);
+    parallel_for(nb * c.nmchunks, pick_threads(L, C), &f_task_checked<T>, &c);
+    return !c.overflow.load(std::memory_order_relaxed);
 }
 
 }  // namespace QL_ISA

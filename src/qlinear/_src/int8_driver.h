@@ -28,6 +28,7 @@ struct I8Ctx {
     int64_t qrows;  // rows of x per quantization task
     bool tiles;     // the ISA's AMX tiles may run (the `amx` backend; amx_tiles.h)
     int8_t* xt;     // with tiles: xq in tile order (amx_tile_order)
+    std::atomic<bool> overflow{false};  // some task wrote an Inf or NaN
 };
 
 // Rows [16 t0, 16 t1) of the quantized x (xq, row stride xq_rs) in tile order at xt:
@@ -296,7 +297,20 @@ void i8_task(void* p, int64_t task, int) {
 }
 
 
-// Returns false (y untouched) if x holds a NaN or an infinity.
+// i8_task, then the check of the outputs it wrote.
+template <class T>
+void i8_task_checked(void* p, int64_t task, int tid) {
+    i8_task<T>(p, task, tid);
+    auto& c = *static_cast<I8Ctx*>(p);
+    const int64_t bp = task / c.nmchunks, mi = task % c.nmchunks;
+    const int64_t m0 = mi * c.mchunk, m1 = std::min(c.C->n, m0 + c.mchunk);
+    const int64_t o0 = bp * I8_BLOCKS * NR, o1 = std::min(c.L->out, o0 + I8_BLOCKS * NR);
+    if (!block_finite(static_cast<const T*>(c.C->y), c.L->out, m0, m1, o0, o1))
+        c.overflow.store(true, std::memory_order_relaxed);
+}
+
+// Returns false if x holds a NaN or an infinity (y untouched), or if an output is not
+// finite (an overflow of x's dtype).
 template <class T>
 bool linear_int8act_t(const Layer& L, const Call& C, bool tiles) {
     const int64_t kp = (L.in + 3) / 4;
@@ -352,8 +366,8 @@ bool linear_int8act_t(const Layer& L, const Call& C, bool tiles) {
     const bool big = c.xt && tiles_widen(L) && ntask_b >= 8 * threads;
     c.mchunk = C.n <= (big ? 512 : 256) ? C.n : (big ? 512 : 128);
     c.nmchunks = (C.n + c.mchunk - 1) / c.mchunk;
-    parallel_for(ntask_b * c.nmchunks, threads, &i8_task<T>, &c);
-    return true;
+    parallel_for(ntask_b * c.nmchunks, threads, &i8_task_checked<T>, &c);
+    return !c.overflow.load(std::memory_order_relaxed);
 }
 
 }  // namespace QL_ISA

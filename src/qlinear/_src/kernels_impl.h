@@ -21,9 +21,9 @@
 namespace qlinear {
 namespace QL_ISA {
 
-inline void linear_float(const Layer& L, const Call& C) {
-    if (C.f64) linear_float_t<double>(L, C);
-    else linear_float_t<float>(L, C);
+inline bool linear_float(const Layer& L, const Call& C) {
+    if (C.f64) return linear_float_t<double>(L, C);
+    return linear_float_t<float>(L, C);
 }
 
 inline bool linear_int8act(const Layer& L, const Call& C) {

@@ -82,7 +82,8 @@ py::array_t<uint8_t> unpack(py::array_t<uint8_t, py::array::c_style> packed, int
     return dst;
 }
 
-// int8 mode checks x while quantizing it: None if x holds a NaN or an infinity.
+// None if x or y holds a NaN or an infinity (int8 mode checks x while quantizing it;
+// every mode checks y as it is written): the caller then finds which.
 template <class T>
 py::object run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act, int threads) {
     check(x.ndim() == 2 && x.shape(1) == L.in, "x must be (n, in_features)");
@@ -100,8 +101,7 @@ py::object run(const KernelTable* tab, Layer& L, py::array_t<T> x, bool int8act,
     bool finite = true;
     if (C.n > 0) {
         py::gil_scoped_release nogil;
-        if (int8act) finite = tab->linear_int8act(L, C);
-        else tab->linear_float(L, C);
+        finite = int8act ? tab->linear_int8act(L, C) : tab->linear_float(L, C);
     }
     if (!finite) return py::none();
     return std::move(y);

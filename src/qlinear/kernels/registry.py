@@ -111,6 +111,12 @@ class KernelWeight:
         """The parameter arrays this weight holds besides its codes (for ``nbytes``)."""
         return (self.scales, self.zero_points)
 
+    def checks_output(self) -> bool:
+        """Whether :meth:`_float` / :meth:`_int8` return None for a non-finite result
+        themselves (the native kernels check each output block as they write it), so that
+        :meth:`forward` need not scan y again."""
+        return False
+
     def prefetch_arrays(self) -> tuple[np.ndarray, ...]:
         """The arrays :meth:`forward` streams through, for
         :func:`qlinear.kernels.native.prefetch` to bring into cache ahead of the call;
@@ -137,15 +143,15 @@ class KernelWeight:
         reaches the output (every x element meets every weight, and Inf * 0 is NaN) or
         makes the kernel return None (int8 mode finds it while quantizing); either way x
         is then checked and the error names its first bad element. A non-finite result
-        from finite x is an overflow of x's dtype, also an error.
+        from finite x is an overflow of x's dtype, also an error. The output is scanned
+        here unless the backend's kernels report a non-finite one as None themselves
+        (:meth:`checks_output`).
         """
         y = self._int8(x, bias) if activations == "int8" else self._float(x, bias)
-        if y is None or not np.isfinite(y).all():
+        if y is None or (not self.checks_output() and not np.isfinite(y).all()):
             check_finite("x", x)
-            if y is None:  # pragma: no cover - a kernel reported bad x that is not there
-                raise RuntimeError("a kernel reported NaN/Inf in x but x is finite")
             raise InvalidInputError(
-                f"the output overflowed {y.dtype} to Inf/NaN (largest |x| is "
+                f"the output overflowed {x.dtype} to Inf/NaN (largest |x| is "
                 f"{float(np.abs(x).max()):.3g}, largest weight scale "
                 f"{float(self.scales.max()):.3g}); expected inputs and weights whose "
                 "product fits the dtype (pass float64 x for a wider range)"
