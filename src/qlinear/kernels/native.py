@@ -1,6 +1,7 @@
-"""Native kernel backends (``portable``, ``avx2``, ``avx512``) over the ``_native`` extension.
+"""Native kernel backends (``portable``, ``avx2``, ``avx512``, ``amx``) over the ``_native``
+extension.
 
-All three share one packed layout (blocks of 16 output rows, 4 consecutive input columns
+All four share one packed layout (blocks of 16 output rows, 4 consecutive input columns
 per output row side by side, int8 codes stored as ``code + 128``; see ``_src/layout.h``
 and ``docs/kernels.md``) and differ only in the instructions their kernels use.
 :func:`backends` returns them (none if the extension cannot be imported) and
@@ -306,6 +307,6 @@ def backends() -> tuple[NativeBackend, ...]:
         NativeBackend("avx2", 20, "avx2", "native AVX2+FMA (int8: vpmaddwd)"),
         NativeBackend("avx512", 30, "avx512vnni", "native AVX-512 (int8: VNNI vpdpbusd)"),
         NativeBackend(
-            "amx", 40, "amx", "native AVX-512 + AMX (int8 mode from 16 rows: tdpbsud tiles)"
+            "amx", 40, "amx", "native AVX-512 + AMX (int8 mode from 16 rows, int4 32: AMX tiles)"
         ),
     )
