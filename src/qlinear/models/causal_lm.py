@@ -12,7 +12,15 @@ from ..errors import InvalidInputError, InvalidParamsError
 from ..linear import QuantizedLinear
 from .decoder_config import DecoderConfig
 from .decoder_layer import DecoderLayer
-from .decoder_ops import Getter, linear_dims, need_array, need_linear, rms_norm, run_linear
+from .decoder_ops import (
+    Getter,
+    PrefetchPlan,
+    linear_dims,
+    need_array,
+    need_linear,
+    rms_norm,
+    run_linear,
+)
 from .kv_cache import KVCache
 from .ops import FloatLinear, LinearLike
 from .rope import inverse_frequencies, rope_tables
@@ -86,9 +94,13 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.source = source
         self._inv_freq = inverse_frequencies(config.rope, config.head_dim)
-        # per layer: the model's next linears after it (the next layer's q/k/v and o, or
-        # the head), prefetched ahead of them
-        self._then = (*(layer.first_linears for layer in self.layers[1:]), (self._head,))
+        # per layer: its prefetch plans for after gate/up (down, then the next layer's
+        # q/k/v) and after down (the next layer's q/k/v and o, or the head)
+        nexts = (*(layer.first_linears for layer in self.layers[1:]), (self._head,))
+        self._then = tuple(
+            (PrefetchPlan(layer.mlp_down, *nxt[:1]), PrefetchPlan(*nxt))
+            for layer, nxt in zip(self.layers, nexts, strict=True)
+        )
 
     @classmethod
     def from_tensors(

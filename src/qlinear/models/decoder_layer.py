@@ -112,7 +112,6 @@ class DecoderLayer:
         "_moe",
         "_norms",
         "_pf",
-        "_pf_then",
         "_qkv",
         "config",
         "index",
@@ -150,8 +149,8 @@ class DecoderLayer:
         self._pf = {
             "qkv": PrefetchPlan(o, self._gate_up),
             "o": PrefetchPlan(self._gate_up, down),
+            "gate_up": PrefetchPlan(down),  # without the model's plans (a layer alone)
         }
-        self._pf_then: dict[int, tuple[tuple, PrefetchPlan, PrefetchPlan]] = {}
 
     def _fuse(self, names: list[str]) -> LinearLike | None:
         """The fused layer of ``names``; float parts become row views of the fused weight
@@ -246,6 +245,12 @@ class DecoderLayer:
         return self._qkv, self._lin[_attention_names(self.prefix)[3]]
 
     @property
+    def mlp_down(self) -> LinearLike | None:
+        """The last linear :meth:`run` calls (the MLP's down projection; None for an MoE
+        block): what a caller's prefetch plan after gate/up starts with."""
+        return None if self._moe is not None else self._lin[_mlp_names(self.prefix)[2]]
+
+    @property
     def norms(self) -> dict[str, np.ndarray]:
         """The RMSNorm weights: ``"input"``, ``"post"`` and, with q/k norms, ``"q"``, ``"k"``."""
         return dict(self._norms)
@@ -314,12 +319,13 @@ class DecoderLayer:
         cache: KVCache | None,
         capture: Capture | None,
         rope: tuple[np.ndarray, np.ndarray] | None,
-        then: tuple[LinearLike | None, ...] = (),
+        then: tuple[PrefetchPlan, PrefetchPlan] | None = None,
     ) -> np.ndarray:
         """:meth:`forward` without its checks, for callers that made them once (the
         model): ``h`` float32 ``(B, T, hidden)``, ``positions`` int ``(T,)``, ``rope`` the
         ``(cos, sin)`` tables of ``positions`` (or None to compute them); ``then``: the
-        model's next linears after this layer, prefetched ahead of them."""
+        model's two prefetch plans for after gate/up (down, then what follows this layer)
+        and after down (what follows), or None for this layer's own plan only."""
         b, t, hid = h.shape
         if rope is None:
             rope = rope_tables(self._inv_freq, positions)
@@ -415,24 +421,24 @@ class DecoderLayer:
         return lo, hi
 
     def _mlp(
-        self, x: np.ndarray, capture: Capture | None, then: tuple[LinearLike | None, ...] = ()
+        self,
+        x: np.ndarray,
+        capture: Capture | None,
+        then: tuple[PrefetchPlan, PrefetchPlan] | None = None,
     ) -> np.ndarray:
         if self._moe is not None:
             return self._moe.forward(x, capture)
         g, u, d = _mlp_names(self.prefix)
         f = self.config.intermediate_size
-        plans = self._pf_then.get(id(then))
-        if plans is None or plans[0] is not then:  # the model's next linears: planned once
-            plans = (then, PrefetchPlan(self._lin[d], *then[:1]), PrefetchPlan(*then))
-            self._pf_then[id(then)] = plans
         if capture is None and self._gate_up is not None:
             gu = run_linear(self._gate_up, x)
-            plans[1]()
+            (self._pf["gate_up"] if then is None else then[0])()
             hid = swiglu(gu, f)
         else:
             hid = swiglu(
                 np.concatenate([self._apply(g, x, capture), self._apply(u, x, capture)], axis=1), f
             )
         y = self._apply(d, hid, capture)
-        plans[2]()
+        if then is not None:
+            then[1]()
         return y
