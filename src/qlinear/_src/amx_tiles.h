@@ -7,7 +7,7 @@
 // zero point (every int4 layer; int8 layers whose zero points are all 128, with several
 // groups), which gives the dot products themselves. Either way the sums are the
 // reference's integers, so results are bit-identical to the NumPy reference
-// (int8_driver.h runs this for tasks of four full blocks and >= AMX_ROWS rows of x).
+// (int8_driver.h runs this for tasks of four full blocks and >= amx_rows(L) rows of x).
 // Included by avx512.cpp (namespace qlinear::avx512), compiled with -mamx-tile
 // -mamx-int8; the instructions run only after cpu_has_amx() (cpu.cpp) said yes, which
 // includes Linux's permission to use the tile registers.
@@ -67,50 +67,10 @@ inline void amx_configure(int kt) {
     _tile_loadconfig(&c);
 }
 
-// x in tile order (amx_tile_order, int8_driver.h): 16-row tiles, each a run of kt-byte column chunks of
-// its 16 rows, so that one tile of x is kt * 16 contiguous bytes (rows kt apart), as the
-// weight steps are. Step s of a tile starts 64 * s bytes into it.
+// x is in tile order (amx_tile_order, int8_driver.h): 16-row tiles, each a run of
+// kt-byte column chunks of its 16 rows, so that one tile of x is kt * 16 contiguous bytes
+// (rows kt apart), as the weight steps are. Step s of a tile starts 64 * s bytes into it.
 //
-// cb[32][32] = sums over steps [s0, s1) of the 32 rows of two tiles of x (xm and xm +
-// next; rows past the call's end are padding) times blocks w0 (outputs 0-15) and w1
-// (16-31); with `one`, only the first tile (cb rows 16-31 are left as they were).
-template <bool SIGNED>
-inline void amx_sums(const int8_t* xm, int64_t next, int64_t kt, const uint8_t* w0,
-                     const uint8_t* w1, int64_t s0, int64_t s1, int64_t ks, bool one,
-                     int32_t* cb) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if (one) {
-        for (int64_t s = s0; s < s1; s += ks) {
-            _tile_loadd(6, w0 + 64 * s, 64);
-            _tile_loadd(4, xm + 64 * s, kt);
-            QL_DP(0, 4, 6);
-            _tile_loadd(7, w1 + 64 * s, 64);
-            QL_DP(1, 4, 7);
-        }
-        _tile_stored(0, cb, 128);
-        _tile_stored(1, cb + 16, 128);
-        return;
-    }
-    _tile_zero(2);
-    _tile_zero(3);
-    const int8_t* x1 = xm + next;
-    for (int64_t s = s0; s < s1; s += ks) {
-        _tile_loadd(6, w0 + 64 * s, 64);
-        _tile_loadd(4, xm + 64 * s, kt);
-        QL_DP(0, 4, 6);
-        _tile_loadd(7, w1 + 64 * s, 64);
-        QL_DP(1, 4, 7);
-        _tile_loadd(5, x1 + 64 * s, kt);
-        QL_DP(2, 5, 6);
-        QL_DP(3, 5, 7);
-    }
-    _tile_stored(0, cb, 128);
-    _tile_stored(1, cb + 16, 128);
-    _tile_stored(2, cb + 16 * 32, 128);
-    _tile_stored(3, cb + 16 * 32 + 16, 128);
-}
-
 // One group's sums for 16 rows of x and two blocks into cb[16][32], on tile set SET
 // (sums in tiles 2 SET and 2 SET + 1, x in tile 4 + SET; the weights in tiles 6, 7): two
 // sets let one group's products run while the previous group's epilogue reads its sums.
@@ -137,6 +97,39 @@ inline void amx_group_sums(const int8_t* xm, int64_t kt, const uint8_t* w0,
     }
 }
 #undef QL_GROUP_SUMS
+
+// cb[32][32] = sums over steps [s0, s1) of the 32 rows of two tiles of x (xm and xm +
+// next; rows past the call's end are padding) times blocks w0 (outputs 0-15) and w1
+// (16-31); with `one`, only the first tile (amx_group_sums; cb rows 16-31 are left as
+// they were).
+template <bool SIGNED>
+inline void amx_sums(const int8_t* xm, int64_t next, int64_t kt, const uint8_t* w0,
+                     const uint8_t* w1, int64_t s0, int64_t s1, int64_t ks, bool one,
+                     int32_t* cb) {
+    if (one) {
+        amx_group_sums<0, SIGNED>(xm, kt, w0, w1, s0, s1, ks, cb);
+        return;
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int8_t* x1 = xm + next;
+    for (int64_t s = s0; s < s1; s += ks) {
+        _tile_loadd(6, w0 + 64 * s, 64);
+        _tile_loadd(4, xm + 64 * s, kt);
+        QL_DP(0, 4, 6);
+        _tile_loadd(7, w1 + 64 * s, 64);
+        QL_DP(1, 4, 7);
+        _tile_loadd(5, x1 + 64 * s, kt);
+        QL_DP(2, 5, 6);
+        QL_DP(3, 5, 7);
+    }
+    _tile_stored(0, cb, 128);
+    _tile_stored(1, cb + 16, 128);
+    _tile_stored(2, cb + 16 * 32, 128);
+    _tile_stored(3, cb + 16 * 32 + 16, 128);
+}
 
 // One product of 16 rows of x (xa) by the weight steps already in tiles 6, 7 (a group
 // of kt columns), on tile set SET, into cb[16][32].

@@ -56,15 +56,6 @@ inline int64_t steps_per_group(const Layer& L) {
     return L.n_groups == 1 ? (L.in + 3) / 4 : L.group_size / 4;
 }
 
-// The zero points and float32 scales of block bi, group g (rows < rb; the rest stay 0).
-inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_t* zpv,
-                       float* sv) {
-    const int64_t i0 = panel(L, bi, g);
-    if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
-    else std::fill(zpv, zpv + rb, L.zp_uniform);
-    std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
-}
-
 // Whether y[r][c] is finite for rows [r0, r1), columns [c0, c1) (row stride ld): a
 // task's check of what it just wrote, while it is in cache (the one output check of a
 // native forward: an overflow of x's dtype shows as Inf or NaN).

@@ -26,8 +26,7 @@ struct I8Ctx {
     int32_t* rs;
     int64_t mchunk, nmchunks;
     int64_t qrows;  // rows of x per quantization task
-    bool tiles;     // the ISA's AMX tiles may run (the `amx` backend; amx_tiles.h)
-    int8_t* xt;     // with tiles: xq in tile order (amx_tile_order)
+    int8_t* xt;     // AMX tiles may run (the `amx` backend, amx_tiles.h): xq in tile order
     std::atomic<bool> overflow{false};  // some task wrote an Inf or NaN
 };
 
@@ -91,6 +90,15 @@ void i8_quant_task(void* p, int64_t task, int) {
     }
 }
 
+// The zero points and float32 scales of block bi, group g (rows < rb; the rest stay 0).
+inline void load_panel(const Layer& L, int64_t bi, int64_t g, int64_t rb, int32_t* zpv,
+                       float* sv) {
+    const int64_t i0 = panel(L, bi, g);
+    if (L.zpu) std::memcpy(zpv, L.zpu + i0, static_cast<size_t>(rb) * sizeof(int32_t));
+    else std::fill(zpv, zpv + rb, L.zp_uniform);
+    std::memcpy(sv, L.scales32 + i0, static_cast<size_t>(rb) * sizeof(float));
+}
+
 // Output blocks per int8 task: two full blocks share every activation broadcast.
 constexpr int64_t I8_BLOCKS = 4;
 
@@ -113,22 +121,16 @@ void i8_task(void* p, int64_t task, int) {
     // once into bytes in the int8 step order (signed, code minus zero point, for the
     // tiles), so every row tile reads bytes instead of unpacking each step again.
     thread_local std::vector<uint8_t> expanded;
-    const bool widened = tiles && tiles_widen(L) && vs[0].nd * 64 * 4 <= (int64_t(2) << 20);
-    if (widened) {  // signed bytes for tdpbssd, once per task
+    const bool fits = vs[0].nd * 64 * 4 <= (int64_t(2) << 20);
+    const bool widened = tiles && tiles_widen(L) && fits;  // signed bytes for tdpbssd
+    if (widened || (I4_EXPAND_ROWS > 0 && L.bits == 4 && quad && m1 - m0 >= I4_EXPAND_ROWS && fits)) {
         const int64_t nd = vs[0].nd;
         if (expanded.size() < static_cast<size_t>(4 * nd * 64)) expanded.resize(4 * nd * 64);
         for (int b = 0; b < 4; ++b) {
-            widen_block(L, bp * I8_BLOCKS + b, expanded.data() + b * nd * 64);
-            vs[b].w = expanded.data() + b * nd * 64;
-            vs[b].bits = 8;
-        }
-    } else if (I4_EXPAND_ROWS > 0 && L.bits == 4 && quad && m1 - m0 >= I4_EXPAND_ROWS &&
-               vs[0].nd * 64 * 4 <= (int64_t(2) << 20)) {
-        const int64_t nd = vs[0].nd;
-        if (expanded.size() < static_cast<size_t>(4 * nd * 64)) expanded.resize(4 * nd * 64);
-        for (int b = 0; b < 4; ++b) {
-            expand_steps4(vs[b].w, nd, expanded.data() + b * nd * 64);
-            vs[b].w = expanded.data() + b * nd * 64;
+            uint8_t* dst = expanded.data() + b * nd * 64;
+            if (widened) widen_block(L, bp * I8_BLOCKS + b, dst);
+            else expand_steps4(vs[b].w, nd, dst);
+            vs[b].w = dst;
             vs[b].bits = 8;
         }
     }
@@ -317,9 +319,9 @@ bool linear_int8act_t(const Layer& L, const Call& C, bool tiles) {
     I8Ctx c;
     c.L = &L;
     c.C = &C;
-    c.tiles = HAS_AMX && tiles && C.n >= amx_rows(L);
+    tiles = HAS_AMX && tiles && C.n >= amx_rows(L) && amx_kt(L) > 0;
     // AMX tiles read x in 32-row pairs of 16-row tiles: rows up to n rounded up to 32.
-    const int64_t xrows = c.tiles ? (C.n + 31) / 32 * 32 : C.n;
+    const int64_t xrows = tiles ? (C.n + 31) / 32 * 32 : C.n;
     // Rows of xq 64-byte aligned in length and, when that is a multiple of 4 KiB, one
     // line longer: rows a power-of-two apart would share L1 sets with each other and with
     // the weight panel (blocks are 16 * in bytes apart).
@@ -352,7 +354,7 @@ bool linear_int8act_t(const Layer& L, const Call& C, bool tiles) {
     thread_local std::vector<int8_t> keep_t;
     std::vector<int8_t> temp_t;
     c.xt = nullptr;
-    if (c.tiles && amx_kt(L) > 0) {
+    if (tiles) {
         const size_t nxt = static_cast<size_t>(xrows * L.in);
         std::vector<int8_t>& bt = nxt <= (size_t(64) << 20) ? keep_t : temp_t;
         if (bt.size() < nxt) bt.resize(nxt);

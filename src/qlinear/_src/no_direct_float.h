@@ -33,7 +33,6 @@ inline void i_groups4(const uint8_t* const*, int, int64_t, int64_t, int64_t, con
 
 // No AMX tiles (int8_driver.h).
 static constexpr bool HAS_AMX = false;
-static constexpr int64_t AMX_ROWS = 0;
 inline int64_t amx_rows(const Layer&) { return 0; }
 inline int amx_kt(const Layer&) { return 0; }
 template <class T>

@@ -25,7 +25,6 @@ __all__ = [
     "fuse_linears",
     "linear_dims",
     "offer",
-    "prefetch_linears",
     "rms_norm",
     "rms_norm_numpy",
     "run_linear",
@@ -84,18 +83,14 @@ def _prefetch_arrays(lins: Sequence[LinearLike | None]) -> tuple[list[np.ndarray
     return arrays, ready
 
 
-def prefetch_linears(*lins: LinearLike | None) -> None:
-    """Have the kernels' pool worker bring what native forwards of ``lins`` stream
-    through (packed codes, scale panels), in order, into cache while this thread runs
-    the NumPy steps and the calls before them (decode is memory-bound; one request, which
-    replaces the previous one). Nothing for float layers, None, or codes not packed yet."""
-    native.prefetch(_prefetch_arrays(lins)[0])
-
-
 class PrefetchPlan:
-    """:func:`prefetch_linears` of a fixed sequence of linears, with the list of arrays
-    gathered once (as soon as every quantized linear in it is packed): a decode step
-    sends four requests a layer, and gathering them each time cost about 0.5 ms a token."""
+    """Calling it has the kernels' pool worker bring what native forwards of a fixed
+    sequence of linears stream through (packed codes, scale panels), in order, into cache
+    while this thread runs the NumPy steps and the calls before them (decode is
+    memory-bound; one request, which replaces the previous one; nothing for float layers,
+    None, or codes not packed yet). The list of arrays is gathered once, as soon as every
+    quantized linear in it is packed: a decode step sends four requests a layer, and
+    gathering them each time cost about 0.5 ms a token."""
 
     __slots__ = ("_arrays", "_lins")
 
